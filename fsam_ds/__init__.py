@@ -1,0 +1,80 @@
+"""fsam-ds: Functional-SAM and preconditioned SAM for DeepSpeed and Megatron-core.
+
+Usage mirrors ``deepspeed.initialize``::
+
+    engine, optimizer, dataloader, lr_scheduler = fsam_ds.initialize(model=model, config="ds_config.json")
+    for step in range(steps):
+        loss = engine.train_batch(data_iter)   # gradient_accumulation_steps micro-batches
+"""
+from __future__ import annotations
+
+import os
+import socket
+from typing import Any, Callable, Mapping, Optional, Union
+
+from .config import METHODS, SAM_METHODS, FSAMConfigError, SAMConfig, parse_config
+from .method import (adam_denominator, ascent_direction, causal_lm_loss, functional_surrogate, global_norm,
+                     rho_at)
+
+__version__ = "0.1.0"
+
+__all__ = ["initialize", "parse_config", "FSAMConfigError", "SAMConfig", "METHODS", "SAM_METHODS",
+           "ascent_direction", "adam_denominator", "functional_surrogate", "global_norm", "causal_lm_loss",
+           "rho_at", "init_distributed", "__version__"]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def init_distributed(dist_backend: Optional[str] = None) -> None:
+    """Initialise torch.distributed through DeepSpeed; a plain ``python`` start (no launcher)
+    becomes a one-rank job on 127.0.0.1."""
+    import deepspeed
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        return
+    if "RANK" not in os.environ and "OMPI_COMM_WORLD_RANK" not in os.environ:
+        os.environ.update({"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "LOCAL_WORLD_SIZE": "1"})
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    deepspeed.init_distributed(dist_backend=dist_backend)
+
+
+def initialize(model, config: Union[str, os.PathLike, Mapping[str, Any]], model_parameters=None,
+               loss_fn: Optional[Callable] = None, training_data=None, lr_scheduler=None, mpu=None,
+               collate_fn=None, dist_init_required: Optional[bool] = None, **kwargs):
+    """Build a DeepSpeed engine whose ``train_batch`` runs the method named in ``config``.
+
+    Args:
+        model: a ``torch.nn.Module`` whose forward returns logits (a tensor or an object with
+            ``.logits``, as Hugging Face causal LMs do).
+        config: a DeepSpeed config (dict or JSON path) whose ``optimizer.type`` is one of
+            ``AdamW``, ``SAM``, ``PreconditionedSAM``, ``FunctionalSAM``,
+            ``PreconditionedFunctionalSAM``.
+        model_parameters: as in ``deepspeed.initialize`` (default: ``model.parameters()``).
+        loss_fn: ``loss_fn(logits, batch) -> scalar``; default: mean next-token cross-entropy with
+            the Hugging Face shift, labels from ``batch["labels"]`` or ``batch["input_ids"]``.
+        training_data, lr_scheduler, mpu, collate_fn, dist_init_required: as in
+            ``deepspeed.initialize``.
+
+    Returns:
+        ``(engine, optimizer, training_dataloader, lr_scheduler)`` like ``deepspeed.initialize``;
+        ``engine`` is an :class:`fsam_ds.engine.FSAMEngine`.
+    """
+    ds_config, sam = parse_config(config)
+    import deepspeed
+
+    from .engine import FSAMEngine
+
+    if dist_init_required is not False:
+        init_distributed(ds_config.get("communication_backend"))
+    if model_parameters is None:
+        model_parameters = [p for p in model.parameters() if p.requires_grad]
+    engine, optimizer, dataloader, scheduler = deepspeed.initialize(
+        model=model, config=ds_config, model_parameters=model_parameters, training_data=training_data,
+        lr_scheduler=lr_scheduler, mpu=mpu, collate_fn=collate_fn, dist_init_required=dist_init_required, **kwargs)
+    return FSAMEngine(engine, sam, loss_fn), optimizer, dataloader, scheduler

@@ -1,0 +1,196 @@
+"""Reading and validating the optimizer section of a DeepSpeed JSON config.
+
+A standard DeepSpeed config selects the method with one word::
+
+    "optimizer": {"type": "PreconditionedFunctionalSAM",
+                  "params": {"lr": 3e-4, "betas": [0.9, 0.95], "eps": 1e-8, "weight_decay": 0.1,
+                             "rho": 0.1, "precondition_norm": "perturbation",
+                             "rho_warmup_steps": 0, "logit_grad_cache": "device"}}
+
+:func:`parse_config` returns the config DeepSpeed itself is given (the same section with
+``"type": "AdamW"`` and the SAM keys removed, so ZeRO, loss scaling, clipping and schedulers behave
+exactly as in a plain DeepSpeed job) and a :class:`SAMConfig` with the method's own settings.
+Every problem is reported as one :class:`FSAMConfigError` naming the key and the accepted values,
+before any model is built.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping, Tuple, Union
+
+from .method import PRECONDITION_NORMS
+
+METHODS = ("AdamW", "SAM", "PreconditionedSAM", "FunctionalSAM", "PreconditionedFunctionalSAM")
+SAM_METHODS = METHODS[1:]
+LOGIT_GRAD_CACHES = ("device",)
+SUPPORTED_ZERO_STAGES = (0,)
+
+# AdamW parameters DeepSpeed's own Adam accepts, and the SAM keys on top of them.
+ADAMW_KEYS = ("lr", "betas", "eps", "weight_decay", "bias_correction", "torch_adam", "adam_w_mode",
+              "fp32_optimizer_states")
+SAM_KEYS = ("rho", "precondition_norm", "rho_warmup_steps", "logit_grad_cache")
+SAM_DEFAULTS = {"rho": 0.05, "precondition_norm": "perturbation", "rho_warmup_steps": 0,
+                "logit_grad_cache": "device"}
+
+
+class FSAMConfigError(ValueError):
+    """A configuration problem, reported before any work starts."""
+
+
+@dataclass(frozen=True)
+class SAMConfig:
+    """The method's settings, read from ``optimizer.type`` and ``optimizer.params``."""
+
+    method: str = "AdamW"
+    rho: float = 0.0
+    precondition_norm: str = "perturbation"
+    rho_warmup_steps: int = 0
+    logit_grad_cache: str = "device"
+
+    @property
+    def is_sam(self) -> bool:
+        return self.method in SAM_METHODS
+
+    @property
+    def preconditioned(self) -> bool:
+        return self.method.startswith("Preconditioned")
+
+    @property
+    def functional(self) -> bool:
+        return self.method.endswith("FunctionalSAM")
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def load_json_config(config: Union[str, os.PathLike, Mapping[str, Any]]) -> dict:
+    """A deep copy of a config given as a dict or a JSON file path."""
+    if isinstance(config, Mapping):
+        return copy.deepcopy(dict(config))
+    path = Path(config)
+    if not path.is_file():
+        raise FSAMConfigError(f"deepspeed config: file not found: {path}")
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise FSAMConfigError(f"deepspeed config: {path} is not valid JSON ({exc})") from None
+    if not isinstance(data, dict):
+        raise FSAMConfigError(f"deepspeed config: {path} must hold a JSON object, got {type(data).__name__}")
+    return data
+
+
+def _canonical_method(name: Any) -> str:
+    if not isinstance(name, str):
+        raise FSAMConfigError(f"optimizer.type must be a string, one of {', '.join(METHODS)}; got {name!r}")
+    for m in METHODS:
+        if m.lower() == name.lower():
+            return m
+    raise FSAMConfigError(f"optimizer.type {name!r} is not supported; accepted: {', '.join(METHODS)}")
+
+
+def _check_adamw_params(params: Mapping[str, Any]) -> None:
+    if "lr" in params and (not _is_number(params["lr"]) or params["lr"] < 0):
+        raise FSAMConfigError(f"optimizer.params.lr must be a number >= 0, got {params['lr']!r}")
+    if "betas" in params:
+        b = params["betas"]
+        if (not isinstance(b, (list, tuple)) or len(b) != 2 or not all(_is_number(x) and 0 <= x < 1 for x in b)):
+            raise FSAMConfigError(f"optimizer.params.betas must be two numbers in [0, 1), got {b!r}")
+    if "eps" in params and (not _is_number(params["eps"]) or params["eps"] <= 0):
+        raise FSAMConfigError(f"optimizer.params.eps must be a number > 0, got {params['eps']!r}")
+    if "weight_decay" in params and (not _is_number(params["weight_decay"]) or params["weight_decay"] < 0):
+        raise FSAMConfigError(f"optimizer.params.weight_decay must be a number >= 0, got {params['weight_decay']!r}")
+    for key in ("bias_correction", "torch_adam", "adam_w_mode", "fp32_optimizer_states"):
+        if key in params and not isinstance(params[key], bool):
+            raise FSAMConfigError(f"optimizer.params.{key} must be true or false, got {params[key]!r}")
+    if params.get("adam_w_mode") is False:
+        raise FSAMConfigError("optimizer.params.adam_w_mode: false is not accepted; the base optimizer is AdamW "
+                              "(decoupled weight decay); accepted: true or leave it out")
+
+
+def _sam_config(method: str, params: Mapping[str, Any]) -> SAMConfig:
+    values = {**SAM_DEFAULTS, **{k: params[k] for k in SAM_KEYS if k in params}}
+    rho = values["rho"]
+    if not _is_number(rho) or rho < 0:
+        raise FSAMConfigError(f"optimizer.params.rho must be a number >= 0, got {rho!r}")
+    norm = values["precondition_norm"]
+    if norm not in PRECONDITION_NORMS:
+        raise FSAMConfigError(f"optimizer.params.precondition_norm {norm!r} is not supported; accepted: "
+                              f"{', '.join(PRECONDITION_NORMS)}")
+    warm = values["rho_warmup_steps"]
+    if not isinstance(warm, int) or isinstance(warm, bool) or warm < 0:
+        raise FSAMConfigError(f"optimizer.params.rho_warmup_steps must be an integer >= 0, got {warm!r}")
+    cache = values["logit_grad_cache"]
+    if cache not in LOGIT_GRAD_CACHES:
+        raise FSAMConfigError(f"optimizer.params.logit_grad_cache {cache!r} is not supported; accepted: "
+                              f"{', '.join(LOGIT_GRAD_CACHES)}")
+    return SAMConfig(method=method, rho=float(rho), precondition_norm=norm, rho_warmup_steps=warm,
+                     logit_grad_cache=cache)
+
+
+def parse_config(config: Union[str, os.PathLike, Mapping[str, Any]]) -> Tuple[dict, SAMConfig]:
+    """Split a DeepSpeed config into (config for DeepSpeed, :class:`SAMConfig`).
+
+    Raises :class:`FSAMConfigError` for an unknown method or key, a value of the wrong type or
+    range, or a combination this version does not support.
+    """
+    ds_config = load_json_config(config)
+    opt = ds_config.get("optimizer")
+    if opt is None:
+        raise FSAMConfigError('deepspeed config: the "optimizer" section is missing; fsam_ds needs '
+                              f'"optimizer": {{"type": one of {", ".join(METHODS)}, "params": {{...}}}}')
+    if not isinstance(opt, dict):
+        raise FSAMConfigError(f'deepspeed config: "optimizer" must be an object, got {type(opt).__name__}')
+    unknown_section = sorted(set(opt) - {"type", "params"})
+    if unknown_section:
+        raise FSAMConfigError(f"optimizer.{unknown_section[0]} is not a known key; accepted: type, params")
+    method = _canonical_method(opt.get("type"))
+    params = opt.get("params", {})
+    if not isinstance(params, dict):
+        raise FSAMConfigError(f"optimizer.params must be an object, got {type(params).__name__}")
+    accepted = ADAMW_KEYS + (SAM_KEYS if method in SAM_METHODS else ())
+    for key in params:
+        if key not in accepted:
+            hint = " (it belongs to the SAM types only)" if key in SAM_KEYS else ""
+            raise FSAMConfigError(f"optimizer.params.{key} is not accepted for {method}{hint}; "
+                                  f"accepted: {', '.join(accepted)}")
+    _check_adamw_params(params)
+    sam = _sam_config(method, params) if method in SAM_METHODS else SAMConfig(method=method)
+
+    if sam.is_sam:
+        _check_sam_compatibility(ds_config)
+    ds_config["optimizer"] = {"type": "AdamW", "params": {k: v for k, v in params.items() if k in ADAMW_KEYS}}
+    return ds_config, sam
+
+
+def zero_stage(ds_config: Mapping[str, Any]) -> int:
+    zero = ds_config.get("zero_optimization", {}) or {}
+    if not isinstance(zero, dict):
+        raise FSAMConfigError(f"zero_optimization must be an object, got {type(zero).__name__}")
+    stage = zero.get("stage", 0)
+    if stage not in (0, 1, 2, 3) or isinstance(stage, bool):
+        raise FSAMConfigError(f"zero_optimization.stage must be one of 0, 1, 2, 3; got {stage!r}")
+    return stage
+
+
+def _enabled(ds_config: Mapping[str, Any], key: str) -> bool:
+    section = ds_config.get(key)
+    return isinstance(section, dict) and bool(section.get("enabled", False))
+
+
+def _check_sam_compatibility(ds_config: Mapping[str, Any]) -> None:
+    stage = zero_stage(ds_config)
+    if stage not in SUPPORTED_ZERO_STAGES:
+        raise FSAMConfigError(
+            f"zero_optimization.stage {stage} is not yet supported by the SAM types in this version; "
+            f"accepted: {', '.join(map(str, SUPPORTED_ZERO_STAGES))} (AdamW runs with any stage)")
+    if _enabled(ds_config, "fp16") and _enabled(ds_config, "bf16"):
+        raise FSAMConfigError("fp16.enabled and bf16.enabled are both true; accepted: at most one of them")
+    gas = ds_config.get("gradient_accumulation_steps", 1)
+    if not isinstance(gas, int) or isinstance(gas, bool) or gas < 1:
+        raise FSAMConfigError(f"gradient_accumulation_steps must be an integer >= 1, got {gas!r}")

@@ -1,0 +1,184 @@
+"""What this rank holds: the tensors the method reads and writes, one adapter per optimizer layout.
+
+Every adapter answers the same questions for the engine:
+
+* ``grads()``: this rank's slice of the reduced (rank-averaged) gradient, after the pass-1
+  backward at the accumulation boundary;
+* ``grad_scale``: how many times larger those gradients are than the true gradient (fp16 loss
+  scaling, exactly what ``engine.backward`` multiplied the loss by);
+* ``denominators(step)``: AdamW's denominator ``M`` for the same slices (``None`` before the
+  first AdamW step, when ``exp_avg_sq`` does not exist yet);
+* ``norm_group``: the process group(s) a sum of squares over those slices is reduced over so that
+  every element of the model counts exactly once;
+* ``perturb(ascent)``: write ``theta + eps`` into the weights the forward reads;
+* ``restore()``: put ``theta`` back bit-exactly (from the fp32 master where one exists, else from
+  a saved copy of the local slice);
+* ``zero_grad()``: clear the pass-1 gradients before pass 2.
+
+Checked against DeepSpeed 0.19.8.
+"""
+from __future__ import annotations
+
+from typing import List, Optional
+
+import torch
+from torch._utils import _unflatten_dense_tensors
+
+from .method import Ascent, adam_denominator
+
+
+def loss_scale_of(engine) -> float:
+    """The factor ``engine.backward`` multiplies the loss by (mirrors DeepSpeed's own rule)."""
+    from deepspeed.runtime.base_optimizer import ZeROOptimizer
+
+    opt = engine.optimizer
+    if isinstance(opt, ZeROOptimizer):
+        probe = torch.ones((), requires_grad=True) * 1.0
+        return float(opt.scale_if_loss(probe).detach().float().item())
+    scaler = getattr(engine, "torch_autocast_z0_gradscaler", None)
+    if scaler is not None:
+        return float(scaler.get_scale())
+    return 1.0
+
+
+def _group_hparams(group) -> tuple:
+    beta2 = group["betas"][1]
+    return beta2, group["eps"], group.get("bias_correction", True)
+
+
+class RankView:
+    """Base adapter; subclasses fill in the layout-specific parts."""
+
+    def __init__(self, engine):
+        self.engine = engine
+        self._saved: Optional[List[torch.Tensor]] = None
+
+    # What the engine may communicate over for norms (None: this rank holds every element).
+    norm_group = None
+
+    @property
+    def grad_scale(self) -> float:
+        return loss_scale_of(self.engine)
+
+    def grads(self) -> List[torch.Tensor]:
+        raise NotImplementedError
+
+    def denominators(self, step: int) -> Optional[List[torch.Tensor]]:
+        raise NotImplementedError
+
+    def perturb(self, ascent: Ascent) -> None:
+        raise NotImplementedError
+
+    def restore(self) -> None:
+        raise NotImplementedError
+
+    def zero_grad(self) -> None:
+        raise NotImplementedError
+
+
+class PlainView(RankView):
+    """ZeRO stage 0 in fp32: DeepSpeed's AdamW works on the module's own parameters.
+
+    Every rank holds every element, and after the boundary backward the gradients are already
+    averaged over the data-parallel group, so norms need no communication. There is no separate
+    master copy, so ``perturb`` saves the weights and ``restore`` copies them back.
+    """
+
+    def __init__(self, engine):
+        super().__init__(engine)
+        opt = engine.optimizer
+        self.params, self.hparams = [], []
+        for group in opt.param_groups:
+            for p in group["params"]:
+                if p.requires_grad:
+                    self.params.append(p)
+                    self.hparams.append(_group_hparams(group))
+
+    def grads(self):
+        return [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.params]
+
+    def denominators(self, step):
+        state = self.engine.optimizer.state
+        out = []
+        for p, (beta2, eps, bc) in zip(self.params, self.hparams):
+            v = state.get(p, {}).get("exp_avg_sq")
+            if v is None or step < 1:
+                return None
+            out.append(adam_denominator(v, beta2, eps, step, bc))
+        return out
+
+    def perturb(self, ascent):
+        data = [p.data for p in self.params]
+        self._saved = [d.clone() for d in data]
+        eps = ascent.perturbations()
+        torch._foreach_add_(data, [e.to(d.dtype) for e, d in zip(eps, data)])
+
+    def restore(self):
+        torch._foreach_copy_([p.data for p in self.params], self._saved)
+        self._saved = None
+
+    def zero_grad(self):
+        self.engine.zero_grad()
+
+
+class MixedPrecisionView(RankView):
+    """ZeRO stage 0 with bf16 or fp16: DeepSpeed's FP16_Optimizer keeps one flat fp32 master per
+    parameter group (not partitioned) and the module's low-precision weights are views into a flat
+    low-precision buffer. The perturbed weight is ``(master + eps)`` rounded to the low-precision
+    dtype; restoring writes ``master`` rounded again, which is exactly what the optimizer step
+    itself writes after every update.
+    """
+
+    def __init__(self, engine):
+        super().__init__(engine)
+        opt = engine.optimizer
+        self.lp_groups = opt.fp16_groups
+        self.masters = opt.fp32_groups_flat
+        self.inner = opt.optimizer
+        self.hparams = [_group_hparams(g) for g in self.inner.param_groups]
+        # per-parameter fp32 views of the flat masters
+        self.master_views = [_unflatten_dense_tensors(m, lp) for m, lp in zip(self.masters, self.lp_groups)]
+
+    def grads(self):
+        return [p.grad if p.grad is not None else torch.zeros_like(p) for lp in self.lp_groups for p in lp]
+
+    def denominators(self, step):
+        out = []
+        for flat, lp, (beta2, eps, bc) in zip(self.masters, self.lp_groups, self.hparams):
+            v = self.inner.state.get(flat, {}).get("exp_avg_sq")
+            if v is None or step < 1:
+                return None
+            out.extend(_unflatten_dense_tensors(adam_denominator(v, beta2, eps, step, bc), lp))
+        return out
+
+    def _lp_params(self):
+        return [p.data for lp in self.lp_groups for p in lp]
+
+    def _master_params(self):
+        return [m for views in self.master_views for m in views]
+
+    def perturb(self, ascent):
+        eps = ascent.perturbations()
+        perturbed = torch._foreach_add(self._master_params(), eps)
+        torch._foreach_copy_(self._lp_params(), perturbed)
+
+    def restore(self):
+        torch._foreach_copy_(self._lp_params(), self._master_params())
+
+    def zero_grad(self):
+        self.engine.optimizer.zero_grad()
+
+
+def make_view(engine) -> RankView:
+    """The adapter for this engine's optimizer layout."""
+    from deepspeed.runtime.fp16.fused_optimizer import FP16_Optimizer
+
+    stage = engine.zero_optimization_stage()
+    if stage != 0:
+        raise NotImplementedError(f"ZeRO stage {stage} is not yet supported by the SAM types")
+    if isinstance(engine.optimizer, FP16_Optimizer):
+        return MixedPrecisionView(engine)
+    if engine.fp16_enabled() or engine.bfloat16_enabled():
+        raise NotImplementedError(f"unsupported optimizer layout {type(engine.optimizer).__name__} "
+                                  "for mixed precision at ZeRO stage 0")
+    return PlainView(engine)
