@@ -232,6 +232,7 @@ class FSAMEngine:
             else:
                 del ascent
         del logit_grads
+        lr = float(eng.get_lr()[0])  # the learning rate this step uses
         eng.micro_steps += gas - 1  # DeepSpeed counts micro-batches; step() adds the last one
         eng.step()
         # hand the accumulation boundary back to DeepSpeed's own micro-step counting
@@ -245,7 +246,7 @@ class FSAMEngine:
             "grad_norm": float(grad_norm) if grad_norm is not None else None,
             "eps_norm": float(eps_norm) if eps_norm is not None else 0.0,
             "rho": rho,
-            "lr": float(eng.get_lr()[0]),
+            "lr": lr,
             "skipped": int(getattr(eng, "skipped_steps", 0)) > skipped_before,
             "step_time": time.perf_counter() - t0,
         }

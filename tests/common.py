@@ -1,0 +1,66 @@
+"""Helpers shared by the in-process tests and the multi-rank worker."""
+from __future__ import annotations
+
+import copy
+from typing import Dict, Optional
+
+import torch
+
+from reference import micro_batch, tiny_llama
+
+LR = 1e-2
+RHO = 0.05
+STEPS = 4
+GAS = 2
+
+
+def ds_config(method: str, rho: float = RHO, gas: int = GAS, mbs: int = 2, clip: float = 1.0,
+              precondition_norm: str = "perturbation", **extra) -> dict:
+    params = {"lr": LR, "betas": [0.9, 0.999], "eps": 1e-8, "weight_decay": 0.0}
+    if method != "AdamW":
+        params.update(rho=rho, precondition_norm=precondition_norm)
+    cfg = {"train_micro_batch_size_per_gpu": mbs, "gradient_accumulation_steps": gas,
+           "gradient_clipping": clip, "steps_per_print": 10 ** 9,
+           "optimizer": {"type": method, "params": params}}
+    cfg.update(extra)
+    return cfg
+
+
+def engine_run(method: str, rho: float = RHO, steps: int = STEPS, gas: int = GAS, world: int = 1, rank: int = 0,
+               config: Optional[dict] = None, dtype=torch.float32, before_step=None, force_pass2: bool = False):
+    """Train the tiny model with fsam_ds on this rank's share of the reference data.
+
+    Returns (fp32 state dict, per-step losses, per-step metrics). ``before_step(engine)`` is
+    called right before DeepSpeed's optimizer step of every step (after the restore).
+    """
+    import fsam_ds
+
+    model = tiny_llama(0)
+    cfg = config or ds_config(method, rho, gas)
+    engine, *_ = fsam_ds.initialize(model=model, config=cfg)
+    if force_pass2:
+        engine.skip_unperturbed_pass2 = False
+    if before_step is not None:
+        ds = engine.engine
+        real = ds._take_model_step
+
+        def wrapped(*a, **k):
+            before_step(engine)
+            return real(*a, **k)
+        ds._take_model_step = wrapped
+    data = iter([micro_batch(s, rank, i, world, gas) for s in range(steps) for i in range(gas)])
+    losses, metrics = [], []
+    for _ in range(steps):
+        losses.append(float(engine.train_batch(data)))
+        metrics.append(dict(engine.last_metrics))
+    state = {k: v.detach().float().clone() for k, v in engine.module.state_dict().items()}
+    return state, losses, metrics
+
+
+def reference_state(method: str, rho: float = RHO, steps: int = STEPS, gas: int = GAS, world: int = 1,
+                    **kw) -> (Dict[str, torch.Tensor], list):
+    from reference import reference_train
+
+    model = tiny_llama(0)
+    losses = reference_train(model, steps, world, gas, method, rho, lr=LR, **kw)
+    return {k: v.detach().float().clone() for k, v in model.state_dict().items()}, losses

@@ -1,0 +1,139 @@
+"""An independent single-process reference for every method: plain PyTorch, torch.optim.AdamW,
+torch.func for the FunctionalSAM vector-Jacobian product. It shares no code with fsam_ds.
+
+The global batch of a step is the list of all micro-batches of all data-parallel ranks; its
+gradient is the average over micro-batches of each micro-batch's mean token loss, which is what
+DeepSpeed computes (loss / gradient_accumulation_steps, then the average over ranks).
+"""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Callable, Dict, List, Optional
+
+import torch
+from torch.func import functional_call, vjp
+
+SHARED = Path(__file__).resolve().parents[1].parent / "shared"
+TEXT = (SHARED / "data" / "tinyshakespeare" / "input.txt")
+
+
+def text_bytes() -> torch.Tensor:
+    """Real text as byte tokens (vocab 256): the shared corpus when present, else the embedded one."""
+    if TEXT.is_file():
+        raw = TEXT.read_bytes()[:200_000]
+    else:
+        import gzip
+        import fsam_ds
+        raw = gzip.open(Path(fsam_ds.__file__).parent / "corpus" / "tinyshakespeare.txt.gz").read()[:200_000]
+    return torch.tensor(list(raw), dtype=torch.long)
+
+
+def micro_batch(step: int, rank: int, i: int, world: int, gas: int, mbs: int = 2, seq: int = 16) -> Dict:
+    """The deterministic micro-batch ``i`` of data-parallel rank ``rank`` at optimizer step ``step``."""
+    data = text_bytes()
+    k = (step * world + rank) * gas + i
+    rows = [data[(k * mbs + j) * 97 % (len(data) - seq - 1):][:seq] for j in range(mbs)]
+    return {"input_ids": torch.stack(rows)}
+
+
+def global_batch(step: int, world: int, gas: int, **kw) -> List[Dict]:
+    return [micro_batch(step, r, i, world, gas, **kw) for r in range(world) for i in range(gas)]
+
+
+def tiny_llama(seed: int = 0, dtype=torch.float32, vocab: int = 256):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                      tie_word_embeddings=False, attention_dropout=0.0)
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(cfg)
+    return model.to(dtype)
+
+
+def _ce(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    logp = torch.log_softmax(logits[:, :-1].to(torch.float64 if logits.dtype == torch.float64 else torch.float32), -1)
+    tgt = ids[:, 1:]
+    return -(logp.gather(-1, tgt.unsqueeze(-1)).squeeze(-1)).mean()
+
+
+def reference_train(model, steps: int, world: int, gas: int, method: str, rho: float, lr: float = 1e-2,
+                    betas=(0.9, 0.999), eps: float = 1e-8, weight_decay: float = 0.0, clip: float = 1.0,
+                    precondition_norm: str = "perturbation", rho_warmup_steps: int = 0,
+                    lr_at: Optional[Callable[[int], float]] = None, batch_kw: Optional[dict] = None):
+    """Train ``model`` in place; returns the per-step mean pass-1 losses."""
+    batch_kw = batch_kw or {}
+    params = dict(model.named_parameters())
+    names = list(params)
+    opt = torch.optim.AdamW(params.values(), lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
+    functional = method.endswith("FunctionalSAM")
+    precond = method.startswith("Preconditioned")
+    losses = []
+    for step in range(steps):
+        mbs = global_batch(step, world, gas, **batch_kw)
+        n = len(mbs)
+        opt.zero_grad(set_to_none=False)
+        for p in params.values():
+            p.grad = torch.zeros_like(p)
+        gfs, step_losses = [], []
+        for mb in mbs:
+            logits = model(input_ids=mb["input_ids"]).logits
+            leaf = logits.detach().requires_grad_(True)
+            loss = _ce(leaf, mb["input_ids"])
+            (g_f,) = torch.autograd.grad(loss, leaf)
+            gfs.append(g_f)
+            step_losses.append(loss.item())
+            logits.backward(g_f / n)
+        losses.append(sum(step_losses) / n)
+        if method != "AdamW":
+            r = rho * min(1.0, step / rho_warmup_steps) if rho_warmup_steps > 0 else rho
+            g = [params[k].grad.detach().clone() for k in names]
+            gnorm = torch.sqrt(sum((x.double() ** 2).sum() for x in g))
+            if precond and step > 0:
+                d = []
+                for k, x in zip(names, g):
+                    st = opt.state[params[k]]
+                    t = int(st["step"])
+                    m = torch.sqrt(st["exp_avg_sq"] / (1 - betas[1] ** t)) + eps
+                    d.append(x / m)
+                dnorm = torch.sqrt(sum((x.double() ** 2).sum() for x in d))
+                scale = r / (dnorm if precondition_norm == "perturbation" else gnorm)
+            else:
+                d, scale = g, r / gnorm
+            ok = math.isfinite(float(gnorm)) and float(gnorm) > 0
+            pert = [(scale * x).to(x.dtype) if ok else torch.zeros_like(x) for x in d]
+            theta = {k: params[k].detach().clone() for k in names}
+            perturbed = {k: theta[k] + e for k, e in zip(names, pert)}
+            new_grads = [torch.zeros_like(theta[k]) for k in names]
+            for mb, g_f in zip(mbs, gfs):
+                if functional:
+                    # J(theta+eps)^T g_F(theta) with torch.func
+                    def f(p):
+                        return functional_call(model, p, (), {"input_ids": mb["input_ids"]}).logits
+                    _, pullback = vjp(f, perturbed)
+                    (ct,) = pullback(g_f / n)
+                    gs = [ct[k] for k in names]
+                else:
+                    def lf(p):
+                        return _ce(functional_call(model, p, (), {"input_ids": mb["input_ids"]}).logits,
+                                   mb["input_ids"]) / n
+                    pp = {k: v.detach().requires_grad_(True) for k, v in perturbed.items()}
+                    gs = torch.autograd.grad(lf(pp), [pp[k] for k in names])
+                for acc, x in zip(new_grads, gs):
+                    acc.add_(x)
+            for k, x in zip(names, new_grads):
+                params[k].grad = x
+        if clip > 0:
+            torch.nn.utils.clip_grad_norm_(params.values(), clip)
+        if lr_at is not None:
+            for group in opt.param_groups:
+                group["lr"] = lr_at(step)
+        opt.step()
+    return losses
+
+
+def weight_distance(a: Dict[str, torch.Tensor], b: Dict[str, torch.Tensor]) -> float:
+    """Largest absolute difference over all weights."""
+    assert set(a) == set(b), (set(a) ^ set(b))
+    return max(float((a[k].double() - b[k].double()).abs().max()) for k in a)
