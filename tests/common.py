@@ -57,10 +57,17 @@ def engine_run(method: str, rho: float = RHO, steps: int = STEPS, gas: int = GAS
     return state, losses, metrics
 
 
+_REFERENCES: dict = {}
+
+
 def reference_state(method: str, rho: float = RHO, steps: int = STEPS, gas: int = GAS, world: int = 1,
                     **kw) -> (Dict[str, torch.Tensor], list):
+    """The reference's final weights and losses (memoised: the reference is deterministic)."""
     from reference import reference_train
 
-    model = tiny_llama(0)
-    losses = reference_train(model, steps, world, gas, method, rho, lr=LR, **kw)
-    return {k: v.detach().float().clone() for k, v in model.state_dict().items()}, losses
+    key = (method, rho, steps, gas, world, tuple(sorted(kw.items())))
+    if key not in _REFERENCES:
+        model = tiny_llama(0)
+        losses = reference_train(model, steps, world, gas, method, rho, lr=LR, **kw)
+        _REFERENCES[key] = ({k: v.detach().float().clone() for k, v in model.state_dict().items()}, losses)
+    return _REFERENCES[key]

@@ -1,0 +1,62 @@
+"""ZeRO-0 data parallel with two ranks, launched once with the real deepspeed launcher; every
+method against the independent single-process reference with the same global batch."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from common import LR, STEPS, reference_state
+from dist_worker import CASES, case_name
+from reference import weight_distance
+
+HERE = Path(__file__).resolve().parent
+TOL = 2e-3
+UNIT = LR * STEPS
+
+
+def launch(suite: str, out: Path, num_ranks: int = 2, timeout: int = 900):
+    cmd = ["deepspeed", "--num_gpus", str(num_ranks), "--master_port", str(_free_port()),
+           str(HERE / "dist_worker.py"), "--out", str(out), "--suite", suite]
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    proc = subprocess.run(cmd, cwd=HERE.parent, env=env, capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+
+
+def _free_port() -> int:
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def zero0_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("zero0")
+    launch("zero0", out)
+    return out
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method,opts", CASES["zero0"], ids=[case_name(m, o) for m, o in CASES["zero0"]])
+def test_two_ranks_match_reference(zero0_run, method, opts):
+    name = case_name(method, opts)
+    state = torch.load(zero0_run / f"{name}.pt")
+    ref_state, ref_losses = reference_state(method, world=2, **opts)
+    assert weight_distance(state, ref_state) / UNIT < TOL
+    # a wrong method or a one-rank gradient would be far away
+    other = "AdamW" if method != "AdamW" else "SAM"
+    assert weight_distance(state, reference_state(other, world=2)[0]) / UNIT > 50 * TOL
+    assert weight_distance(state, reference_state(method, world=1, **opts)[0]) / UNIT > 50 * TOL
+    r0 = json.loads((zero0_run / f"{name}.rank0.json").read_text())
+    r1 = json.loads((zero0_run / f"{name}.rank1.json").read_text())
+    # the returned loss is averaged over ranks: identical on both, equal to the reference's
+    assert r0["losses"] == r1["losses"]
+    assert r0["losses"] == pytest.approx(ref_losses, rel=1e-5)
+    if method != "AdamW":
+        assert [m["grad_norm"] for m in r0["metrics"]] == [m["grad_norm"] for m in r1["metrics"]]
