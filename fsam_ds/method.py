@@ -97,8 +97,13 @@ class Ascent:
         return bool(self.coef.item() == 0.0)
 
     def perturbations(self) -> list:
-        """The perturbations ``eps_i`` as new tensors (float32)."""
-        return torch._foreach_mul(self.directions, self.coef) if self.directions else []
+        """The perturbations ``eps_i`` as new tensors (float32); exact zeros when there is no
+        perturbation (even where the gradient itself is not finite)."""
+        if not self.directions:
+            return []
+        if self.is_zero:
+            return [torch.zeros_like(d, dtype=torch.float32) for d in self.directions]
+        return torch._foreach_mul(self.directions, self.coef)
 
 
 def ascent_direction(grads: Sequence[torch.Tensor], rho: float,

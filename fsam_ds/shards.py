@@ -6,8 +6,9 @@ Every adapter answers the same questions for the engine:
   backward at the accumulation boundary;
 * ``grad_scale``: how many times larger those gradients are than the true gradient (fp16 loss
   scaling, exactly what ``engine.backward`` multiplied the loss by);
-* ``denominators(step)``: AdamW's denominator ``M`` for the same slices (``None`` before the
-  first AdamW step, when ``exp_avg_sq`` does not exist yet);
+* ``denominators(updates)``: AdamW's denominator ``M`` for the same slices, given the number of
+  real AdamW updates so far (``None`` before the first one: then ``exp_avg_sq`` does not exist
+  yet, or holds nothing);
 * ``norm_group``: the process group(s) a sum of squares over those slices is reduced over so that
   every element of the model counts exactly once;
 * ``perturb(ascent)``: write ``theta + eps`` into the weights the forward reads;
@@ -63,7 +64,7 @@ class RankView:
     def grads(self) -> List[torch.Tensor]:
         raise NotImplementedError
 
-    def denominators(self, step: int) -> Optional[List[torch.Tensor]]:
+    def denominators(self, updates: int) -> Optional[List[torch.Tensor]]:
         raise NotImplementedError
 
     def perturb(self, ascent: Ascent) -> None:
@@ -97,14 +98,16 @@ class PlainView(RankView):
     def grads(self):
         return [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.params]
 
-    def denominators(self, step):
+    def denominators(self, updates):
+        # DeepSpeed's FusedAdam advances state["step"] only on the last parameter of a group, so
+        # the bias-correction step is the engine's count of applied updates.
         state = self.engine.optimizer.state
         out = []
         for p, (beta2, eps, bc) in zip(self.params, self.hparams):
             v = state.get(p, {}).get("exp_avg_sq")
-            if v is None or step < 1:
+            if v is None or updates < 1:
                 return None
-            out.append(adam_denominator(v, beta2, eps, step, bc))
+            out.append(adam_denominator(v, beta2, eps, updates, bc))
         return out
 
     def perturb(self, ascent):
@@ -142,13 +145,17 @@ class MixedPrecisionView(RankView):
     def grads(self):
         return [p.grad if p.grad is not None else torch.zeros_like(p) for lp in self.lp_groups for p in lp]
 
-    def denominators(self, step):
+    def denominators(self, updates):
+        # FP16_Optimizer runs one hidden AdamW step (zero gradients) when it is built, so the
+        # inner optimizer's own step count (one flat tensor per group) is the bias-correction t.
         out = []
         for flat, lp, (beta2, eps, bc) in zip(self.masters, self.lp_groups, self.hparams):
-            v = self.inner.state.get(flat, {}).get("exp_avg_sq")
-            if v is None or step < 1:
+            st = self.inner.state.get(flat, {})
+            v = st.get("exp_avg_sq")
+            if v is None or updates < 1:
                 return None
-            out.extend(_unflatten_dense_tensors(adam_denominator(v, beta2, eps, step, bc), lp))
+            t = int(st.get("step", updates))
+            out.extend(_unflatten_dense_tensors(adam_denominator(v, beta2, eps, t, bc), lp))
         return out
 
     def _lp_params(self):
