@@ -28,7 +28,7 @@ from .method import PRECONDITION_NORMS
 METHODS = ("AdamW", "SAM", "PreconditionedSAM", "FunctionalSAM", "PreconditionedFunctionalSAM")
 SAM_METHODS = METHODS[1:]
 LOGIT_GRAD_CACHES = ("device",)
-SUPPORTED_ZERO_STAGES = (0,)
+SUPPORTED_ZERO_STAGES = (0, 1, 2, 3)
 
 # AdamW parameters DeepSpeed's own Adam accepts, and the SAM keys on top of them.
 ADAMW_KEYS = ("lr", "betas", "eps", "weight_decay", "bias_correction", "torch_adam", "adam_w_mode",

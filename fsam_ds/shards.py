@@ -176,13 +176,165 @@ class MixedPrecisionView(RankView):
         self.engine.optimizer.zero_grad()
 
 
+class PartitionedView(RankView):
+    """ZeRO stages 1 and 2 (DeepSpeedZeroOptimizer), and stage 1 with bf16 weights and fp32
+    gradient accumulation (BF16_Optimizer): each rank owns one flat fp32 master partition per
+    parameter group, with AdamW's state and the reduced gradient in the same layout.
+
+    The perturbed weights are spread the way the optimizer step spreads updated ones: this
+    rank's low-precision partition gets ``master + eps`` and the flat weight buffers are
+    all-gathered; restoring spreads the untouched master again (bit-exact, since the step writes
+    exactly ``master`` rounded to the weights' dtype). Norms sum over the data-parallel group.
+    """
+
+    def __init__(self, engine):
+        super().__init__(engine)
+        from deepspeed.runtime.bf16_optimizer import BF16_Optimizer
+
+        opt = engine.optimizer
+        self.opt = opt
+        self.bf16_optimizer = isinstance(opt, BF16_Optimizer)
+        if self.bf16_optimizer:
+            self.masters = opt.fp32_groups_flat_partition
+            self.lp_flat = opt.bf16_groups_flat
+            self.lp_parts = opt.bf16_partitioned_groups
+        else:
+            self.masters = opt.single_partition_of_fp32_groups
+            self.lp_flat = opt.bit16_groups_flat
+            self.lp_parts = opt.parallel_partitioned_bit16_groups
+        self.groups = opt.real_dp_process_group
+        self.norm_group = self.groups[0]
+        self.hparams = [_group_hparams(g) for g in opt.optimizer.param_groups]
+
+    def grads(self):
+        opt = self.opt
+        if self.bf16_optimizer:
+            return list(opt.fp32_groups_gradient_flat_partition)
+        out = []
+        for i, master in enumerate(self.masters):
+            parts = opt.averaged_gradients[i]
+            flat = getattr(parts, "flat_partition", None)
+            if flat is None:
+                flat = torch.cat([t.reshape(-1) for t in parts])
+            if flat.numel() != master.numel():
+                raise RuntimeError(f"gradient partition of group {i} has {flat.numel()} elements, "
+                                   f"master has {master.numel()}")
+            out.append(flat)
+        return out
+
+    def denominators(self, updates):
+        out = []
+        for master, (beta2, eps, bc) in zip(self.masters, self.hparams):
+            st = self.opt.optimizer.state.get(master, {})
+            v = st.get("exp_avg_sq")
+            if v is None or updates < 1:
+                return None
+            out.append(adam_denominator(v, beta2, eps, int(st.get("step", updates)), bc))
+        return out
+
+    @torch.no_grad()
+    def _spread(self, flat_partitions):
+        import torch.distributed as dist
+        from deepspeed.runtime.utils import all_gather_dp_groups
+
+        for i, v in enumerate(flat_partitions):
+            self.lp_parts[i][dist.get_rank(group=self.groups[i])].copy_(v)
+        all_gather_dp_groups(groups_flat=self.lp_flat, partitioned_param_groups=self.lp_parts,
+                             dp_process_group=self.groups,
+                             start_alignment_factor=self.opt.nccl_start_alignment_factor,
+                             allgather_bucket_size=self.opt.allgather_bucket_size)
+
+    def perturb(self, ascent):
+        self._spread(torch._foreach_add(list(self.masters), ascent.perturbations()))
+
+    def restore(self):
+        self._spread(list(self.masters))
+
+    def zero_grad(self):
+        self.opt.zero_grad()
+        # with bf16 weights and fp32 accumulation at stage 2, zero_grad keeps the reduced
+        # partition buffer and pass 2 would be added onto pass 1: drop it
+        averaged = getattr(self.opt, "averaged_gradients", None)
+        if isinstance(averaged, dict):
+            for key in list(averaged):
+                averaged[key] = None
+
+
+class Zero3View(RankView):
+    """ZeRO stage 3: every parameter is partitioned (``ds_tensor``) and gathered for the forward.
+
+    The local gradient, fp32 master and ``exp_avg_sq`` partitions come from DeepSpeed's own
+    accessors (``safe_get_local_*``). Perturbing first releases every gathered full copy
+    (persistent small parameters and any kept for reuse), then writes ``master + eps`` into
+    ``ds_tensor``; the next forward gathers the perturbed weights. Restoring writes the fp32 master
+    back (exact: after every step ``ds_tensor`` is the master rounded to its dtype).
+    """
+
+    def __init__(self, engine):
+        super().__init__(engine)
+        self.opt = engine.optimizer
+        self.params = [p for p in engine.module.parameters() if p.requires_grad]
+        self.norm_group = self.opt.dp_process_group
+        beta2, eps, bc = _group_hparams(self.opt.optimizer.param_groups[0])
+        self.beta2, self.eps, self.bias_correction = beta2, eps, bc
+
+    def grads(self):
+        from deepspeed.utils import safe_get_local_grad
+
+        return [safe_get_local_grad(p) for p in self.params]
+
+    def denominators(self, updates):
+        from deepspeed.utils import safe_get_local_optimizer_state
+
+        if updates < 1:
+            return None
+        out = []
+        for p in self.params:
+            v = safe_get_local_optimizer_state(p, "exp_avg_sq")
+            if v is None:
+                return None
+            out.append(adam_denominator(v, self.beta2, self.eps, updates, self.bias_correction))
+        return out
+
+    def _release_gathered(self):
+        self.opt._partition_all_parameters()
+        invalidate = getattr(self.opt, "invalidate_secondary_tensor", None)
+        if invalidate is not None:
+            invalidate()
+
+    @torch.no_grad()
+    def _write(self, values):
+        self._release_gathered()
+        for p, v in zip(self.params, values):
+            p.ds_tensor.copy_(v)
+        invalidate = getattr(self.opt, "invalidate_secondary_tensor", None)
+        if invalidate is not None:
+            invalidate()
+
+    def _masters(self):
+        from deepspeed.utils import safe_get_local_fp32_param
+
+        return [safe_get_local_fp32_param(p) for p in self.params]
+
+    def perturb(self, ascent):
+        self._write(torch._foreach_add(self._masters(), ascent.perturbations()))
+
+    def restore(self):
+        self._write(self._masters())
+
+    def zero_grad(self):
+        self.opt.zero_grad()
+
+
 def make_view(engine) -> RankView:
     """The adapter for this engine's optimizer layout."""
     from deepspeed.runtime.fp16.fused_optimizer import FP16_Optimizer
 
     stage = engine.zero_optimization_stage()
-    if stage != 0:
-        raise NotImplementedError(f"ZeRO stage {stage} is not yet supported by the SAM types")
+    if stage == 3:
+        return Zero3View(engine)
+    if stage in (1, 2):
+        return PartitionedView(engine)
     if isinstance(engine.optimizer, FP16_Optimizer):
         return MixedPrecisionView(engine)
     if engine.fp16_enabled() or engine.bfloat16_enabled():

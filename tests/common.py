@@ -26,15 +26,28 @@ def ds_config(method: str, rho: float = RHO, gas: int = GAS, mbs: int = 2, clip:
     return cfg
 
 
+def local_weights(engine):
+    """What the forward reads on this rank: the ZeRO-3 partitions, else the full weights."""
+    return [(p.ds_tensor if hasattr(p, "ds_tensor") else p).detach().clone() for p in engine.module.parameters()]
+
+
 def engine_run(method: str, rho: float = RHO, steps: int = STEPS, gas: int = GAS, world: int = 1, rank: int = 0,
-               config: Optional[dict] = None, dtype=torch.float32, before_step=None, force_pass2: bool = False):
+               config: Optional[dict] = None, dtype=torch.float32, before_step=None, force_pass2: bool = False,
+               check_restore: bool = False):
     """Train the tiny model with fsam_ds on this rank's share of the reference data.
 
     Returns (fp32 state dict, per-step losses, per-step metrics). ``before_step(engine)`` is
-    called right before DeepSpeed's optimizer step of every step (after the restore).
+    called right before DeepSpeed's optimizer step of every step (after the restore). With
+    ``check_restore`` each step's metrics get ``restored``: whether this rank's weights right
+    before the optimizer step were bit-identical to those at the start of the step.
     """
     import fsam_ds
 
+    if check_restore:
+        snapshots, verdicts = [], []
+
+        def before_step(engine):  # noqa: F811
+            verdicts.append(all(torch.equal(a, b) for a, b in zip(local_weights(engine), snapshots[-1])))
     model = tiny_llama(0)
     cfg = config or ds_config(method, rho, gas)
     engine, *_ = fsam_ds.initialize(model=model, config=cfg)
@@ -51,10 +64,23 @@ def engine_run(method: str, rho: float = RHO, steps: int = STEPS, gas: int = GAS
     data = iter([micro_batch(s, rank, i, world, gas) for s in range(steps) for i in range(gas)])
     losses, metrics = [], []
     for _ in range(steps):
+        if check_restore:
+            snapshots.append(local_weights(engine))
         losses.append(float(engine.train_batch(data)))
         metrics.append(dict(engine.last_metrics))
-    state = {k: v.detach().float().clone() for k, v in engine.module.state_dict().items()}
+        if check_restore:
+            metrics[-1]["restored"] = verdicts[-1] if len(verdicts) == len(snapshots) else None
+    state = full_state(engine)
     return state, losses, metrics
+
+
+def full_state(engine) -> Dict[str, torch.Tensor]:
+    """The full fp32 weights on every rank (gathered under ZeRO-3)."""
+    if engine.zero_optimization_stage() == 3:
+        import deepspeed
+        with deepspeed.zero.GatheredParameters(list(engine.module.parameters())):
+            return {k: v.detach().float().clone() for k, v in engine.module.named_parameters()}
+    return {k: v.detach().float().clone() for k, v in engine.module.state_dict().items()}
 
 
 _REFERENCES: dict = {}

@@ -15,10 +15,29 @@ import torch.distributed as dist  # noqa: E402
 
 from common import ds_config, engine_run  # noqa: E402
 
+METHODS = ("AdamW", "SAM", "PreconditionedSAM", "FunctionalSAM", "PreconditionedFunctionalSAM")
 CASES = {
-    "zero0": [(m, {}) for m in ("AdamW", "SAM", "PreconditionedSAM", "FunctionalSAM", "PreconditionedFunctionalSAM")]
+    "zero0": [(m, {}) for m in METHODS]
     + [("PreconditionedFunctionalSAM", {"precondition_norm": "gradient", "eps": 1e-3})],
+    # ZeRO-1/2/3, fp32; ZeRO-3 with every parameter partitioned (threshold 0) and with every
+    # parameter persistent (the default threshold on this tiny model); ZeRO-3 and ZeRO-0 in bf16
+    "zero": [(m, {"stage": st}) for st in (1, 2, 3) for m in METHODS]
+    + [(m, {"stage": 3, "persist": 0}) for m in METHODS[1:]]
+    + [("PreconditionedFunctionalSAM", {"stage": st, "bf16": 1}) for st in (0, 3)],
 }
+
+
+def case_config(method, opts):
+    cfg = ds_config(method, precondition_norm=opts.get("precondition_norm", "perturbation"))
+    if "eps" in opts:
+        cfg["optimizer"]["params"]["eps"] = opts["eps"]
+    if "stage" in opts:
+        cfg["zero_optimization"] = {"stage": opts["stage"]}
+        if "persist" in opts:
+            cfg["zero_optimization"]["stage3_param_persistence_threshold"] = opts["persist"]
+    if opts.get("bf16"):
+        cfg["bf16"] = {"enabled": True}
+    return cfg
 
 
 def case_name(method, opts):
@@ -35,10 +54,8 @@ def main():
     world = int(os.environ["WORLD_SIZE"])
     rank = int(os.environ["RANK"])
     for method, opts in CASES[args.suite]:
-        cfg = ds_config(method, precondition_norm=opts.get("precondition_norm", "perturbation"))
-        if "eps" in opts:
-            cfg["optimizer"]["params"]["eps"] = opts["eps"]
-        state, losses, metrics = engine_run(method, world=world, rank=rank, config=cfg)
+        state, losses, metrics = engine_run(method, world=world, rank=rank, config=case_config(method, opts),
+                                            check_restore=method != "AdamW")
         name = case_name(method, opts)
         if rank == 0:
             torch.save(state, out / f"{name}.pt")

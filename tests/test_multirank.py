@@ -1,5 +1,5 @@
-"""ZeRO-0 data parallel with two ranks, launched once with the real deepspeed launcher; every
-method against the independent single-process reference with the same global batch."""
+"""Two ranks, launched once per suite with the real deepspeed launcher: every method at ZeRO
+stages 0-3 against the independent single-process reference with the same global batch."""
 from __future__ import annotations
 
 import json
@@ -60,3 +60,46 @@ def test_two_ranks_match_reference(zero0_run, method, opts):
     assert r0["losses"] == pytest.approx(ref_losses, rel=1e-5)
     if method != "AdamW":
         assert [m["grad_norm"] for m in r0["metrics"]] == [m["grad_norm"] for m in r1["metrics"]]
+
+
+@pytest.fixture(scope="module")
+def zero_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("zero")
+    launch("zero", out)
+    return out
+
+
+def _load(run, name):
+    return (torch.load(run / f"{name}.pt"),
+            [json.loads((run / f"{name}.rank{r}.json").read_text()) for r in (0, 1)])
+
+
+FP32_ZERO = [c for c in CASES["zero"] if not c[1].get("bf16")]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method,opts", FP32_ZERO, ids=[case_name(m, o) for m, o in FP32_ZERO])
+def test_zero_stages_match_reference(zero_run, method, opts):
+    state, ranks = _load(zero_run, case_name(method, opts))
+    ref_state, ref_losses = reference_state(method, world=2)
+    assert weight_distance(state, ref_state) / UNIT < TOL
+    other = "AdamW" if method != "AdamW" else "SAM"
+    assert weight_distance(state, reference_state(other, world=2)[0]) / UNIT > 50 * TOL
+    assert ranks[0]["losses"] == pytest.approx(ref_losses, rel=1e-5)
+    if method != "AdamW":
+        # weights right before each optimizer step are bit-identical to theta, on both ranks
+        assert all(m["restored"] is True for r in ranks for m in r["metrics"])
+        assert all(m["eps_norm"] == pytest.approx(0.05, rel=1e-5) for m in ranks[0]["metrics"])
+
+
+@pytest.mark.slow
+def test_zero3_bf16_matches_zero0_bf16(zero_run):
+    z3, r3 = _load(zero_run, case_name("PreconditionedFunctionalSAM", {"stage": 3, "bf16": 1}))
+    z0, r0 = _load(zero_run, case_name("PreconditionedFunctionalSAM", {"stage": 0, "bf16": 1}))
+    assert all(m["restored"] is True for r in r3 + r0 for m in r["metrics"])
+    assert all(m["eps_norm"] == pytest.approx(0.05, rel=1e-3) for r in r3 + r0 for m in r["metrics"])
+    # DeepSpeed accumulates bf16 gradients differently at the two stages (bf16 p.grad at stage 0,
+    # fp32 partitions at stage 3), and Adam turns such round-off into lr-sized steps on tiny
+    # gradient entries, so weights are compared through the losses they give
+    assert r3[0]["losses"] == pytest.approx(r0[0]["losses"], rel=3e-2)
+    assert r3[0]["losses"] == pytest.approx(reference_state("PreconditionedFunctionalSAM", world=2)[1], rel=3e-2)
