@@ -189,6 +189,12 @@ def _check_sam_compatibility(ds_config: Mapping[str, Any]) -> None:
         raise FSAMConfigError(
             f"zero_optimization.stage {stage} is not yet supported by the SAM types in this version; "
             f"accepted: {', '.join(map(str, SUPPORTED_ZERO_STAGES))} (AdamW runs with any stage)")
+    zero = ds_config.get("zero_optimization") or {}
+    for key in ("offload_optimizer", "offload_param"):
+        device = (zero.get(key) or {}).get("device", "none") if isinstance(zero.get(key) or {}, dict) else "?"
+        if device not in ("none", None):
+            raise FSAMConfigError(f"zero_optimization.{key}.device {device!r} is not supported with the SAM types "
+                                  "in this version; accepted: \"none\" (or leave the section out)")
     if _enabled(ds_config, "fp16") and _enabled(ds_config, "bf16"):
         raise FSAMConfigError("fp16.enabled and bf16.enabled are both true; accepted: at most one of them")
     gas = ds_config.get("gradient_accumulation_steps", 1)

@@ -24,7 +24,7 @@ import torch
 import torch.distributed as dist
 
 from .config import FSAMConfigError, SAMConfig
-from .method import Ascent, ascent_direction, causal_lm_loss, functional_surrogate, rho_at
+from .method import Ascent, ascent_direction, causal_lm_loss, functional_surrogate, global_norm, rho_at
 from .shards import make_view
 
 LossFn = Callable[[torch.Tensor, Mapping[str, Any]], torch.Tensor]
@@ -79,7 +79,7 @@ class FSAMEngine:
         object.__setattr__(self, "_engine", engine)
         self.sam = sam
         self.loss_fn: LossFn = loss_fn or default_loss
-        self.view = make_view(engine) if sam.is_sam else None
+        self.view = make_view(engine)
         self.last_metrics: Dict[str, Any] = {}
         # An unperturbed step (rho = 0, ||g|| = 0 or a non-finite gradient) has pass-2 gradients
         # identical to pass 1's, so pass 2 is skipped; tests switch this off to run both passes.
@@ -231,6 +231,9 @@ class FSAMEngine:
                 self.view.restore()
             else:
                 del ascent
+        else:
+            view = self.view
+            grad_norm = global_norm(view.grads(), view.norm_group) / view.grad_scale
         del logit_grads
         lr = float(eng.get_lr()[0])  # the learning rate this step uses
         eng.micro_steps += gas - 1  # DeepSpeed counts micro-batches; step() adds the last one
@@ -238,8 +241,6 @@ class FSAMEngine:
         # hand the accumulation boundary back to DeepSpeed's own micro-step counting
         eng._is_gradient_accumulation_boundary = None
         loss = self._mean_loss(losses)
-        if grad_norm is None:
-            grad_norm = eng.get_global_grad_norm()
         self.last_metrics = {
             "method": sam.method,
             "loss": float(loss),

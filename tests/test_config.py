@@ -60,7 +60,10 @@ BAD = [
     (lambda c: c["optimizer"]["params"].update(weight_decay=True), "optimizer.params.weight_decay"),
     (lambda c: c["optimizer"]["params"].update(adam_w_mode=False), "adam_w_mode: false is not accepted"),
     (lambda c: c["optimizer"]["params"].update(max_grad_norm=1.0), "optimizer.params.max_grad_norm is not accepted"),
-    (lambda c: c.update(zero_optimization={"stage": 3}), "zero_optimization.stage 3 is not yet supported"),
+    (lambda c: c.update(zero_optimization={"stage": 3, "offload_optimizer": {"device": "cpu"}}),
+     "zero_optimization.offload_optimizer.device 'cpu' is not supported with the SAM types"),
+    (lambda c: c.update(zero_optimization={"stage": 3, "offload_param": {"device": "nvme"}}),
+     "zero_optimization.offload_param.device 'nvme' is not supported"),
     (lambda c: c.update(zero_optimization={"stage": 5}), "zero_optimization.stage must be one of 0, 1, 2, 3"),
     (lambda c: c.update(fp16={"enabled": True}, bf16={"enabled": True}), "fp16.enabled and bf16.enabled"),
     (lambda c: c.update(gradient_accumulation_steps=0), "gradient_accumulation_steps must be an integer >= 1"),
@@ -81,9 +84,9 @@ def test_bad_config_gives_one_clear_error(mutate, message):
 def test_sam_keys_refused_for_adamw():
     with pytest.raises(FSAMConfigError, match="optimizer.params.rho is not accepted for AdamW"):
         parse_config(base("AdamW", rho=0.1))
-    # AdamW runs with any ZeRO stage (plain DeepSpeed)
+    # AdamW runs as plain DeepSpeed, offload included
     cfg = base("AdamW")
-    cfg["zero_optimization"] = {"stage": 3}
+    cfg["zero_optimization"] = {"stage": 3, "offload_optimizer": {"device": "cpu"}}
     parse_config(cfg)
 
 
