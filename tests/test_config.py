@@ -143,3 +143,13 @@ def test_parser_property(method, params):
     assert ds["optimizer"]["type"] == "AdamW"
     assert set(ds["optimizer"]["params"]) <= {"lr", "betas", "eps", "weight_decay", "bias_correction", "torch_adam"}
     assert sam.rho >= 0 and sam.precondition_norm in ("perturbation", "gradient")
+
+
+def test_shipped_configs_parse():
+    from pathlib import Path
+    files = sorted((Path(__file__).resolve().parents[1] / "ds_configs").rglob("*.json"))
+    assert len(files) == 15
+    for f in files:
+        ds, sam = parse_config(f)
+        assert sam.method.lower().replace("_", "") == f.stem.replace("_", ""), f
+        assert ds["gradient_clipping"] == 1.0
