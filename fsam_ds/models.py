@@ -178,12 +178,31 @@ def llama_config(
     )
 
 
+_ZERO3_HF_CONFIG = None  # transformers reads ZeRO-3 settings from a live HfDeepSpeedConfig
+
+
+def _zero3_context(zero3_config: dict | None):
+    """``deepspeed.zero.Init`` for ``zero3_config`` (a DeepSpeed config at stage 3), registered
+    with transformers so that its weight initialisation and ``from_pretrained`` work shard-wise."""
+    import contextlib
+
+    if zero3_config is None:
+        return contextlib.nullcontext()
+    global _ZERO3_HF_CONFIG
+    import deepspeed
+    from transformers.integrations import HfDeepSpeedConfig
+
+    _ZERO3_HF_CONFIG = HfDeepSpeedConfig(zero3_config)
+    return deepspeed.zero.Init(config_dict_or_path=zero3_config)
+
+
 def build_model(
     name_or_path: str | os.PathLike[str],
     vocab_size: int | None = None,
     max_seq_len: int | None = None,
     dtype: torch.dtype = torch.float32,
     attn_implementation: str = DEFAULT_ATTN_IMPLEMENTATION,
+    zero3_config: dict | None = None,
 ) -> PreTrainedModel:
     """A causal LM on the CPU, in training mode, with parameters of ``dtype``.
 
@@ -194,24 +213,34 @@ def build_model(
     ``AutoModelForCausalLM.from_pretrained`` without network access. For a folder,
     ``vocab_size`` is checked against the model's (a larger one is an error) and
     ``max_seq_len`` is only checked for a warning.
+
+    With ``zero3_config`` (a DeepSpeed config dict at ZeRO stage 3, distributed already
+    initialised) the model is built inside ``deepspeed.zero.Init``: every parameter is partitioned
+    as it is created and a folder's weights are loaded shard-wise, so no rank ever holds the
+    whole model.
     """
     name = os.fspath(name_or_path)
     if name in PRESETS:
         config = llama_config(name, vocab_size, max_seq_len, attn_implementation)
-        model: PreTrainedModel = LlamaForCausalLM(config)
-        model.to(dtype=dtype)
+        with _zero3_context(zero3_config):
+            model: PreTrainedModel = LlamaForCausalLM(config)
+        if zero3_config is None:
+            model.to(dtype=dtype)
         model.train()
         return model
 
     folder = Path(name).expanduser()
     if folder.is_dir() and (folder / "config.json").is_file():
+        if zero3_config is not None:
+            _zero3_context(zero3_config)  # from_pretrained then loads under zero.Init itself
         model = AutoModelForCausalLM.from_pretrained(
             folder,
             dtype=dtype,
             local_files_only=True,
             attn_implementation=attn_implementation,
         )
-        model_vocab = int(model.get_input_embeddings().weight.shape[0])
+        emb = model.get_input_embeddings().weight
+        model_vocab = int(getattr(emb, "ds_shape", emb.shape)[0])
         if vocab_size is not None and vocab_size > model_vocab:
             raise ValueError(
                 f"model in {folder} has {model_vocab} token embeddings, fewer than the "

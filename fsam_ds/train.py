@@ -374,7 +374,12 @@ def main(argv: Optional[List[str]] = None) -> int:
             max_pos = max(args.seq_len, fmodels.PRESETS[args.model].max_position_embeddings)
         else:
             max_pos = args.seq_len
-        model = fmodels.build_model(args.model, vocab_size=len(tokenizer), max_seq_len=max_pos)
+        from fsam_ds.config import parse_config, zero_stage
+
+        ds_cfg, _ = parse_config(args.deepspeed_config)
+        zero3 = ds_cfg if zero_stage(ds_cfg) == 3 else None  # built partitioned (deepspeed.zero.Init)
+        model = fmodels.build_model(args.model, vocab_size=len(tokenizer), max_seq_len=max_pos,
+                                    zero3_config=zero3)
     except ValueError as err:
         return _fail(_one_line(err))
     n_params = fmodels.count_parameters(model)

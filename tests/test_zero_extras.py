@@ -1,0 +1,41 @@
+"""ZeRO-3 specifics with two ranks (one launcher start): building inside deepspeed.zero.Init,
+shard-wise loading of a Hugging Face folder, and the per-rank exp_avg_sq partition."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from test_multirank import HERE, _free_port
+
+
+@pytest.fixture(scope="module")
+def reports(tmp_path_factory):
+    import os
+    import subprocess
+    out = tmp_path_factory.mktemp("zero_extras")
+    cmd = ["deepspeed", "--num_gpus", "2", "--master_port", str(_free_port()), str(HERE / "zero_extras_worker.py"),
+           "--out", str(out)]
+    proc = subprocess.run(cmd, cwd=HERE.parent, env=dict(os.environ), capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    return [json.loads((out / f"rank{r}.json").read_text()) for r in (0, 1)]
+
+
+@pytest.mark.slow
+def test_zero_init_holds_half_the_model_per_rank(reports):
+    for r in reports:
+        assert r["full_numel"] > 2_000_000
+        # each rank holds its partition (padding aside) and never the whole model
+        assert r["local_numel"] == pytest.approx(r["full_numel"] / 2, rel=1e-3)
+        assert r["gathered_numel"] == 0
+        assert r["folder_local_numel"] == pytest.approx(r["folder_full_numel"] / 2, rel=2e-2)
+        assert r["folder_max_diff"] == 0.0
+        assert r["folder_step_eps"] == pytest.approx(0.05, rel=1e-5)
+
+
+@pytest.mark.slow
+def test_preconditioning_reads_this_ranks_exp_avg_sq_partition(reports):
+    r0, r1 = reports
+    idx = r1["target_index"]
+    assert r1["changed"][idx] == 1 and sum(r1["changed"]) == 1
+    assert sum(r0["changed"]) == 0
