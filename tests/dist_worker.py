@@ -24,6 +24,9 @@ CASES = {
     "zero": [(m, {"stage": st}) for st in (1, 2, 3) for m in METHODS]
     + [(m, {"stage": 3, "persist": 0}) for m in METHODS[1:]]
     + [("PreconditionedFunctionalSAM", {"stage": st, "bf16": 1}) for st in (0, 3)],
+    # tests/test_launcher.py: two launcher "nodes" of one rank each, and four ranks on one node
+    "twonode": [("PreconditionedFunctionalSAM", {"stage": 3}), ("SAM", {"stage": 1})],
+    "fourrank": [("PreconditionedFunctionalSAM", {"stage": 3}), ("FunctionalSAM", {"stage": 2})],
 }
 
 
