@@ -49,6 +49,12 @@ def all_reduce_sum(values: torch.Tensor, group: Group = None) -> torch.Tensor:
     return values
 
 
+def _comm_device(group: Group) -> torch.device:
+    if torch.cuda.is_available() and dist.is_initialized() and dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
 def local_sq_sum(tensors: Iterable[torch.Tensor], weights: Optional[Sequence[float]] = None) -> torch.Tensor:
     """Sum of squares of the given local tensors, accumulated in float32 on their device.
 
@@ -57,7 +63,7 @@ def local_sq_sum(tensors: Iterable[torch.Tensor], weights: Optional[Sequence[flo
     """
     tensors = [t for t in tensors]
     if not tensors:
-        return torch.zeros((), dtype=torch.float32)
+        return torch.zeros((), dtype=torch.float32, device=_comm_device(None))
     norms = torch._foreach_norm([t if t.dtype in (torch.float32, torch.float64) else t.float() for t in tensors])
     sq = torch.stack([n.to(torch.float32) for n in norms]) ** 2
     if weights is not None:
@@ -139,8 +145,11 @@ def ascent_direction(grads: Sequence[torch.Tensor], rho: float,
     else:
         dirs = list(g32)
 
-    sums = torch.stack([local_sq_sum(g32, weights), local_sq_sum(dirs, weights) if preconditioned
-                        else torch.zeros((), dtype=torch.float32)]) if g32 else torch.zeros(2)
+    if g32:
+        g_sq = local_sq_sum(g32, weights)
+        sums = torch.stack([g_sq, local_sq_sum(dirs, weights) if preconditioned else torch.zeros_like(g_sq)])
+    else:  # this rank holds nothing (possible for tiny models under sharding)
+        sums = torch.zeros(2, dtype=torch.float32, device=_comm_device(group))
     sums = all_reduce_sum(sums, group)
     g_norm = sums[0].sqrt()
     d_norm = sums[1].sqrt() if preconditioned else g_norm

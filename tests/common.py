@@ -79,8 +79,8 @@ def full_state(engine) -> Dict[str, torch.Tensor]:
     if engine.zero_optimization_stage() == 3:
         import deepspeed
         with deepspeed.zero.GatheredParameters(list(engine.module.parameters())):
-            return {k: v.detach().float().clone() for k, v in engine.module.named_parameters()}
-    return {k: v.detach().float().clone() for k, v in engine.module.state_dict().items()}
+            return {k: v.detach().float().cpu().clone() for k, v in engine.module.named_parameters()}
+    return {k: v.detach().float().cpu().clone() for k, v in engine.module.state_dict().items()}
 
 
 _REFERENCES: dict = {}

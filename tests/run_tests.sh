@@ -5,4 +5,9 @@ root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
 bash launch_scripts/setup_env.sh
 . .venv/bin/activate
+# DeepSpeed's CPU allreduce leaves one shared-memory segment per rank and port in /dev/shm;
+# clear those of earlier runs when no DeepSpeed job is running
+if ! pgrep -f "deepspeed.launcher" >/dev/null 2>&1; then
+  rm -f /dev/shm/deepspeed_allreduce_buffer_* 2>/dev/null || true
+fi
 exec python -m pytest -q -p no:cacheprovider tests "$@"

@@ -93,7 +93,7 @@ def test_weights_restored_bit_exactly_before_step(method, dtype):
     snapshots, checked = [], []
 
     def before_step(engine):
-        now = [p.detach().clone() for p in engine.module.parameters()]
+        now = [p.detach().clone() for p in engine.module.parameters()]  # same device as snapshots
         checked.append(all(torch.equal(a, b) for a, b in zip(now, snapshots[-1])))
 
     import fsam_ds
