@@ -2,7 +2,8 @@
 
 * ``deepspeed.zero.Init`` through ``fsam_ds.models.build_model``: per-rank parameter memory, and a
   Hugging Face folder loaded shard-wise equals the saved weights;
-* the preconditioned ascent reads this rank's own ``exp_avg_sq`` partition.
+* the preconditioned ascent reads this rank's own ``exp_avg_sq`` partition;
+* bf16: the gradient ZeRO-3 hands to AdamW equals ZeRO-0's to bf16 round-off.
 """
 from __future__ import annotations
 
@@ -83,6 +84,30 @@ def exp_avg_sq_shard(rank: int, world: int, report: dict):
     report["target_index"] = 1
 
 
+def full_grad_vector(engine) -> torch.Tensor:
+    """The full gradient AdamW is about to use (every rank calls this: a collective at ZeRO-3)."""
+    if engine.zero_optimization_stage() == 3:
+        from deepspeed.utils import safe_get_full_grad
+        return torch.cat([safe_get_full_grad(p).float().cpu().reshape(-1) for p in engine.module.parameters()])
+    return torch.cat([p.grad.float().cpu().reshape(-1) for p in engine.module.parameters()])
+
+
+def bf16_gradients(rank: int, world: int, report: dict):
+    method = "PreconditionedFunctionalSAM"
+    grads = {}
+    for rho, stage in ((0.05, 0), (0.05, 3), (0.0, 0)):
+        got = []
+        cfg = ds_config(method, rho=rho, bf16={"enabled": True}, zero_optimization={"stage": stage})
+        engine_run(method, rho=rho, steps=1, world=world, rank=rank, config=cfg, force_pass2=True,
+                   before_step=lambda e: got.append(full_grad_vector(e)))
+        grads[(rho, stage)] = got[0]
+
+    def rel(a, b):
+        return float((a - b).norm() / b.norm())
+    report["bf16_z3_vs_z0"] = rel(grads[(0.05, 3)], grads[(0.05, 0)])
+    report["bf16_perturbed_vs_unperturbed"] = rel(grads[(0.05, 0)], grads[(0.0, 0)])
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", required=True)
@@ -93,6 +118,7 @@ def main():
     report: dict = {}
     memory_and_folder(out, rank, world, report)
     exp_avg_sq_shard(rank, world, report)
+    bf16_gradients(rank, world, report)
     (out / f"rank{rank}.json").write_text(json.dumps(report))
     dist.barrier()
 
