@@ -231,15 +231,17 @@ class FSAMEngine:
                 self.view.restore()
             else:
                 del ascent
-        else:
-            view = self.view
-            grad_norm = global_norm(view.grads(), view.norm_group) / view.grad_scale
+        elif self.view.norm_group is None:
+            # AdamW on unsharded gradients: a local norm, no communication
+            grad_norm = global_norm(self.view.grads()) / self.view.grad_scale
         del logit_grads
         lr = float(eng.get_lr()[0])  # the learning rate this step uses
         eng.micro_steps += gas - 1  # DeepSpeed counts micro-batches; step() adds the last one
         eng.step()
         # hand the accumulation boundary back to DeepSpeed's own micro-step counting
         eng._is_gradient_accumulation_boundary = None
+        if grad_norm is None:  # AdamW under ZeRO: the norm DeepSpeed's step computed anyway
+            grad_norm = eng.get_global_grad_norm()
         loss = self._mean_loss(losses)
         self.last_metrics = {
             "method": sam.method,

@@ -113,8 +113,8 @@ class PlainView(RankView):
     def perturb(self, ascent):
         data = [p.data for p in self.params]
         self._saved = [d.clone() for d in data]
-        eps = ascent.perturbations()
-        torch._foreach_add_(data, [e.to(d.dtype) for e, d in zip(eps, data)])
+        if not ascent.is_zero:  # theta += coef * d in place: no separate list of perturbations
+            torch._foreach_add_(data, ascent.directions, alpha=float(ascent.coef))
 
     def restore(self):
         torch._foreach_copy_([p.data for p in self.params], self._saved)
