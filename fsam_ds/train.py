@@ -24,7 +24,9 @@ The script reads top to bottom:
    ``--save-every`` steps; a last evaluation and checkpoint at the end.
 
 ``metrics.jsonl`` holds one JSON object per line: per step ``{"step", "loss", "grad_norm",
-"eps_norm", "rho", "lr", "tokens_per_s", "method", "skipped", "step_time"}`` (``loss`` is the
+"eps_norm", "rho", "lr", "tokens_per_s", "method", "skipped", "step_time"}`` plus, every
+``optimizer.params.sharpness_every`` steps, the sharpness diagnostics (``tau_logit``, ``tau_func``,
+``tau_cross``, ``lambda_max``, ...; see :mod:`fsam_ds.sharpness`) (``loss`` is the
 pass-1 loss at the unperturbed weights, averaged over micro-batches and ranks), and per
 evaluation ``{"step", "eval_loss"}`` (averaged over ``--eval-batches`` batches on every rank).
 
@@ -46,6 +48,13 @@ from typing import Any, Dict, List, Optional
 
 PROG = "fsam-train"
 METRICS_FILE = "metrics.jsonl"
+# written to metrics.jsonl on the steps with sharpness diagnostics (optimizer.params.sharpness_every);
+# fsam_ds.sharpness.TRAINING_KEYS
+SHARPNESS_KEYS = ("tau_logit", "tau_func", "tau_cross", "hvp_sq_norm", "logit_fraction", "curv_hessian",
+                  "curv_gn", "lambda_max", "lambda_max_iters", "lambda_max_residual", "sharpness_time")
+# inside every checkpoint tag folder: the model's Hugging Face config, generation config and
+# tokenizer (no weights), so that fsam-convert can rebuild a Hugging Face folder from the tag alone
+HF_META_DIR = "hf"
 # default --save-dir is runs/<short name>-<model>; the short names match ds_configs/*.json
 SHORT_NAMES = {"AdamW": "adamw", "SAM": "sam", "PreconditionedSAM": "preconditioned_sam",
                "FunctionalSAM": "functional_sam", "PreconditionedFunctionalSAM": "preconditioned_functional_sam"}
@@ -284,6 +293,16 @@ class MetricsLog:
                 f.write(json.dumps(record) + "\n")
 
 
+def write_hf_meta(folder: Path, model, tokenizer) -> None:
+    """The model's ``config.json``, ``generation_config.json`` and tokenizer files (no weights):
+    with the DeepSpeed checkpoint next to them, ``fsam-convert`` rebuilds a Hugging Face folder."""
+    folder.mkdir(parents=True, exist_ok=True)
+    model.config.save_pretrained(folder)
+    if getattr(model, "generation_config", None) is not None:
+        model.generation_config.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+
+
 def _fmt(x: Optional[float], spec: str) -> str:
     return "n/a" if x is None else format(x, spec)
 
@@ -437,6 +456,8 @@ def main(argv: Optional[List[str]] = None) -> int:
                         "micro_batch_size": micro, "args": {k: v for k, v in vars(args).items()
                                                              if k != "local_rank"}}
         engine.save_checkpoint(str(save_dir), tag=f"step{step}", client_state=client_state)
+        if is_main:
+            write_hf_meta(save_dir / f"step{step}" / HF_META_DIR, model, tokenizer)
         say(f"saved checkpoint {save_dir / f'step{step}'}")
 
     # 5. the loop ------------------------------------------------------------------------------
@@ -458,7 +479,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         if is_main:
             metrics.write({"step": step, "loss": m["loss"], "grad_norm": m["grad_norm"], "eps_norm": m["eps_norm"],
                            "rho": m["rho"], "lr": m["lr"], "tokens_per_s": tokens_per_s, "method": m["method"],
-                           "skipped": m["skipped"], "step_time": m["step_time"]})
+                           "skipped": m["skipped"], "step_time": m["step_time"],
+                           **{k: m[k] for k in SHARPNESS_KEYS if k in m}})
             bar.update(1)
             bar.set_postfix(loss=f"{m['loss']:.4f}", refresh=False)
             if step % args.log_every == 0 or step == args.steps:
