@@ -16,6 +16,7 @@ before any model is built.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import math
 import os
@@ -34,6 +35,8 @@ SUPPORTED_ZERO_STAGES = (0, 1, 2, 3)
 ADAMW_KEYS = ("lr", "betas", "eps", "weight_decay", "bias_correction", "torch_adam", "adam_w_mode",
               "fp32_optimizer_states")
 SAM_KEYS = ("rho", "precondition_norm", "rho_warmup_steps", "logit_grad_cache")
+# accepted for every type, AdamW included; never handed to DeepSpeed
+DIAGNOSTIC_KEYS = ("sharpness_every",)
 SAM_DEFAULTS = {"rho": 0.05, "precondition_norm": "perturbation", "rho_warmup_steps": 0,
                 "logit_grad_cache": "device"}
 
@@ -51,6 +54,7 @@ class SAMConfig:
     precondition_norm: str = "perturbation"
     rho_warmup_steps: int = 0
     logit_grad_cache: str = "device"
+    sharpness_every: int = 0  # sharpness diagnostics every N optimizer steps (0: off)
 
     @property
     def is_sam(self) -> bool:
@@ -153,7 +157,7 @@ def parse_config(config: Union[str, os.PathLike, Mapping[str, Any]]) -> Tuple[di
     params = opt.get("params", {})
     if not isinstance(params, dict):
         raise FSAMConfigError(f"optimizer.params must be an object, got {type(params).__name__}")
-    accepted = ADAMW_KEYS + (SAM_KEYS if method in SAM_METHODS else ())
+    accepted = ADAMW_KEYS + DIAGNOSTIC_KEYS + (SAM_KEYS if method in SAM_METHODS else ())
     for key in params:
         if key not in accepted:
             hint = " (it belongs to the SAM types only)" if key in SAM_KEYS else ""
@@ -161,6 +165,11 @@ def parse_config(config: Union[str, os.PathLike, Mapping[str, Any]]) -> Tuple[di
                                   f"accepted: {', '.join(accepted)}")
     _check_adamw_params(params)
     sam = _sam_config(method, params) if method in SAM_METHODS else SAMConfig(method=method)
+    every = params.get("sharpness_every", 0)
+    if not isinstance(every, int) or isinstance(every, bool) or every < 0:
+        raise FSAMConfigError(f"optimizer.params.sharpness_every must be an integer >= 0 (0: off), got {every!r}")
+    if every:
+        sam = dataclasses.replace(sam, sharpness_every=every)
 
     if sam.is_sam:
         _check_sam_compatibility(ds_config)

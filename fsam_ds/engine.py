@@ -85,6 +85,7 @@ class FSAMEngine:
         # identical to pass 1's, so pass 2 is skipped; tests switch this off to run both passes.
         self.skip_unperturbed_pass2 = True
         self._data_iter: Optional[Iterator] = None
+        self._sharpness_vector = None  # warm start of the in-training lambda_max
 
     # ---- delegation -------------------------------------------------------------------------
     def __getattr__(self, name):
@@ -253,7 +254,24 @@ class FSAMEngine:
             "skipped": int(getattr(eng, "skipped_steps", 0)) > skipped_before,
             "step_time": time.perf_counter() - t0,
         }
+        if sam.sharpness_every and int(eng.global_steps) % sam.sharpness_every == 0:
+            self._record_sharpness(batches[0])
         return loss
+
+    def _record_sharpness(self, batch) -> None:
+        """``optimizer.params.sharpness_every``: :func:`fsam_ds.sharpness.training_diagnostics` on
+        the step's first micro-batch, after the step (not counted in ``step_time``), into
+        ``last_metrics`` and DeepSpeed's monitors (TensorBoard, CSV, ... when configured)."""
+        from .sharpness import training_diagnostics
+
+        rng = self._rng_state()
+        values, self._sharpness_vector = training_diagnostics(self, batch, init=self._sharpness_vector)
+        self._set_rng_state(rng)
+        self.last_metrics.update(values)
+        monitor = getattr(self._engine, "monitor", None)
+        if monitor is not None and getattr(monitor, "enabled", False):
+            samples = int(getattr(self._engine, "global_samples", self._engine.global_steps))
+            monitor.write_events([(f"Train/Sharpness/{k}", float(v), samples) for k, v in values.items()])
 
     @torch.no_grad()
     def eval_batch(self, batch: Mapping[str, Any]) -> torch.Tensor:
