@@ -15,7 +15,7 @@ python -m pip install --quiet --upgrade pip
 if ! python -c "import torch" 2>/dev/null; then
   python -m pip install --quiet "${TORCH_SPEC:-torch==2.13.0}"
 fi
-python -m pip install --quiet -e ".[test]"
+python -m pip install --quiet -e ".[test,megatron]"
 python - <<'PY'
 import torch, deepspeed, transformers
 print(f"fsam-ds environment ready: torch {torch.__version__}, deepspeed {deepspeed.__version__}, "

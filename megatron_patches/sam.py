@@ -310,7 +310,8 @@ class MegatronSAM:
         self.zero_grad()
         if not sam.is_sam:
             losses = forward_backward_func(data_iterator=data_iterator, **kw)
-            self.last_metrics = {"method": sam.method, "rho": 0.0, "eps_norm": 0.0, "grad_norm": None}
+            self.last_metrics = {"method": sam.method, "rho": 0.0, "eps_norm": 0.0, "grad_norm": None,
+                                 "loss": _mean_loss(losses)}
             return losses
         recorded = _record(data_iterator)
         rng_before = _rng_state()
@@ -321,7 +322,7 @@ class MegatronSAM:
         ascent = ascent_direction(grads, rho, denoms, sam.precondition_norm, group=self.main.group,
                                   grad_scale=scale, weights=weights)
         self.last_metrics = {"method": sam.method, "rho": rho, "grad_norm": float(ascent.grad_norm),
-                             "eps_norm": float(ascent.eps_norm)}
+                             "eps_norm": float(ascent.eps_norm), "loss": _mean_loss(losses)}
         if not (ascent.is_zero and self.skip_unperturbed_pass2):
             rng_after = _rng_state()
             self.main.perturb(params, ascent)
@@ -350,8 +351,7 @@ class MegatronSAM:
                                        iteration=iteration, **schedule_kw)
         update_successful, grad_norm, num_zeros = self.optimizer.step()
         self.steps += 1
-        self.last_metrics.update(update_successful=bool(update_successful), step_time=time.perf_counter() - t0,
-                                 loss=_mean_loss(losses))
+        self.last_metrics.update(update_successful=bool(update_successful), step_time=time.perf_counter() - t0)
         return losses, update_successful, grad_norm, num_zeros
 
 

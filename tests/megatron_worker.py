@@ -38,6 +38,8 @@ def main():
     ap.add_argument("--rho", type=float, default=0.05)
     ap.add_argument("--lr", type=float, default=1e-2)
     ap.add_argument("--bf16", action="store_true")
+    ap.add_argument("--via-train-step", action="store_true",
+                    help="drive the steps with fsam_train_step and a pretrain_gpt.py-style forward step")
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
 
@@ -60,7 +62,55 @@ def main():
     hf = reference.tiny_llama(seed=0)
     full = layout.hf_to_megatron(hf.state_dict(), hf.config)
     dtype = torch.bfloat16 if args.bf16 else torch.float32
-    results = {}
+    results, kept_gf, restore_ok = {}, {}, []
+
+    def _gather_vocab(grads):
+        """This TP rank's vocabulary shards of g_F, concatenated over the TP group ([s, b, V])."""
+        tp, group = ps.get_tensor_model_parallel_world_size(), ps.get_tensor_model_parallel_group()
+        out = []
+        for g in grads:
+            parts = [torch.empty_like(g) for _ in range(tp)]
+            dist.all_gather(parts, g.contiguous(), group=group)
+            out.append(torch.cat(parts, -1))
+        return out
+
+    def loss_func(output_tensor):
+        loss = output_tensor.float().mean()
+        return loss, {"lm loss": loss.detach().clone()}
+
+    def forward_step(data_iterator, model):
+        ids = next(data_iterator)["input_ids"]
+        tokens, labels = ids[:, :-1], ids[:, 1:]
+        b, s = tokens.shape
+        pos = torch.arange(s).unsqueeze(0).expand(b, s)
+        mask = torch.tril(torch.ones(s, s, dtype=torch.bool)).logical_not().view(1, 1, s, s)
+        return model(tokens, pos, mask, labels=labels), loss_func
+
+    # -- written the way Megatron-LM's pretrain_gpt.py writes it (core 0.16) --
+    def get_batch(data_iterator):
+        if not (ps.is_pipeline_first_stage() or ps.is_pipeline_last_stage()):
+            return None, None, None, None, None
+        ids = next(data_iterator)["input_ids"]
+        tokens, labels = ids[:, :-1].contiguous(), ids[:, 1:].contiguous()
+        b, s = tokens.shape
+        loss_mask = torch.ones(b, s, dtype=torch.float)
+        attention_mask = torch.tril(torch.ones(s, s, dtype=torch.bool)).logical_not().view(1, 1, s, s)
+        position_ids = torch.arange(s).unsqueeze(0).expand(b, s)
+        return tokens, labels, loss_mask, attention_mask, position_ids
+
+    def pretrain_loss_func(loss_mask, output_tensor, model=None):
+        losses = output_tensor.view(-1).float()
+        loss_mask = loss_mask.view(-1).float()
+        loss = torch.sum(losses * loss_mask)
+        num_tokens = loss_mask.sum().clone().detach().to(torch.int)
+        report = {"lm loss": torch.cat([loss.clone().detach().view(1), num_tokens.view(1)])}
+        return loss, num_tokens, report
+
+    def pretrain_forward_step(data_iterator, model):
+        tokens, labels, loss_mask, attention_mask, position_ids = get_batch(data_iterator)
+        output_tensor = model(tokens, position_ids, attention_mask, labels=labels, loss_mask=loss_mask)
+        return output_tensor, partial(pretrain_loss_func, loss_mask, model=model)
+
     for method in args.methods.split(","):
         cfg = layout.transformer_config(hf.config, args.tp, args.pp, dtype)
         gpt = layout.build_gpt(hf.config, cfg)
@@ -78,40 +128,54 @@ def main():
         sam = SAMConfig(method=method, rho=args.rho if method != "AdamW" else 0.0)
         runner = MegatronSAM([model], opt, sam)
         runner.skip_unperturbed_pass2 = False
-        losses, gfs = [], None
+        opt._fsam_runner = runner  # the runner fsam_train_step reuses for this model and optimizer
+        losses = []
         ranks = range(args.dp_equivalent) if args.dp_equivalent else [dp_rank]
         world = args.dp_equivalent or dp
         for step in range(args.steps):
             mbs = [reference.micro_batch(step, r, i, world, args.microbatches) for r in ranks
                    for i in range(args.microbatches)]
-            seq = mbs[0]["input_ids"].shape[1] - 1
-            data = iter(mbs)
+            b, seq = mbs[0]["input_ids"].shape[0], mbs[0]["input_ids"].shape[1] - 1
+            kw = dict(num_microbatches=len(mbs), seq_length=seq, micro_batch_size=b)
+            keep = step == 0 and runner.cache is not None
+            if keep:  # keep pass 1's logit gradients of this step for the comparison
+                runner.cache.clear = lambda: None
+            before = [p.detach().clone() for p in model.parameters()] if step == 0 else None
+            if args.via_train_step:
+                from megatron_patches.megatron_lm import fsam_train_step
+                if step == 0:  # check restore inside the step: compare after pass 2, before AdamW
+                    restore_ok.clear()
+                    orig_step = opt.step
 
-            def loss_func(output_tensor):
-                loss = output_tensor.float().mean()
-                return loss, {"lm loss": loss.detach().clone()}
-
-            def forward_step(data_iterator, model):
-                ids = next(data_iterator)["input_ids"]
-                tokens, labels = ids[:, :-1], ids[:, 1:]
-                b, s = tokens.shape
-                pos = torch.arange(s).unsqueeze(0).expand(b, s)
-                mask = torch.tril(torch.ones(s, s, dtype=torch.bool)).logical_not().view(1, 1, s, s)
-                return model(tokens, pos, mask, labels=labels), loss_func
-
-            runner.forward_backward(get_forward_backward_func(), forward_step, data,
-                                    num_microbatches=len(mbs), seq_length=seq, micro_batch_size=mbs[0]["input_ids"].shape[0])
-            if step == 0 and runner.cache is not None:
-                pass
-            _, _, _ = opt.step()
-            runner.steps += 1
-            losses.append(runner.last_metrics.get("loss"))
+                    def checked_step(orig_step=orig_step, before=before):
+                        restore_ok.append(all(torch.equal(a, p) for a, p in zip(before, model.parameters())))
+                        opt.step = orig_step
+                        return orig_step()
+                    opt.step = checked_step
+                out = fsam_train_step(pretrain_forward_step, iter(mbs), [model], opt, None, cfg,
+                                      get_forward_backward_func(), iteration=step, sam=sam, **kw)
+                losses.append(float(out[0]["lm loss"]) if out[0] else None)
+            else:
+                runner.forward_backward(get_forward_backward_func(), forward_step, iter(mbs), **kw)
+                if before is not None:
+                    restore_ok[:] = [all(torch.equal(a, p) for a, p in zip(before, model.parameters()))]
+                opt.step()
+                runner.steps += 1
+                losses.append(runner.last_metrics.get("loss"))
+            if keep:
+                del runner.cache.clear
+                kept_gf[method] = _gather_vocab(runner.cache.grads)
+                runner.cache.grads = []
         meg = layout.gather_full_state_dict([model])
-        results[method] = {"weights": layout.megatron_to_hf(meg, hf.config),
-                           "grad_norm": runner.last_metrics.get("grad_norm")}
+        flag = torch.tensor([1.0 if all(restore_ok) and restore_ok else 0.0])
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+        results[method] = {"weights": layout.megatron_to_hf(meg, hf.config), "losses": losses,
+                           "restore_exact": bool(flag.item() == 1.0)}
         del model, opt, runner
     if dist.get_rank() == 0:
         torch.save(results, args.out)
+    if ps.is_pipeline_last_stage() and ps.get_tensor_model_parallel_rank() == 0 and dp_rank == 0 and kept_gf:
+        torch.save(kept_gf, args.out + ".logit_grads")
     dist.barrier()
     dist.destroy_process_group()
 

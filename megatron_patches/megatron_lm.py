@@ -1,0 +1,185 @@
+"""Megatron-LM integration: a ``train_step`` with Megatron-LM's signature, its arguments, and
+:func:`install`, which swaps it into ``megatron.training.training`` when the configured method is
+a SAM type.
+
+Recipe for a Megatron-LM user (``pretrain_gpt.py`` or a script like it)::
+
+    from megatron_patches import add_sam_args, install
+    install()                                   # before pretrain(); a no-op without Megatron-LM
+    pretrain(train_valid_test_datasets_provider, model_provider, ModelType.encoder_or_decoder,
+             forward_step, extra_args_provider=add_sam_args)
+
+and on the command line ``--sam-type PreconditionedFunctionalSAM --sam-rho 0.1``. With
+``--sam-type AdamW`` (the default) Megatron-LM's own ``train_step`` runs unchanged.
+"""
+from __future__ import annotations
+
+import argparse
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+
+from fsam_ds.config import (FSAMConfigError, METHODS, SAMConfig, SAM_DEFAULTS, _canonical_method,
+                            _sam_config)
+from fsam_ds.method import PRECONDITION_NORMS
+
+from .sam import MegatronSAM
+
+#: Megatron-style flags and the optimizer.params keys of the DeepSpeed JSON they correspond to.
+SAM_FLAGS = {"sam_rho": "rho", "sam_precondition_norm": "precondition_norm",
+             "sam_rho_warmup_steps": "rho_warmup_steps"}
+
+
+def add_sam_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Add ``--sam-type``, ``--sam-rho``, ``--sam-precondition-norm``, ``--sam-rho-warmup-steps``
+    (usable as Megatron-LM's ``extra_args_provider``)."""
+    group = parser.add_argument_group("fsam-ds (SAM / Functional-SAM)")
+    group.add_argument("--sam-type", default="AdamW",
+                       help=f"one of {', '.join(METHODS)} (any case); AdamW runs the plain step")
+    group.add_argument("--sam-rho", type=float, default=SAM_DEFAULTS["rho"], help="perturbation radius (>= 0)")
+    group.add_argument("--sam-precondition-norm", default=SAM_DEFAULTS["precondition_norm"],
+                       help=f"preconditioned types: {' or '.join(PRECONDITION_NORMS)}")
+    group.add_argument("--sam-rho-warmup-steps", type=int, default=SAM_DEFAULTS["rho_warmup_steps"],
+                       help="rho ramps linearly from 0 over this many iterations")
+    return parser
+
+
+def sam_config_from_args(args) -> SAMConfig:
+    """The method's settings from Megatron-style arguments; errors name the flag and the accepted values."""
+    try:
+        method = _canonical_method(getattr(args, "sam_type", "AdamW"))
+    except FSAMConfigError as exc:
+        raise FSAMConfigError(str(exc).replace("optimizer.type", "--sam-type")) from None
+    if method == "AdamW":
+        return SAMConfig(method="AdamW")
+    params = {key: getattr(args, flag) for flag, key in SAM_FLAGS.items() if getattr(args, flag, None) is not None}
+    try:
+        return _sam_config(method, params)
+    except FSAMConfigError as exc:
+        msg = str(exc)
+        for flag, key in SAM_FLAGS.items():
+            msg = msg.replace(f"optimizer.params.{key}", "--" + flag.replace("_", "-"))
+        raise FSAMConfigError(msg) from None
+
+
+def _megatron_lm_args():
+    try:
+        from megatron.training import get_args
+        return get_args()
+    except (ImportError, AssertionError, AttributeError):
+        return None
+
+
+def reduce_losses(losses_reduced, dp_group=None) -> dict:
+    """Average the per-micro-batch loss dicts the way Megatron-LM's train step does: ``[sum, tokens]``
+    pairs are summed over micro-batches and data-parallel ranks, then divided; single values are
+    averaged over micro-batches."""
+    out = {}
+    if not losses_reduced:
+        return out
+    for key in losses_reduced[0]:
+        vals = [x[key].view(-1) for x in losses_reduced]
+        if vals[0].numel() == 2:
+            total = torch.vstack(vals).sum(0).float()
+            if dp_group is not None and dist.get_world_size(dp_group) > 1:
+                dist.all_reduce(total, group=dp_group)
+            out[key] = total[0] / total[1]
+        else:
+            out[key] = torch.cat(vals).mean()
+    return out
+
+
+def _runner(model, optimizer, sam: SAMConfig) -> MegatronSAM:
+    runner = getattr(optimizer, "_fsam_runner", None)
+    if runner is None or runner.sam != sam or runner.model != list(model):
+        runner = MegatronSAM(model, optimizer, sam)
+        optimizer._fsam_runner = runner
+    return runner
+
+
+def fsam_train_step(forward_step_func, data_iterator, model, optimizer, opt_param_scheduler, config,
+                    forward_backward_func=None, iteration=None, *, sam: Optional[SAMConfig] = None,
+                    num_microbatches: Optional[int] = None, seq_length: Optional[int] = None,
+                    micro_batch_size: Optional[int] = None, decoder_seq_length: Optional[int] = None):
+    """Megatron-LM's ``train_step`` (megatron/training/training.py, core 0.16) running the method.
+
+    Returns what Megatron-LM's returns: ``(loss_reduced, skipped_iter, should_checkpoint,
+    should_exit, exit_code, grad_norm, num_zeros_in_grad, max_attention_logit)``. Inside Megatron-LM
+    everything comes from its global arguments; elsewhere (a megatron-core loop) pass ``sam``,
+    ``num_microbatches``, ``seq_length`` and ``micro_batch_size``. Megatron-LM's rerun state
+    machine, gradient dumps and QK-clip are not part of this step.
+    """
+    from megatron.core import parallel_state as ps
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    args = _megatron_lm_args()
+    if sam is None:
+        if args is None:
+            raise ValueError("fsam_train_step outside Megatron-LM needs sam=SAMConfig(...)")
+        sam = sam_config_from_args(args)
+    if num_microbatches is None:
+        try:
+            from megatron.core.num_microbatches_calculator import get_num_microbatches
+            num_microbatches = get_num_microbatches()
+        except (ImportError, AssertionError, AttributeError):
+            raise ValueError("fsam_train_step outside Megatron-LM needs num_microbatches") from None
+    if args is not None:
+        seq_length = seq_length or args.seq_length
+        micro_batch_size = micro_batch_size or args.micro_batch_size
+        decoder_seq_length = decoder_seq_length or getattr(args, "decoder_seq_length", None)
+    if seq_length is None or micro_batch_size is None:
+        raise ValueError("fsam_train_step outside Megatron-LM needs seq_length and micro_batch_size")
+    forward_backward_func = forward_backward_func or get_forward_backward_func()
+    runner = _runner(model, optimizer, sam)
+    losses, update_successful, grad_norm, num_zeros = runner.step(
+        forward_backward_func, forward_step_func, data_iterator, num_microbatches=num_microbatches,
+        seq_length=seq_length, micro_batch_size=micro_batch_size, decoder_seq_length=decoder_seq_length,
+        iteration=iteration)
+
+    # as Megatron-LM: success and the norm agreed over the model-parallel group
+    mp_group = ps.get_model_parallel_group()
+    flags = torch.tensor([0.0 if update_successful else 1.0, -1.0 if grad_norm is None else float(grad_norm)])
+    if dist.get_world_size(mp_group) > 1:
+        dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=mp_group)
+    update_successful = bool(flags[0] == 0)
+    grad_norm = None if flags[1] < 0 else float(flags[1])
+    if update_successful:
+        if opt_param_scheduler is not None:
+            dp = ps.get_data_parallel_world_size()
+            opt_param_scheduler.step(increment=num_microbatches * micro_batch_size * dp)
+        skipped_iter = 0
+    else:
+        skipped_iter = 1
+    loss_reduced = {}
+    if ps.is_pipeline_last_stage(ignore_virtual=True):
+        loss_reduced = reduce_losses(losses, ps.get_data_parallel_group(with_context_parallel=True))
+    return loss_reduced, skipped_iter, False, False, 0, grad_norm, num_zeros, 0
+
+
+def install() -> bool:
+    """Swap :func:`fsam_train_step` into Megatron-LM (``megatron.training.training.train_step``).
+
+    The swapped-in step reads ``--sam-type`` at every call: a SAM type runs the method, ``AdamW``
+    (the default) Megatron-LM's own step. Returns False (and changes nothing) when Megatron-LM is
+    not importable. Call it before ``pretrain()``; pass :func:`add_sam_args` as
+    ``extra_args_provider``.
+    """
+    try:
+        from megatron.training import training as T
+    except ImportError:
+        return False
+    if getattr(T.train_step, "_fsam_installed", False):
+        return True
+    original = T.train_step
+
+    def train_step(*a, **k):
+        args = _megatron_lm_args()
+        if args is not None and sam_config_from_args(args).is_sam:
+            return fsam_train_step(*a, **k)
+        return original(*a, **k)
+
+    train_step._fsam_installed = True
+    train_step.__wrapped__ = original
+    T.train_step = train_step
+    return True
