@@ -74,8 +74,8 @@ def problem():
     H_G = J.T @ H_ell @ J
     # the functional part built on its own: sum_k [g_F]_k * Hessian of logit k
     g_F = jacobian(lambda f: ce_of_logits(f.reshape(B, T, V), ids), F.reshape(-1))
-    second = jacobian(lambda th: jacobian(lambda t2: logits_flat(t2, ids).reshape(-1), th, create_graph=True),
-                      theta)                                                    # [B*T*V, n, n]
+    second = jacobian(lambda th: jacobian(lambda t2: logits_flat(t2, ids).reshape(-1), th, create_graph=True,
+                                          vectorize=True), theta, vectorize=True)  # [B*T*V, n, n]
     H_F = torch.einsum("k,kij->ij", g_F, second)
     return dict(theta=theta, ids=ids, model=model, g=g, H_L=H_L, H_G=H_G, H_F=H_F)
 

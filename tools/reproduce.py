@@ -108,6 +108,7 @@ def train_run(a, method: str, lr: float, rho: float, seed: int, sharpness_every:
     marker = folder / "done.json"
     if marker.is_file():
         return json.loads(marker.read_text())
+    write_status(a, name)
     if folder.exists():  # an unfinished earlier attempt: start it again
         shutil.rmtree(folder)
     folder.mkdir(parents=True)
@@ -139,6 +140,20 @@ def train_run(a, method: str, lr: float, rho: float, seed: int, sharpness_every:
     marker.write_text(json.dumps(record, indent=2) + "\n")
     log(f"run {name}: done in {wall:.0f} s, eval loss {record['final_eval_loss']:.4f}")
     return record
+
+
+def write_status(a, running: str) -> None:
+    """While the grid runs, ``--docs`` says how far it is (rewritten with the results at the end)."""
+    total = len(a.lrs) + (len(a.methods) - 1) * len(a.rhos) + len(a.methods) * (a.seeds - 1)
+    done = sorted(p.parent.name for p in (a.out / "runs").glob("*/done.json"))
+    lines = ["# Results: a small-scale reproduction", "",
+             f"The grid of `tools/reproduce.py` is running: {len(done)} of {total} training runs finished, "
+             f"now `{running}` (status of {datetime.datetime.now().strftime('%Y-%m-%d %H:%M')}). This page is "
+             "rewritten with the table and the plots when the grid ends; the command below resumes it, skipping "
+             "finished runs.", "", "Finished runs: " + (", ".join(f"`{d}`" for d in done) or "none") + ".", "",
+             "```bash", a.command, "```", ""]
+    a.docs.parent.mkdir(parents=True, exist_ok=True)
+    a.docs.write_text("\n".join(lines))
 
 
 def final_analysis(a, record: Dict[str, Any]) -> Dict[str, Any]:
@@ -461,8 +476,9 @@ def main(argv: Optional[List[str]] = None) -> int:
         a.data_label = str(a.data)
     a.out.mkdir(parents=True, exist_ok=True)
     command = "python -m tools.reproduce " + " ".join(shlex.quote(x) for x in argv)
+    a.command = command.strip()
     res = run_grid(a)
-    write_report(a, res, command)
+    write_report(a, res, a.command)
     log("finished")
     return 0
 
