@@ -121,6 +121,8 @@ def train_run(a, method: str, lr: float, rho: float, seed: int, sharpness_every:
     log(f"run {name}: {' '.join(shlex.quote(c) for c in cmd)}")
     t0 = time.time()
     env = dict(os.environ, TOKENIZERS_PARALLELISM="false")
+    # DeepSpeed's compiled CPU ops: one folder per environment, shared by every run (as the tests do)
+    env.setdefault("TORCH_EXTENSIONS_DIR", str(Path(sys.prefix) / "torch_extensions"))
     with (folder / "train.log").open("w") as out:
         if a.in_process:  # the same entry point, without a new interpreter (smoke mode)
             import contextlib
