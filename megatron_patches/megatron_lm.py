@@ -58,7 +58,7 @@ def sam_config_from_args(args) -> SAMConfig:
         return _sam_config(method, params)
     except FSAMConfigError as exc:
         msg = str(exc)
-        for flag, key in SAM_FLAGS.items():
+        for flag, key in sorted(SAM_FLAGS.items(), key=lambda kv: -len(kv[1])):  # rho_warmup_steps before rho
             msg = msg.replace(f"optimizer.params.{key}", "--" + flag.replace("_", "-"))
         raise FSAMConfigError(msg) from None
 

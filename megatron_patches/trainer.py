@@ -69,6 +69,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--save", default=None, help="checkpoint folder (default: runs/mcore-<method>-<model>)")
     p.add_argument("--save-interval", type=_int_at_least(0), default=0, help="0: only at the end")
     p.add_argument("--load", default=None, help="resume from the latest checkpoint in this folder")
+    p.add_argument("--ckpt-step", type=_int_at_least(0), default=None,
+                   help="with --load: resume from this iteration's checkpoint instead of the latest")
     p.add_argument("--eval-interval", type=_int_at_least(0), default=50, help="0: only at the end")
     p.add_argument("--eval-iters", type=_int_at_least(1), default=20, help="evaluation micro-batches per DP rank")
     p.add_argument("--log-interval", type=_int_at_least(1), default=1)
@@ -106,8 +108,20 @@ def validate(args, world: int):
         if not (folder / "config.json").is_file():
             raise UsageError(f"--model {args.model!r} is neither a preset (accepted: {', '.join(presets)}) nor a "
                              "local Hugging Face model folder with config.json")
-    if args.load is not None and not (Path(args.load) / LATEST).is_file():
-        raise UsageError(f"--load {args.load!r}: no {LATEST} there (accepted: a --save folder of an earlier run)")
+    if args.load is not None:
+        latest = Path(args.load) / LATEST
+        if not latest.is_file():
+            raise UsageError(f"--load {args.load!r}: no {LATEST} there (accepted: a --save folder of an earlier run)")
+        text = latest.read_text().strip()
+        if not text.isdigit() or not (Path(args.load) / f"iter_{int(text):07d}").is_dir():
+            raise UsageError(f"--load {args.load!r}: {LATEST} names {text!r}, which is not a checkpoint folder there")
+    if args.ckpt_step is not None:
+        if args.load is None:
+            raise UsageError("--ckpt-step needs --load")
+        if not (Path(args.load) / f"iter_{args.ckpt_step:07d}").is_dir():
+            have = sorted(int(d.name[5:]) for d in Path(args.load).glob("iter_*") if d.name[5:].isdigit())
+            raise UsageError(f"--ckpt-step {args.ckpt_step}: no such checkpoint in {args.load!r}; accepted: "
+                             f"{', '.join(map(str, have)) or 'none'}")
     model_name = args.model if args.model in presets else Path(args.model).resolve().name
     save = Path(args.save) if args.save else Path("runs") / f"mcore-{sam.method.lower()}-{model_name}"
     return sam, dp, gbs // (args.micro_batch_size * dp), save, args.model in presets
@@ -279,7 +293,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     # 4. resume ----------------------------------------------------------------------------------
     start_iter, micro_step, data_seed = 0, 0, args.seed
     if args.load is not None:
-        load_iter = int((Path(args.load) / LATEST).read_text().strip())
+        load_iter = (args.ckpt_step if args.ckpt_step is not None
+                     else int((Path(args.load) / LATEST).read_text().strip()))
         ckpt = Path(args.load) / f"iter_{load_iter:07d}"
         try:
             common = dist_checkpointing.load_common_state_dict(str(ckpt))

@@ -1,0 +1,138 @@
+"""fsam-megatron-train: resume across layouts, and every bad input refused before any work; the
+Megatron-LM hooks (arguments, install) without Megatron-LM installed."""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("megatron.core", reason="megatron-core is an optional extra: pip install -e .[megatron]")
+
+from fsam_ds.config import FSAMConfigError  # noqa: E402
+from megatron_patches import megatron_lm, trainer  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+COMMON = ["--model", "tiny", "--sam-type", "PreconditionedFunctionalSAM", "--micro-batch-size", "2",
+          "--global-batch-size", "8", "--seq-len", "32", "--eval-iters", "2", "--eval-interval", "0"]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def torchrun(ranks: int, args, tmp: Path):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(ranks), "--master_port",
+           str(_free_port()), "-m", "megatron_patches.trainer", *args]
+    env = dict(os.environ, TMPDIR=str(tmp), PYTHONUNBUFFERED="1")
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    return proc.stdout
+
+
+def losses(folder: Path) -> dict:
+    out = {}
+    for line in (folder / "metrics.jsonl").read_text().splitlines():
+        rec = json.loads(line)
+        if "loss" in rec:
+            out[rec["step"]] = rec["loss"]
+    return out
+
+
+@pytest.mark.slow
+def test_resume_at_another_layout_continues_the_run(tmp_path):
+    """TP=2 for 4 iterations (checkpoints at 2 and 4); resumed from iteration 2 at DP=2 the
+    iterations 3 and 4 have the same losses, and the LR/iteration/data position carry over."""
+    run = tmp_path / "tp2"
+    out = torchrun(2, COMMON + ["--tensor-model-parallel-size", "2", "--train-iters", "4", "--save-interval", "2",
+                                "--save", str(run)], tmp_path)
+    assert "final eval_loss" in out
+    assert (run / "latest_checkpointed_iteration.txt").read_text().strip() == "4"
+    assert (run / "iter_0000002" / "hf" / "config.json").is_file()
+    resumed = tmp_path / "dp2"
+    out = torchrun(2, COMMON + ["--train-iters", "4", "--load", str(run), "--ckpt-step", "2",
+                                "--save", str(resumed)], tmp_path)
+    assert "resumed from" in out and "at iteration 2" in out
+    a, b = losses(run), losses(resumed)
+    assert sorted(b) == [3, 4]
+    for step in (3, 4):
+        assert b[step] == pytest.approx(a[step], rel=1e-5, abs=1e-6)
+    assert a[3] != pytest.approx(a[1], rel=1e-6)  # the losses do move: equality above can fail
+
+
+def run_main(argv, monkeypatch, world=1):
+    monkeypatch.setenv("WORLD_SIZE", str(world))
+    return trainer.main(argv)
+
+
+BAD = [
+    (["--sam-type", "Adam"], "--sam-type 'Adam' is not supported"),
+    (["--sam-type", "SAM", "--sam-rho", "-1"], "--sam-rho must be a number >= 0"),
+    (["--sam-type", "PreconditionedSAM", "--sam-precondition-norm", "both"], "--sam-precondition-norm 'both'"),
+    (["--sam-type", "SAM", "--sam-rho-warmup-steps", "-2"], "--sam-rho-warmup-steps must be an integer >= 0"),
+    (["--tensor-model-parallel-size", "3"], "does not divide the world size 2"),
+    (["--micro-batch-size", "4", "--global-batch-size", "6"], "--global-batch-size 6 is not a multiple"),
+    (["--lr-decay-style", "exp"], "--lr-decay-style 'exp' is not supported; accepted: constant, linear, cosine"),
+    (["--model", "7b"], "--model '7b' is neither a preset"),
+    (["--lr", "-0.1"], "--lr must be >= 0"),
+    (["--adam-beta2", "1.5"], "--adam-beta1/--adam-beta2 must be in [0, 1)"),
+    (["--load", "/nonexistent/run"], "no latest_checkpointed_iteration.txt"),
+    (["--ckpt-step", "3"], "--ckpt-step needs --load"),
+]
+
+
+@pytest.mark.parametrize("argv,message", BAD, ids=[m.split()[0] + str(i) for i, (a, m) in enumerate(BAD)])
+def test_bad_input_is_one_line_before_any_work(argv, message, monkeypatch, capsys):
+    assert run_main(argv, monkeypatch, world=2) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("fsam-megatron-train: error: ") and message in err, err
+    assert len(err.splitlines()) == 1
+
+
+def test_bad_ckpt_step_and_latest(tmp_path, monkeypatch, capsys):
+    (tmp_path / "iter_0000002").mkdir()
+    (tmp_path / "latest_checkpointed_iteration.txt").write_text("7\n")
+    assert run_main(["--load", str(tmp_path)], monkeypatch) == 2
+    assert "names '7', which is not a checkpoint folder" in capsys.readouterr().err
+    (tmp_path / "latest_checkpointed_iteration.txt").write_text("2\n")
+    assert run_main(["--load", str(tmp_path), "--ckpt-step", "5"], monkeypatch) == 2
+    err = capsys.readouterr().err
+    assert "--ckpt-step 5: no such checkpoint" in err and "accepted: 2" in err
+
+
+def test_command_line_error_has_no_traceback(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "megatron_patches.trainer", "--sam-type", "Nope"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [
+        "fsam-megatron-train: error: --sam-type 'Nope' is not supported; accepted: AdamW, SAM, PreconditionedSAM, "
+        "FunctionalSAM, PreconditionedFunctionalSAM"]
+
+
+def test_megatron_lm_arguments():
+    parser = megatron_lm.add_sam_args(argparse.ArgumentParser())
+    args = parser.parse_args(["--sam-type", "preconditionedfunctionalsam", "--sam-rho", "0.2",
+                              "--sam-precondition-norm", "gradient", "--sam-rho-warmup-steps", "10"])
+    sam = megatron_lm.sam_config_from_args(args)
+    assert (sam.method, sam.rho, sam.precondition_norm, sam.rho_warmup_steps) == (
+        "PreconditionedFunctionalSAM", 0.2, "gradient", 10)
+    assert sam.functional and sam.preconditioned
+    assert not megatron_lm.sam_config_from_args(parser.parse_args([])).is_sam  # AdamW by default
+    with pytest.raises(FSAMConfigError, match=r"^--sam-rho must be a number >= 0"):
+        megatron_lm.sam_config_from_args(parser.parse_args(["--sam-type", "SAM", "--sam-rho", "-1"]))
+
+
+def test_install_without_megatron_lm_changes_nothing():
+    try:
+        import megatron.training  # noqa: F401
+        pytest.skip("Megatron-LM is installed here")
+    except ImportError:
+        pass
+    assert megatron_lm.install() is False
