@@ -29,6 +29,15 @@ What it changes (megatron-core 0.16.1; file:line into ``megatron/core``):
 ``cuda_sync``
     ``torch.cuda.synchronize()`` is a no-op (pipeline p2p, p2p_communication.py:242,398; gloo
     operations are complete after ``wait()``).
+``p2p_pairs``
+    pipeline point-to-point goes through megatron's unbatched path (``_p2p_ops``) instead of
+    ``batch_isend_irecv`` (pipeline_parallel/p2p_communication.py:16). gloo matches the messages
+    between two ranks in the order they were posted; with two pipeline stages the previous and the
+    next stage are the same rank, so when the interleaved schedule sends and receives in both
+    directions at once, a batch posts "send to previous" where the peer posted "receive from
+    next" first, and activations and gradients of the same shape are silently swapped (measured:
+    wrong gradients, no error). The unbatched path sends the two directions on two different
+    process groups.
 ``distopt_step``
     not a CPU matter but a real bug without apex/TransformerEngine: after
     ``DistributedOptimizer.load_state_dict`` every parameter shares one Adam ``step`` tensor
@@ -194,6 +203,15 @@ def _patch_cuda_sync():
     torch.cuda.synchronize = lambda *args, **kwargs: None
 
 
+def _patch_p2p_pairs():
+    from megatron.core.pipeline_parallel import p2p_communication as P
+
+    def batched_as_pairs(**kwargs):
+        return list(P._p2p_ops(**kwargs).values())
+
+    P._batched_p2p_ops = batched_as_pairs
+
+
 def _patch_distopt_step():
     from megatron.core.optimizer import distrib_optimizer as DO
 
@@ -228,7 +246,8 @@ def _patch_distopt_step():
 
 _CPU_PATCHES = (("current_device", _patch_current_device), ("rng", _patch_rng),
                 ("cuda_literals", _patch_cuda_literals), ("tensor_type", _patch_tensor_type),
-                ("tensor_cuda", _patch_tensor_cuda), ("cuda_sync", _patch_cuda_sync))
+                ("tensor_cuda", _patch_tensor_cuda), ("cuda_sync", _patch_cuda_sync),
+                ("p2p_pairs", _patch_p2p_pairs))
 
 
 def apply() -> list:

@@ -29,6 +29,8 @@ def main():
     ap.add_argument("--tp", type=int, default=1)
     ap.add_argument("--pp", type=int, default=1)
     ap.add_argument("--distopt", action="store_true")
+    ap.add_argument("--vpp", type=int, default=None, help="virtual pipeline stages per rank (interleaved 1F1B)")
+    ap.add_argument("--layers", type=int, default=2)
     ap.add_argument("--methods", default="SAM,PreconditionedSAM,FunctionalSAM,PreconditionedFunctionalSAM")
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--microbatches", type=int, default=2, help="per data-parallel rank")
@@ -56,10 +58,11 @@ def main():
     from megatron_patches import layout
     from megatron_patches.sam import MegatronSAM
 
-    ps.initialize_model_parallel(tensor_model_parallel_size=args.tp, pipeline_model_parallel_size=args.pp)
+    ps.initialize_model_parallel(tensor_model_parallel_size=args.tp, pipeline_model_parallel_size=args.pp,
+                                 virtual_pipeline_model_parallel_size=args.vpp)
     tensor_parallel.model_parallel_cuda_manual_seed(1234)
     dp, dp_rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
-    hf = reference.tiny_llama(seed=0)
+    hf = reference.tiny_llama(seed=0, layers=args.layers)
     full = layout.hf_to_megatron(hf.state_dict(), hf.config)
     dtype = torch.bfloat16 if args.bf16 else torch.float32
     results, kept_gf, restore_ok = {}, {}, []
@@ -112,21 +115,27 @@ def main():
         return output_tensor, partial(pretrain_loss_func, loss_mask, model=model)
 
     for method in args.methods.split(","):
-        cfg = layout.transformer_config(hf.config, args.tp, args.pp, dtype)
-        gpt = layout.build_gpt(hf.config, cfg)
-        layout.load_full_state_dict([gpt], full)
-        module = gpt
-        if args.bf16:
-            from megatron.core.transformer.module import Float16Module
-            module = Float16Module(cfg, gpt)
-        model = DistributedDataParallel(config=cfg, module=module, ddp_config=DistributedDataParallelConfig(
-            grad_reduce_in_fp32=True, use_distributed_optimizer=args.distopt))
+        extra = {"virtual_pipeline_model_parallel_size": args.vpp} if args.vpp else {}
+        cfg = layout.transformer_config(hf.config, args.tp, args.pp, dtype, **extra)
+        chunks = []
+        for vp in (range(args.vpp) if args.vpp else [None]):
+            gpt = layout.build_gpt(hf.config, cfg, vp_stage=vp)
+            layout.load_full_state_dict([gpt], full)
+            module = gpt
+            if args.bf16:
+                from megatron.core.transformer.module import Float16Module
+                module = Float16Module(cfg, gpt)
+            chunks.append(DistributedDataParallel(
+                config=cfg, module=module, disable_bucketing=bool(vp),
+                ddp_config=DistributedDataParallelConfig(grad_reduce_in_fp32=True,
+                                                         use_distributed_optimizer=args.distopt)))
+        model = chunks[0]
         cfg.finalize_model_grads_func = finalize_model_grads
         opt = get_megatron_optimizer(OptimizerConfig(
             optimizer="adam", lr=args.lr, weight_decay=0.0, adam_beta1=0.9, adam_beta2=0.999, adam_eps=1e-8,
-            clip_grad=1.0, bf16=args.bf16, params_dtype=dtype, use_distributed_optimizer=args.distopt), [model])
+            clip_grad=1.0, bf16=args.bf16, params_dtype=dtype, use_distributed_optimizer=args.distopt), chunks)
         sam = SAMConfig(method=method, rho=args.rho if method != "AdamW" else 0.0)
-        runner = MegatronSAM([model], opt, sam)
+        runner = MegatronSAM(chunks, opt, sam)
         runner.skip_unperturbed_pass2 = False
         opt._fsam_runner = runner  # the runner fsam_train_step reuses for this model and optimizer
         losses = []
@@ -140,7 +149,9 @@ def main():
             keep = step == 0 and runner.cache is not None
             if keep:  # keep pass 1's logit gradients of this step for the comparison
                 runner.cache.clear = lambda: None
-            before = [p.detach().clone() for p in model.parameters()] if step == 0 else None
+            params = [p for c in chunks for p in c.parameters()]
+            before = [p.detach().clone() for p in params] if step == 0 else None
+            data = [iter(mbs) for _ in chunks] if args.vpp else iter(mbs)
             if args.via_train_step:
                 from megatron_patches.megatron_lm import fsam_train_step
                 if step == 0:  # check restore inside the step: compare after pass 2, before AdamW
@@ -148,17 +159,17 @@ def main():
                     orig_step = opt.step
 
                     def checked_step(orig_step=orig_step, before=before):
-                        restore_ok.append(all(torch.equal(a, p) for a, p in zip(before, model.parameters())))
+                        restore_ok.append(all(torch.equal(a, p) for a, p in zip(before, params)))
                         opt.step = orig_step
                         return orig_step()
                     opt.step = checked_step
-                out = fsam_train_step(pretrain_forward_step, iter(mbs), [model], opt, None, cfg,
+                out = fsam_train_step(pretrain_forward_step, data, chunks, opt, None, cfg,
                                       get_forward_backward_func(), iteration=step, sam=sam, **kw)
                 losses.append(float(out[0]["lm loss"]) if out[0] else None)
             else:
-                runner.forward_backward(get_forward_backward_func(), forward_step, iter(mbs), **kw)
+                runner.forward_backward(get_forward_backward_func(), forward_step, data, **kw)
                 if before is not None:
-                    restore_ok[:] = [all(torch.equal(a, p) for a, p in zip(before, model.parameters()))]
+                    restore_ok[:] = [all(torch.equal(a, p) for a, p in zip(before, params))]
                 opt.step()
                 runner.steps += 1
                 losses.append(runner.last_metrics.get("loss"))
@@ -166,12 +177,12 @@ def main():
                 del runner.cache.clear
                 kept_gf[method] = _gather_vocab(runner.cache.grads)
                 runner.cache.grads = []
-        meg = layout.gather_full_state_dict([model])
+        meg = layout.gather_full_state_dict(chunks)
         flag = torch.tensor([1.0 if all(restore_ok) and restore_ok else 0.0])
         dist.all_reduce(flag, op=dist.ReduceOp.MIN)
         results[method] = {"weights": layout.megatron_to_hf(meg, hf.config), "losses": losses,
                            "restore_exact": bool(flag.item() == 1.0)}
-        del model, opt, runner
+        del model, chunks, opt, runner
     if dist.get_rank() == 0:
         torch.save(results, args.out)
     if ps.is_pipeline_last_stage() and ps.get_tensor_model_parallel_rank() == 0 and dp_rank == 0 and kept_gf:

@@ -3,7 +3,7 @@
 Every layout trains from the same weights (a Hugging Face Llama mapped onto GPTModel) on the same
 global batch: TP=PP=DP=1 is compared with the independent single-process reference
 (``reference.py``: plain PyTorch, torch.optim.AdamW, torch.func), and TP=2, PP=2 (1F1B, 4
-micro-batches), DP=2 (distributed optimizer, driven by ``fsam_train_step`` with a forward step
+micro-batches), PP=2 interleaved (two virtual stages per rank), DP=2 (distributed optimizer, driven by ``fsam_train_step`` with a forward step
 written like Megatron-LM's pretrain_gpt.py) and TP=2 x PP=2 with TP=PP=DP=1. Each layout is one
 torchrun launch running every method.
 """
@@ -33,6 +33,8 @@ LAYOUTS = {  # name: (ranks, worker arguments)
     "tp2": (2, ["--tp", "2", "--microbatches", str(MICRO)]),
     "pp2": (2, ["--pp", "2", "--microbatches", str(MICRO)]),
     "dp2": (2, ["--distopt", "--via-train-step", "--microbatches", str(MICRO // 2)]),
+    "interleaved": (2, ["--pp", "2", "--vpp", "2", "--layers", "4", "--microbatches", str(MICRO),
+                        "--methods", "FunctionalSAM,PreconditionedFunctionalSAM"]),
     "tp2pp2": (4, ["--tp", "2", "--pp", "2", "--microbatches", str(MICRO), "--methods", "PreconditionedFunctionalSAM"]),
 }
 
@@ -63,8 +65,8 @@ def runs(tmp_path_factory):
 
 
 @functools.lru_cache(maxsize=None)
-def reference(method: str):
-    model = tiny_llama(seed=0)
+def reference(method: str, layers: int = 2):
+    model = tiny_llama(seed=0, layers=layers)
     losses = reference_train(model, STEPS, 1, MICRO, method, RHO if method != "AdamW" else 0.0, lr=LR)
     return {k: v.detach().clone() for k, v in model.state_dict().items()}, losses
 
@@ -102,6 +104,16 @@ def test_tp2_pp2_preconditioned_fsam(runs):
     got = runs["tp2pp2"]["PreconditionedFunctionalSAM"]
     assert weight_distance(got["weights"], runs["single"]["PreconditionedFunctionalSAM"]["weights"]) < TOL
     assert weight_distance(got["weights"], reference("PreconditionedFunctionalSAM")[0]) < TOL
+    assert got["restore_exact"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["FunctionalSAM", "PreconditionedFunctionalSAM"])
+def test_interleaved_pipeline_matches_reference(runs, method):
+    """PP=2 with two virtual stages per rank (interleaved 1F1B, 4 layers) against the reference."""
+    got = runs["interleaved"][method]
+    assert weight_distance(got["weights"], reference(method, layers=4)[0]) < TOL
+    assert weight_distance(got["weights"], reference("AdamW", layers=4)[0]) > 20 * TOL
     assert got["restore_exact"]
 
 
