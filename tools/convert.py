@@ -4,6 +4,7 @@
 
     fsam-convert runs/preconditioned_functional_sam-2m hf/my-model               # tag from 'latest'
     fsam-convert runs/x hf/x --tag step100 --dtype bf16 --max-shard-size 2GB
+    fsam-convert runs/mcore-preconditionedfunctionalsam-2m hf/my-model            # megatron-core, any TP x PP
 
 The output folder holds what ``AutoModelForCausalLM.from_pretrained`` and
 ``AutoTokenizer.from_pretrained`` read: ``config.json``, ``generation_config.json``, safetensors
@@ -29,8 +30,21 @@ with). ``fsam-train`` writes the model's config, generation config and tokenizer
 ``<tag>/hf/`` of every checkpoint; for checkpoints written by other scripts pass ``--config``
 (and ``--tokenizer``).
 
-Adding a source (e.g. Megatron-core TP x PP checkpoints)
---------------------------------------------------------
+``megatron`` (:class:`MegatronSource`): a folder written by ``fsam-megatron-train`` (megatron-core
+``dist_checkpointing``, ``torch_dist`` format) at any TP x PP x DP: the save folder (with
+``latest_checkpointed_iteration.txt`` and ``iter_NNNNNNN`` folders; ``--tag iter_0000100`` or
+``--tag 100`` picks another) or one ``iter_NNNNNNN`` folder. It is read in this one process:
+megatron-core reshards on load, so the reader builds the TP=1 x PP=1 ``GPTModel`` of the saved
+Hugging Face config (``iter_NNNNNNN/hf/``, or ``--config``; a 1-rank gloo group and megatron's
+model-parallel state are set up for the read where none exist, and taken down after), loads only
+the model's part of the checkpoint into it (optimizer state is left on disk), and maps its
+weights with :func:`megatron_patches.layout.megatron_to_hf` (fused QKV per query group, ``[gate;
+up]`` SwiGLU). bf16 checkpoints are read in bf16 and exported in ``--dtype``. Before anything is
+loaded, the checkpoint's index (``.metadata``) names the ``.distcp`` files holding model weights
+(every one must exist) and the stored shapes, checked against the config.
+
+Adding a source
+---------------
 Write a class with
 
 ``name: str``
@@ -40,7 +54,9 @@ Write a class with
 ``detect(path: Path) -> bool``
     cheap (file names only, no tensor loads): whether ``path`` looks like its checkpoint;
 ``read(path: Path, tag: Optional[str]) -> SourceCheckpoint``
-    the full, unsharded weights of the checkpoint at ``tag`` (``None``: the latest one).
+    the full, unsharded weights of the checkpoint at ``tag`` (``None``: the latest one). A
+    reader that needs the architecture to read the weights (as the Megatron one does) also takes
+    ``config=``: the ``--config`` the user passed, already loaded, or ``None``.
 
 and append an instance to :data:`SOURCES`. ``read`` returns a :class:`SourceCheckpoint` whose
 ``state_dict`` maps Hugging Face parameter names of the architecture in ``config`` (for Llama:
@@ -56,6 +72,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import inspect
 import io
 import json
 import os
@@ -241,8 +258,284 @@ class DeepSpeedSource:
                                 generation_config_dir=gen_dir, info=info)
 
 
+# ---------------------------------------------------------------------------------------------
+# Megatron-core
+# ---------------------------------------------------------------------------------------------
+
+MEGATRON_LATEST = "latest_checkpointed_iteration.txt"  # megatron_patches.trainer.LATEST
+_ITER_DIR = re.compile(r"^iter_(\d+)$")
+_LEGACY_RANK_DIR = re.compile(r"^mp_rank_\d+(?:_\d+)?$")
+
+
+def _is_megatron_iter(folder: Path) -> bool:
+    """An ``iter_*`` folder written by megatron-core (dist_checkpointing or the legacy per-rank format)."""
+    if not _ITER_DIR.match(folder.name) or not folder.is_dir():
+        return False
+    if (folder / "metadata.json").is_file() or (folder / "common.pt").is_file():
+        return True
+    try:
+        return any(_LEGACY_RANK_DIR.match(p.name) for p in folder.iterdir())
+    except OSError:
+        return False
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def _single_process_megatron():
+    """A 1-rank gloo process group and TP=1 x PP=1 model-parallel state for megatron-core, set up
+    only where none exists and taken down afterwards (the caller's own state is left alone)."""
+    import torch
+    import torch.distributed as dist
+
+    created_pg = created_mp = False
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() != 1:
+        raise ConvertError(f"this process is one of {dist.get_world_size()} ranks; convert Megatron checkpoints in "
+                           "a single process (fsam-convert reads any TP x PP layout on its own)")
+    if not dist.is_initialized():
+        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1)
+        created_pg = True
+    try:
+        import megatron.core  # noqa: F401
+        from megatron.core import parallel_state as ps
+
+        if not torch.cuda.is_available():
+            from megatron_patches import cpu
+
+            cpu.apply()
+        if ps.model_parallel_is_initialized():
+            if ps.get_tensor_model_parallel_world_size() != 1 or ps.get_pipeline_model_parallel_world_size() != 1:
+                raise ConvertError("megatron-core's model parallelism is already initialised at another layout in "
+                                   "this process; convert Megatron checkpoints in a process of their own")
+        else:
+            ps.initialize_model_parallel(1, 1)
+            created_mp = True
+        yield
+    finally:
+        if created_mp:
+            from megatron.core import parallel_state as ps
+
+            ps.destroy_model_parallel()
+        if created_pg:
+            dist.destroy_process_group()
+
+
+class MegatronSource:
+    name = "megatron"
+    accepts = ("a megatron-core checkpoint folder written by fsam-megatron-train (the save folder with "
+               f"{MEGATRON_LATEST} and iter_NNNNNNN folders, or one iter_NNNNNNN folder; dist_checkpointing "
+               "torch_dist format, any TP x PP x DP)")
+
+    def detect(self, path: Path) -> bool:
+        if not path.is_dir():
+            return False
+        if (path / MEGATRON_LATEST).is_file() or _is_megatron_iter(path):
+            return True
+        try:
+            return any(_is_megatron_iter(d) for d in path.iterdir())
+        except OSError:
+            return False
+
+    # -- where ---------------------------------------------------------------------------------
+    def locate(self, path: Path, tag: Optional[str]) -> Path:
+        """The ``iter_NNNNNNN`` folder to read; ``tag``: ``iter_0000004``, ``4`` or None (the latest)."""
+        def normal(t: str) -> str:
+            t = str(t).strip()
+            if t.isdigit():
+                return f"iter_{int(t):07d}"
+            m = _ITER_DIR.match(t)
+            return f"iter_{int(m.group(1)):07d}" if m else t
+
+        if _ITER_DIR.match(path.name) and _is_megatron_iter(path):  # an iteration folder itself
+            if tag is not None and normal(tag) != path.name:
+                raise ConvertError(f"{path} is already the iteration folder {path.name!r}; --tag {tag!r} does not "
+                                   "apply (pass the save folder above it to choose an iteration)")
+            return path
+        iters = sorted((d.name for d in path.iterdir() if _is_megatron_iter(d)), key=_natural)
+        available = (f"available iterations: {', '.join(iters)}" if iters
+                     else "the folder holds no iter_NNNNNNN folders")
+        if tag is None:
+            latest = path / MEGATRON_LATEST
+            if latest.is_file():
+                text = latest.read_text().strip()
+                if not text.isdigit():
+                    raise ConvertError(f"{latest}: expected an iteration number, found {text[:40]!r}; choose an "
+                                       f"iteration with --tag ({available})")
+                tag = normal(text)
+                if not (path / tag).is_dir():
+                    raise ConvertError(f"{path}: {MEGATRON_LATEST} names iteration {int(text)} ({tag}), which is "
+                                       f"missing ({available}); choose one with --tag")
+            elif len(iters) == 1:
+                tag = iters[0]
+            elif iters:
+                raise ConvertError(f"{path}: no {MEGATRON_LATEST} and several iterations; choose one with --tag "
+                                   f"({available})")
+            else:
+                raise ConvertError(f"{path} is not a checkpoint folder: no {MEGATRON_LATEST} and no iter_NNNNNNN "
+                                   f"folder; accepted: {self.accepts}")
+        else:
+            tag = normal(tag)
+        if not (path / tag).is_dir():
+            raise ConvertError(f"{path}: iteration {tag!r} not found ({available})")
+        if not _is_megatron_iter(path / tag):
+            raise ConvertError(f"{path / tag}: no metadata.json or common.pt, not a megatron-core checkpoint "
+                               f"({available})")
+        return path / tag
+
+    # -- what ----------------------------------------------------------------------------------
+    def read(self, path: Path, tag: Optional[str] = None, config=None) -> SourceCheckpoint:
+        import warnings
+
+        import torch
+
+        ckpt = self.locate(path, tag)
+        if not (ckpt / "metadata.json").is_file():
+            if any(_LEGACY_RANK_DIR.match(p.name) for p in ckpt.iterdir()):
+                raise ConvertError(f"{ckpt}: a per-rank torch-format checkpoint (mp_rank_* folders); accepted: "
+                                   "dist_checkpointing checkpoints (metadata.json, *.distcp), as fsam-megatron-train "
+                                   "writes them")
+            raise ConvertError(f"{ckpt}: no metadata.json, not a dist_checkpointing checkpoint (an interrupted "
+                               "save?); accepted: " + self.accepts)
+        try:
+            meta = json.loads((ckpt / "metadata.json").read_text())
+        except (OSError, ValueError) as err:
+            raise ConvertError(f"{ckpt / 'metadata.json'}: cannot read it ({_one_line(err)})") from None
+        backend = meta.get("sharded_backend")
+        if backend != "torch_dist" or meta.get("common_backend", "torch") != "torch":
+            raise ConvertError(f"{ckpt}: sharded backend {backend!r} / common backend "
+                               f"{meta.get('common_backend')!r}; accepted: 'torch_dist' / 'torch' (megatron-core's "
+                               "default, as fsam-megatron-train writes them)")
+        common_file = ckpt / "common.pt"
+        if not common_file.is_file():
+            raise ConvertError(f"{ckpt}: missing common.pt (written by the first rank with every checkpoint)")
+        try:
+            common = torch.load(common_file, map_location="cpu", weights_only=False)
+        except Exception as err:
+            raise ConvertError(f"{common_file}: cannot read it ({_one_line(err)})") from None
+        saved = common.get("layout") if isinstance(common, dict) and isinstance(common.get("layout"), dict) else {}
+        tp, pp, dp = (int(saved[k]) if saved.get(k) else None for k in ("tp", "pp", "dp"))
+        world = tp * pp * dp if None not in (tp, pp, dp) else None
+        written_by = (f"{world} rank(s) (TP {tp} x PP {pp} x DP {dp})" if world else "its ranks")
+
+        # which tensors the checkpoint holds and which files hold them (torch.distributed.checkpoint)
+        from torch.distributed.checkpoint import FileSystemReader
+        from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+        try:
+            dcp = FileSystemReader(str(ckpt)).read_metadata()
+        except Exception as err:
+            raise ConvertError(f"{ckpt}: cannot read the dist_checkpointing index .metadata "
+                               f"({_one_line(err)})") from None
+
+        def is_model(key: str) -> bool:
+            return not key.startswith("optimizer.") and "_extra_state" not in key
+
+        stored = {k: tuple(v.size) for k, v in dcp.state_dict_metadata.items()
+                  if isinstance(v, TensorStorageMetadata) and is_model(k)}
+        if not stored:
+            raise ConvertError(f"{ckpt}: the checkpoint holds no model weights")
+        files = sorted({s.relative_path for i, s in dcp.storage_data.items() if is_model(i.fqn)}, key=_natural)
+        missing = [f for f in files if not (ckpt / f).is_file()]
+        if missing:
+            raise ConvertError(f"{ckpt}: missing shard file(s) {', '.join(missing)}; the checkpoint was written by "
+                               f"{written_by} and needs every rank's files")
+
+        # the architecture
+        hf_dir = ckpt / HF_META_DIR
+        if config is None:
+            if not (hf_dir / "config.json").is_file():
+                raise ConvertError(f"{ckpt}: no {HF_META_DIR}/config.json (fsam-megatron-train writes the model's "
+                                   "Hugging Face config there); pass --config with a model folder or config.json of "
+                                   "the trained architecture")
+            from transformers import AutoConfig
+
+            try:
+                config = AutoConfig.from_pretrained(str(hf_dir), local_files_only=True)
+            except Exception as err:
+                raise ConvertError(f"{hf_dir / 'config.json'}: cannot read it ({_one_line(err)})") from None
+        emb = stored.get("embedding.word_embeddings.weight")
+        if emb is not None and getattr(config, "vocab_size", None) is not None and emb[0] != config.vocab_size:
+            raise ConvertError(f"vocabulary mismatch: the weights have {emb[0]} token embeddings but the config's "
+                               f"vocab_size is {config.vocab_size}; accepted: the config the model was trained with")
+        bf16 = bool(saved.get("bf16"))
+        dtype = torch.bfloat16 if bf16 else torch.float32
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # megatron-core's "Apex / Transformer Engine not installed" notes
+            from megatron_patches import layout
+
+            try:
+                layout.check_llama(config)
+            except layout.LayoutError as err:
+                raise ConvertError(f"{ckpt}: {_one_line(err)}") from None
+            with _single_process_megatron():
+                from megatron.core import dist_checkpointing
+                from megatron.core.dist_checkpointing.mapping import ShardedTensor, apply_factories
+                from megatron.core.dist_checkpointing.dict_utils import nested_values
+
+                try:
+                    tcfg = layout.transformer_config(config, 1, 1, dtype, perform_initialization=False)
+                    gpt = layout.build_gpt(config, tcfg)
+                except (layout.LayoutError, ValueError, AssertionError) as err:
+                    raise ConvertError(f"config: megatron-core cannot build it ({_one_line(err)})") from None
+                probe = gpt.sharded_state_dict()
+                apply_factories(probe)
+                wanted: Dict[str, tuple] = {}
+                for sh in nested_values(probe):
+                    if isinstance(sh, ShardedTensor) and is_model(sh.key):
+                        wanted.setdefault(sh.key, tuple(sh.global_shape))
+                absent = sorted(k for k in wanted if k not in stored)
+                extra = sorted(k for k in stored if k not in wanted)
+                if absent or extra:
+                    what = []
+                    if absent:
+                        what.append(f"missing {', '.join(absent[:3])}{' ...' if len(absent) > 3 else ''}")
+                    if extra:
+                        what.append(f"weights the Llama mapping does not cover: {', '.join(extra[:3])}"
+                                    f"{' ...' if len(extra) > 3 else ''}")
+                    raise ConvertError(f"{ckpt}: the checkpoint does not match the GPTModel of the config "
+                                       f"({'; '.join(what)}); accepted: Llama-style GPTModel checkpoints (RMSNorm, "
+                                       "RoPE, SwiGLU, no biases) with the config they were trained with")
+                for k, shape in wanted.items():
+                    if stored[k] != shape:
+                        raise ConvertError(f"the weights do not match the config: {k} has shape {stored[k]} in the "
+                                           f"checkpoint, the config expects {shape}")
+                del probe
+                try:
+                    quiet = io.StringIO()
+                    with contextlib.redirect_stdout(quiet):
+                        state = dist_checkpointing.load({"model": gpt.sharded_state_dict()}, str(ckpt))
+                    gpt.load_state_dict(state["model"], strict=True)
+                except Exception as err:
+                    raise ConvertError(f"{ckpt}: dist_checkpointing could not read the model weights "
+                                       f"({_one_line(err)})") from None
+                meg = {k: v.detach() for k, v in gpt.state_dict().items() if "_extra_state" not in k}
+                del state, gpt
+        try:
+            hf_state = layout.megatron_to_hf(meg, config)
+        except layout.LayoutError as err:
+            raise ConvertError(f"{ckpt}: {_one_line(err)}") from None
+
+        info = {"format": "megatron", "checkpoint": str(ckpt.parent), "tag": ckpt.name,
+                "iteration": common.get("iteration") if isinstance(common, dict) else None,
+                "tp": tp, "pp": pp, "dp": dp, "world_size": world,
+                "distributed_optimizer": saved.get("distributed_optimizer"), "checkpoint_files": len(files),
+                "weights_from": f"model weights ({str(dtype).replace('torch.', '')}) read by dist_checkpointing "
+                                "at TP 1 x PP 1"}
+        tok_dir = hf_dir if any((hf_dir / f).is_file() for f in _TOKENIZER_FILES) else None
+        gen_dir = hf_dir if (hf_dir / "generation_config.json").is_file() else None
+        return SourceCheckpoint(state_dict=hf_state, config=config, tokenizer_dir=tok_dir,
+                                generation_config_dir=gen_dir, info=info)
+
+
 #: The readers ``--source auto`` tries, in order (see the module docstring to add one).
-SOURCES: List[Any] = [DeepSpeedSource()]
+SOURCES: List[Any] = [DeepSpeedSource(), MegatronSource()]
 
 
 def find_source(path: Path, name: str = "auto"):
@@ -500,9 +793,13 @@ def convert(source, output, *, tag: Optional[str] = None, dtype: str = "fp32", m
         if spec is not None and not Path(spec).expanduser().exists():
             raise ConvertError(f"{name} {spec}: no such file or folder")
     reader = find_source(source, source_format)
-    ckpt = reader.read(source, tag)
-    if config is not None:
-        ckpt.config = _load_config(Path(config).expanduser())
+    override = _load_config(Path(config).expanduser()) if config is not None else None
+    if override is not None and "config" in inspect.signature(reader.read).parameters:
+        ckpt = reader.read(source, tag, config=override)  # a reader that needs the architecture to read
+    else:
+        ckpt = reader.read(source, tag)
+    if override is not None:
+        ckpt.config = override
     tok_dir = Path(tokenizer).expanduser() if tokenizer is not None else ckpt.tokenizer_dir
     tok = _load_tokenizer(tok_dir) if tok_dir is not None else None
     report = export_hf(ckpt, output, dtype=dtype, max_shard_size=max_shard_size, tokenizer=tok, overwrite=overwrite)
@@ -521,11 +818,14 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog=PROG, description="Convert a training checkpoint (DeepSpeed, any ZeRO stage and world size) "
-                "into a Hugging Face model folder (config, safetensors weights, tokenizer, generation config).")
-    p.add_argument("checkpoint", help="checkpoint folder (DeepSpeed: the save folder with 'latest', or a tag folder)")
+    p = _Parser(prog=PROG, description="Convert a training checkpoint (DeepSpeed at any ZeRO stage and world size, or "
+                "megatron-core at any TP x PP x DP) into a Hugging Face model folder (config, safetensors weights, "
+                "tokenizer, generation config).")
+    p.add_argument("checkpoint", help="checkpoint folder (DeepSpeed: the save folder with 'latest', or a tag folder; "
+                   f"megatron-core: the save folder with {MEGATRON_LATEST}, or an iter_NNNNNNN folder)")
     p.add_argument("output", help="new Hugging Face model folder")
-    p.add_argument("--tag", default=None, help="checkpoint tag, e.g. step200 (default: the one in 'latest')")
+    p.add_argument("--tag", default=None, help="checkpoint tag, e.g. step200 (DeepSpeed) or iter_0000100 / 100 "
+                   "(megatron-core) (default: the latest)")
     p.add_argument("--dtype", default="fp32", choices=DTYPES, help="dtype of the saved weights (default: fp32)")
     p.add_argument("--max-shard-size", default=DEFAULT_MAX_SHARD_SIZE,
                    help=f"split the safetensors weights into files of at most this size (default: {DEFAULT_MAX_SHARD_SIZE})")
@@ -543,6 +843,9 @@ def summary(report: Dict[str, Any]) -> str:
     src = f"{report.get('format', '?')}"
     if report.get("format") == "deepspeed":
         src += f", ZeRO stage {report['zero_stage']}, {report['world_size']} rank(s), tag {report['tag']}"
+    elif report.get("format") == "megatron":
+        src += (f", TP {report.get('tp', '?')} x PP {report.get('pp', '?')} x DP {report.get('dp', '?')}, "
+                f"{report['tag']}, {report.get('checkpoint_files', '?')} .distcp file(s)")
     tok = report["tokenizer"]
     lines = [
         f"{report.get('source', '?')} ({src}) -> {report['output']}",
