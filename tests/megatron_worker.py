@@ -31,6 +31,7 @@ def main():
     ap.add_argument("--distopt", action="store_true")
     ap.add_argument("--vpp", type=int, default=None, help="virtual pipeline stages per rank (interleaved 1F1B)")
     ap.add_argument("--layers", type=int, default=2)
+    ap.add_argument("--tied", action="store_true", help="tied input and output embeddings")
     ap.add_argument("--methods", default="SAM,PreconditionedSAM,FunctionalSAM,PreconditionedFunctionalSAM")
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--microbatches", type=int, default=2, help="per data-parallel rank")
@@ -62,7 +63,7 @@ def main():
                                  virtual_pipeline_model_parallel_size=args.vpp)
     tensor_parallel.model_parallel_cuda_manual_seed(1234)
     dp, dp_rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
-    hf = reference.tiny_llama(seed=0, layers=args.layers)
+    hf = reference.tiny_llama(seed=0, layers=args.layers, tied=args.tied)
     full = layout.hf_to_megatron(hf.state_dict(), hf.config)
     dtype = torch.bfloat16 if args.bf16 else torch.float32
     results, kept_gf, restore_ok = {}, {}, []

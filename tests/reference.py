@@ -41,12 +41,13 @@ def global_batch(step: int, world: int, gas: int, **kw) -> List[Dict]:
     return [micro_batch(step, r, i, world, gas, **kw) for r in range(world) for i in range(gas)]
 
 
-def tiny_llama(seed: int = 0, dtype=torch.float32, vocab: int = 256, attn: str = "sdpa", layers: int = 2):
+def tiny_llama(seed: int = 0, dtype=torch.float32, vocab: int = 256, attn: str = "sdpa", layers: int = 2,
+               tied: bool = False):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     cfg = LlamaConfig(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-                      tie_word_embeddings=False, attention_dropout=0.0, attn_implementation=attn)
+                      tie_word_embeddings=tied, attention_dropout=0.0, attn_implementation=attn)
     torch.manual_seed(seed)
     model = LlamaForCausalLM(cfg)
     return model.to(dtype)

@@ -35,6 +35,8 @@ LAYOUTS = {  # name: (ranks, worker arguments)
     "dp2": (2, ["--distopt", "--via-train-step", "--microbatches", str(MICRO // 2)]),
     "interleaved": (2, ["--pp", "2", "--vpp", "2", "--layers", "4", "--microbatches", str(MICRO),
                         "--methods", "FunctionalSAM,PreconditionedFunctionalSAM"]),
+    "pp2_tied": (2, ["--pp", "2", "--tied", "--microbatches", str(MICRO), "--methods", "SAM,FunctionalSAM"]),
+    "dp2_bf16": (2, ["--distopt", "--bf16", "--microbatches", str(MICRO // 2), "--methods", "PreconditionedFunctionalSAM"]),
     "tp2pp2": (4, ["--tp", "2", "--pp", "2", "--microbatches", str(MICRO), "--methods", "PreconditionedFunctionalSAM"]),
 }
 
@@ -65,8 +67,8 @@ def runs(tmp_path_factory):
 
 
 @functools.lru_cache(maxsize=None)
-def reference(method: str, layers: int = 2):
-    model = tiny_llama(seed=0, layers=layers)
+def reference(method: str, layers: int = 2, tied: bool = False):
+    model = tiny_llama(seed=0, layers=layers, tied=tied)
     losses = reference_train(model, STEPS, 1, MICRO, method, RHO if method != "AdamW" else 0.0, lr=LR)
     return {k: v.detach().clone() for k, v in model.state_dict().items()}, losses
 
@@ -105,6 +107,26 @@ def test_tp2_pp2_preconditioned_fsam(runs):
     assert weight_distance(got["weights"], runs["single"]["PreconditionedFunctionalSAM"]["weights"]) < TOL
     assert weight_distance(got["weights"], reference("PreconditionedFunctionalSAM")[0]) < TOL
     assert got["restore_exact"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["SAM", "FunctionalSAM"])
+def test_tied_embeddings_across_pipeline_stages(runs, method):
+    """Tied input/output embeddings at PP=2: the first and the last stage each hold a copy; the
+    norm counts it once (counting it twice lands 0.05 away) and both copies move together."""
+    got = runs["pp2_tied"][method]
+    assert weight_distance(got["weights"], reference(method, tied=True)[0]) < TOL
+    assert got["restore_exact"]
+
+
+@pytest.mark.slow
+def test_bf16_distributed_optimizer(runs):
+    """bf16 weights with fp32 main params: theta restored bit-exactly on every rank, and the losses
+    follow the fp32 reference to bf16 round-off (weights themselves drift apart elementwise: Adam
+    turns round-off on tiny entries into lr-sized steps)."""
+    got = runs["dp2_bf16"]["PreconditionedFunctionalSAM"]
+    assert got["restore_exact"]
+    assert got["losses"] == pytest.approx(reference("PreconditionedFunctionalSAM")[1], rel=1e-2)
 
 
 @pytest.mark.slow
