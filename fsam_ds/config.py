@@ -5,7 +5,7 @@ A standard DeepSpeed config selects the method with one word::
     "optimizer": {"type": "PreconditionedFunctionalSAM",
                   "params": {"lr": 3e-4, "betas": [0.9, 0.95], "eps": 1e-8, "weight_decay": 0.1,
                              "rho": 0.1, "precondition_norm": "perturbation",
-                             "rho_warmup_steps": 0, "logit_grad_cache": "device"}}
+                             "rho_warmup_steps": 0, "logit_grad_cache": "device", "ascent_every": 1}}
 
 :func:`parse_config` returns the config DeepSpeed itself is given (the same section with
 ``"type": "AdamW"`` and the SAM keys removed, so ZeRO, loss scaling, clipping and schedulers behave
@@ -28,17 +28,17 @@ from .method import PRECONDITION_NORMS
 
 METHODS = ("AdamW", "SAM", "PreconditionedSAM", "FunctionalSAM", "PreconditionedFunctionalSAM")
 SAM_METHODS = METHODS[1:]
-LOGIT_GRAD_CACHES = ("device",)
+LOGIT_GRAD_CACHES = ("device", "host", "recompute")
 SUPPORTED_ZERO_STAGES = (0, 1, 2, 3)
 
 # AdamW parameters DeepSpeed's own Adam accepts, and the SAM keys on top of them.
 ADAMW_KEYS = ("lr", "betas", "eps", "weight_decay", "bias_correction", "torch_adam", "adam_w_mode",
               "fp32_optimizer_states")
-SAM_KEYS = ("rho", "precondition_norm", "rho_warmup_steps", "logit_grad_cache")
+SAM_KEYS = ("rho", "precondition_norm", "rho_warmup_steps", "logit_grad_cache", "ascent_every")
 # accepted for every type, AdamW included; never handed to DeepSpeed
 DIAGNOSTIC_KEYS = ("sharpness_every",)
 SAM_DEFAULTS = {"rho": 0.05, "precondition_norm": "perturbation", "rho_warmup_steps": 0,
-                "logit_grad_cache": "device"}
+                "logit_grad_cache": "device", "ascent_every": 1}
 
 
 class FSAMConfigError(ValueError):
@@ -54,6 +54,9 @@ class SAMConfig:
     precondition_norm: str = "perturbation"
     rho_warmup_steps: int = 0
     logit_grad_cache: str = "device"
+    # recompute the ascent direction every k optimizer steps and reuse it (rescaled to the current
+    # rho) in between; 1 = exact
+    ascent_every: int = 1
     sharpness_every: int = 0  # sharpness diagnostics every N optimizer steps (0: off)
 
     @property
@@ -133,8 +136,11 @@ def _sam_config(method: str, params: Mapping[str, Any]) -> SAMConfig:
     if cache not in LOGIT_GRAD_CACHES:
         raise FSAMConfigError(f"optimizer.params.logit_grad_cache {cache!r} is not supported; accepted: "
                               f"{', '.join(LOGIT_GRAD_CACHES)}")
+    every = values["ascent_every"]
+    if not isinstance(every, int) or isinstance(every, bool) or every < 1:
+        raise FSAMConfigError(f"optimizer.params.ascent_every must be an integer >= 1 (1: exact), got {every!r}")
     return SAMConfig(method=method, rho=float(rho), precondition_norm=norm, rho_warmup_steps=warm,
-                     logit_grad_cache=cache)
+                     logit_grad_cache=cache, ascent_every=every)
 
 
 def parse_config(config: Union[str, os.PathLike, Mapping[str, Any]]) -> Tuple[dict, SAMConfig]:

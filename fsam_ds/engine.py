@@ -12,6 +12,19 @@
 5. theta restored bit-exactly, then the ordinary ``engine.step()`` (clipping, loss scale,
    LR schedule, AdamW).
 
+Where FunctionalSAM keeps ``g_F`` between the passes is ``optimizer.params.logit_grad_cache``:
+``"device"`` (tokens x vocab per micro-batch in the logits' dtype, on the accelerator), ``"host"``
+(the same tensors in pinned host memory, copied out and back on a side stream) or ``"recompute"``
+(the output layer's input, tokens x hidden, plus the unperturbed output-layer weight; pass 2
+recomputes ``g_F`` with the same operations in the same dtype, so all three give identical
+weights).
+
+``optimizer.params.ascent_every: k > 1`` recomputes ``eps`` only every k-th optimizer step and
+reuses the last direction (rescaled to the current rho) in between: SAM then skips pass 1
+entirely and FunctionalSAM runs pass 1 as a forward at theta (no backward), taking ``g_F`` by
+autograd on the detached logits. The reused direction is held per rank in the layout the rank
+holds and is part of :meth:`FSAMEngine.state_dict`.
+
 Everything else (``module``, ``save_checkpoint``, ``load_checkpoint``, ``get_lr``, ...) is the
 wrapped DeepSpeedEngine's own.
 """
@@ -65,6 +78,175 @@ def _model_inputs(batch: Mapping[str, Any]) -> Dict[str, Any]:
     return {k: v for k, v in batch.items() if k != "labels"}
 
 
+def logit_grad(loss_fn: LossFn, logits: torch.Tensor, batch: Mapping[str, Any]):
+    """``(loss, g_F)``: the loss and its gradient with respect to ``logits`` by autograd on a
+    detached copy (no graph through the model)."""
+    leaf = logits.detach().requires_grad_(True)
+    with torch.enable_grad():
+        loss = loss_fn(leaf, batch)
+        (g_f,) = torch.autograd.grad(loss, leaf)
+    return loss, g_f
+
+
+class LogitGradCache:
+    """``g_F`` of each micro-batch of a step, from pass 1 to pass 2 (``logit_grad_cache``).
+
+    ``put(i, g_f)`` after micro-batch ``i`` of pass 1, ``get(i, batch)`` in pass 2 (each entry is
+    released once read), ``clear()`` at the end of the step.
+    """
+
+    mode = "device"
+
+    def __init__(self):
+        self._items: Dict[int, Any] = {}
+
+    def put(self, i: int, g_f: torch.Tensor) -> None:
+        self._items[i] = g_f
+
+    def get(self, i: int, batch: Mapping[str, Any]) -> torch.Tensor:
+        return self._items.pop(i)
+
+    def clear(self) -> None:
+        self._items.clear()
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self._items.values() if isinstance(t, torch.Tensor))
+
+
+class HostLogitGradCache(LogitGradCache):
+    """``"host"``: each ``g_F`` goes to pinned host memory on a side CUDA stream (overlapping the
+    rest of pass 1), and comes back on the same stream one micro-batch ahead of its use in pass 2.
+    On a CPU device the tensors already live in host memory and are kept as they are."""
+
+    mode = "host"
+
+    def __init__(self):
+        super().__init__()
+        self._stream = None
+        self._on_device: Dict[int, torch.Tensor] = {}
+
+    def _copy_stream(self):
+        if self._stream is None:
+            self._stream = torch.cuda.Stream()
+        return self._stream
+
+    def put(self, i, g_f):
+        if g_f.device.type != "cuda":
+            self._items[i] = g_f
+            return
+        stream = self._copy_stream()
+        host = torch.empty(g_f.shape, dtype=g_f.dtype, pin_memory=True)
+        stream.wait_stream(torch.cuda.current_stream(g_f.device))
+        with torch.cuda.stream(stream):
+            host.copy_(g_f, non_blocking=True)
+        g_f.record_stream(stream)  # the caching allocator keeps it until the copy has run
+        self._items[i] = (host, g_f.device)
+
+    def _fetch(self, i):
+        item = self._items.get(i)
+        if not isinstance(item, tuple) or i in self._on_device:
+            return
+        host, device = item
+        stream = self._copy_stream()
+        with torch.cuda.stream(stream):
+            self._on_device[i] = host.to(device, non_blocking=True)
+
+    def get(self, i, batch):
+        item = self._items.get(i)
+        if not isinstance(item, tuple):
+            return self._items.pop(i)
+        self._fetch(i)
+        self._fetch(i + 1)  # the next micro-batch's copy overlaps this one's pass 2
+        g_f = self._on_device.pop(i)
+        current = torch.cuda.current_stream(g_f.device)
+        current.wait_stream(self._stream)
+        g_f.record_stream(current)
+        self._items.pop(i)
+        return g_f
+
+    def clear(self):
+        super().clear()
+        self._on_device.clear()
+
+
+class RecomputeLogitGradCache(LogitGradCache):
+    """``"recompute"``: keep the output layer's input (final hidden states, tokens x hidden) of
+    each micro-batch and the unperturbed output-layer weight this rank holds; pass 2 recomputes
+    ``logits = hidden @ W^T (+ b)`` with ``torch.nn.functional.linear`` (what ``nn.Linear`` runs)
+    in the same dtype and ``g_F`` by autograd, bit-identical to what pass 1 computed.
+
+    The weight is copied in a forward pre-hook during the first micro-batch of pass 1, where it is
+    materialised anyway (under ZeRO-3 it is the gathered weight: no extra communication, one
+    vocab x hidden copy per rank until the end of the step). At ZeRO stage 0 in fp32 the engine
+    already saves theta before perturbing and that saved copy is used instead of a second one.
+    """
+
+    mode = "recompute"
+
+    def __init__(self, module: torch.nn.Module, saved_copy: Optional[Callable[[torch.Tensor], Any]] = None):
+        super().__init__()
+        get = getattr(module, "get_output_embeddings", None)
+        out = get() if callable(get) else None
+        if type(out) is not torch.nn.Linear:
+            raise FSAMConfigError('optimizer.params.logit_grad_cache "recompute" needs a model whose '
+                                  "get_output_embeddings() is a torch.nn.Linear producing the logits; got "
+                                  f"{type(out).__name__}; accepted for this model: device, host")
+        self.layer = out
+        self._saved_copy = saved_copy
+        self.capturing = False
+        self._weights = None  # (weight, bias) at theta, copied in pass 1
+        self._last = None
+        out.register_forward_pre_hook(self._pre_hook)
+        out.register_forward_hook(self._post_hook)
+
+    def _pre_hook(self, module, args):
+        if self.capturing and self._weights is None:
+            w = None if self._saved_copy is None else self._saved_copy(module.weight)
+            if w is None:
+                w = module.weight.detach().clone()
+            b = module.bias.detach().clone() if module.bias is not None else None
+            self._weights = (w, b)
+
+    def _post_hook(self, module, args, output):
+        if self.capturing:
+            self._last = (args[0].detach(), output)
+
+    def put_hidden(self, i: int, logits: torch.Tensor) -> None:
+        """After micro-batch ``i``'s forward in pass 1: keep its hidden states (checks that the
+        model's logits are the output layer's output, unmodified)."""
+        last, self._last = self._last, None
+        if last is None or last[1] is not logits:
+            raise FSAMConfigError('optimizer.params.logit_grad_cache "recompute" needs the model\'s logits to be '
+                                  "the output of get_output_embeddings() unchanged (no scaling or soft-capping "
+                                  "after it); accepted for this model: device, host")
+        self._items[i] = last[0]
+
+    def put(self, i, g_f):  # the hidden states were kept by put_hidden; g_F itself is dropped
+        pass
+
+    def get(self, i, batch, loss_fn: Optional[LossFn] = None):
+        hidden = self._items.pop(i)
+        w, b = self._weights
+        if callable(w):
+            w = w()
+        with torch.no_grad():
+            logits = torch.nn.functional.linear(hidden, w, b)
+        del hidden
+        return logit_grad(loss_fn, logits, batch)[1]
+
+    def clear(self):
+        super().clear()
+        self._weights = None
+        self._last = None
+        self.capturing = False
+
+    def nbytes(self):
+        n = super().nbytes()
+        if self._weights is not None:
+            n += sum(t.numel() * t.element_size() for t in self._weights if isinstance(t, torch.Tensor))
+        return n
+
+
 class FSAMEngine:
     """A DeepSpeedEngine whose ``train_batch`` runs the configured method.
 
@@ -86,6 +268,21 @@ class FSAMEngine:
         self.skip_unperturbed_pass2 = True
         self._data_iter: Optional[Iterator] = None
         self._sharpness_vector = None  # warm start of the in-training lambda_max
+        self.logit_grads: Optional[LogitGradCache] = None
+        if sam.functional:
+            if sam.logit_grad_cache == "recompute":
+                saved = getattr(self.view, "saved_copy", None)
+                self.logit_grads = RecomputeLogitGradCache(engine.module, saved)
+            elif sam.logit_grad_cache == "host":
+                self.logit_grads = HostLogitGradCache()
+            else:
+                self.logit_grads = LogitGradCache()
+        # ascent_every > 1: the last ascent direction at rho = 1 (this rank's tensors, fp32), its
+        # global norm, whether it is a real perturbation, and the step it was computed at
+        self._eps_unit: Optional[list] = None
+        self._eps_unit_norm: Optional[torch.Tensor] = None
+        self._eps_unit_ok = False
+        self._eps_step = -1
 
     # ---- delegation -------------------------------------------------------------------------
     def __getattr__(self, name):
@@ -147,33 +344,70 @@ class FSAMEngine:
     def _backward_pass(self, batches, logit_grads=None, rng_states=None, keep_logit_grads=False):
         """Forward and backward over the micro-batches with the accumulation boundary on the last.
 
-        Returns (losses, logit grads kept for FunctionalSAM, rng state before each micro-batch).
-        With ``logit_grads`` given (FunctionalSAM pass 2) the surrogate is backpropagated instead.
+        Returns (losses, rng state before each micro-batch). With ``keep_logit_grads`` (FunctionalSAM
+        pass 1) ``g_F`` of each micro-batch goes into ``logit_grads`` (a :class:`LogitGradCache`);
+        with ``logit_grads`` and not ``keep_logit_grads`` (FunctionalSAM pass 2) the surrogate
+        ``sum F * stopgrad(g_F)`` is backpropagated instead of the loss.
         """
         eng = self._engine
-        losses, kept, states = [], [], []
+        losses, states = [], []
         n = len(batches)
+        recompute = isinstance(logit_grads, RecomputeLogitGradCache)
+        if recompute and keep_logit_grads:
+            logit_grads.capturing = True
         for i, batch in enumerate(batches):
             eng.set_gradient_accumulation_boundary(i == n - 1)
             if rng_states is not None:
                 self._set_rng_state(rng_states[i])
             elif self.sam.is_sam:
                 states.append(self._rng_state())
-            outputs, logits = self._forward_logits(batch)
-            if logit_grads is not None:
-                eng.backward(functional_surrogate(logits, logit_grads[i]))
+            if logit_grads is not None and not keep_logit_grads:
+                # g_F first: a recomputed one then lives before this micro-batch's activations
+                g_f = self._cached_logit_grad(logit_grads, i, batch)
+                _, logits = self._forward_logits(batch)
+                eng.backward(functional_surrogate(logits, g_f))
                 continue
+            outputs, logits = self._forward_logits(batch)
             if keep_logit_grads:
-                leaf = logits.detach().requires_grad_(True)
-                loss = self.loss_fn(leaf, batch)
-                (g_f,) = torch.autograd.grad(loss, leaf)
-                kept.append(g_f)
+                if recompute:
+                    logit_grads.put_hidden(i, logits)
+                loss, g_f = logit_grad(self.loss_fn, logits, batch)
+                logit_grads.put(i, g_f)
                 eng.backward(functional_surrogate(logits, g_f))
             else:
                 loss = self._loss(outputs, logits, batch)
                 eng.backward(loss)
             losses.append(loss.detach().float())
-        return losses, kept, states
+        if recompute:
+            logit_grads.capturing = False
+        return losses, states
+
+    def _cached_logit_grad(self, cache, i, batch):
+        if isinstance(cache, RecomputeLogitGradCache):
+            return cache.get(i, batch, self.loss_fn)
+        return cache.get(i, batch)
+
+    @torch.no_grad()
+    def _forward_pass(self, batches, logit_grads: LogitGradCache):
+        """FunctionalSAM pass 1 of a step that reuses the ascent direction: a forward at theta
+        per micro-batch (no graph kept), ``g_F`` by autograd on the detached logits only.
+        Returns (losses, rng state before each micro-batch)."""
+        losses, states = [], []
+        recompute = isinstance(logit_grads, RecomputeLogitGradCache)
+        if recompute:
+            logit_grads.capturing = True
+        for i, batch in enumerate(batches):
+            states.append(self._rng_state())
+            _, logits = self._forward_logits(batch)
+            if recompute:
+                logit_grads.put_hidden(i, logits)
+            loss, g_f = logit_grad(self.loss_fn, logits, batch)
+            del logits
+            logit_grads.put(i, g_f)
+            losses.append(loss.detach().float())
+        if recompute:
+            logit_grads.capturing = False
+        return losses, states
 
     def _mean_loss(self, losses) -> torch.Tensor:
         loss = torch.stack(losses).mean()
@@ -197,6 +431,84 @@ class FSAMEngine:
         return ascent_direction(view.grads(), rho, denoms, self.sam.precondition_norm,
                                 group=view.norm_group, grad_scale=view.grad_scale)
 
+    def _perturbed_pass(self, batches, ascent: Ascent, rng_states) -> list:
+        """Pass 2 at theta + eps (``ascent``; none when it is zero) on the same micro-batches and
+        random state, then theta restored. Returns the pass-2 losses (SAM only)."""
+        rng_after = self._rng_state()
+        perturbed = not ascent.is_zero
+        if perturbed:
+            self.view.perturb(ascent)
+        self.view.zero_grad()
+        losses, _ = self._backward_pass(batches, logit_grads=self.logit_grads if self.sam.functional else None,
+                                        rng_states=rng_states)
+        if rng_states is not None:
+            self._set_rng_state(rng_after)
+        if perturbed:
+            self.view.restore()
+        return losses
+
+    def _inexact_passes(self, batches, rho: float):
+        """``ascent_every: k > 1``. Every k-th step (and the first) is exact and stores the ascent
+        direction at rho = 1; the steps in between reuse it, scaled to the current rho: SAM has
+        no pass 1 (the returned loss is then pass 2's, at theta + eps), FunctionalSAM's pass 1 is
+        a forward at theta for g_F. Returns (grad_norm or None, eps_norm, losses, reused)."""
+        sam = self.sam
+        step = int(self._engine.global_steps)
+        reuse = self._eps_unit is not None and step % sam.ascent_every != 0
+        if not reuse:
+            losses, rng_states = self._backward_pass(batches, logit_grads=self.logit_grads,
+                                                     keep_logit_grads=sam.functional)
+            unit = self.compute_ascent(1.0)
+            self._eps_unit = unit.perturbations()  # new fp32 tensors: theta's own layout on this rank
+            self._eps_unit_norm = unit.eps_norm
+            self._eps_unit_ok = not unit.is_zero
+            self._eps_step = step
+            grad_norm = unit.grad_norm
+            del unit
+            ascent = self._reused_ascent(rho)
+            if not (ascent.is_zero and self.skip_unperturbed_pass2):
+                self._perturbed_pass(batches, ascent, rng_states)
+            return grad_norm, ascent.eps_norm, losses, False
+        ascent = self._reused_ascent(rho)
+        if sam.functional:
+            losses, rng_states = self._forward_pass(batches, self.logit_grads)
+            self._perturbed_pass(batches, ascent, rng_states)
+        else:
+            losses = self._perturbed_pass(batches, ascent, None)
+        return None, ascent.eps_norm, losses, True
+
+    def _reused_ascent(self, rho: float) -> Ascent:
+        ok = self._eps_unit_ok and rho > 0
+        coef = torch.tensor(float(rho) if ok else 0.0, dtype=torch.float32, device=self._eps_unit_norm.device)
+        return Ascent(directions=self._eps_unit, coef=coef, grad_norm=None,
+                      eps_norm=self._eps_unit_norm * coef)
+
+    # ---- checkpointing ----------------------------------------------------------------------
+    def state_dict(self) -> Dict[str, Any]:
+        """What this rank needs, beyond DeepSpeed's own checkpoint, to continue exactly: with
+        ``ascent_every > 1`` the stored ascent direction (this rank's tensors, in the layout the
+        rank holds: whole parameters at ZeRO 0, flat partitions at ZeRO 1/2, ``ds_tensor``
+        partitions at ZeRO 3), its norm and the step it was computed at. Under ZeRO each rank's
+        differs: save one per rank (``fsam-train`` does)."""
+        state: Dict[str, Any] = {"method": self.sam.method, "ascent_every": self.sam.ascent_every,
+                                 "eps_step": self._eps_step, "eps_unit": None}
+        if self._eps_unit is not None:
+            state.update(eps_unit=[t.detach().cpu().clone() for t in self._eps_unit],
+                         eps_unit_norm=float(self._eps_unit_norm), eps_unit_ok=bool(self._eps_unit_ok))
+        return state
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore what :meth:`state_dict` returned (on the same rank and layout)."""
+        eps = state.get("eps_unit")
+        if eps is None:
+            self._eps_unit, self._eps_unit_norm, self._eps_unit_ok, self._eps_step = None, None, False, -1
+            return
+        dev = self._engine.device
+        self._eps_unit = [t.to(dev, dtype=torch.float32) for t in eps]
+        self._eps_unit_norm = torch.tensor(float(state["eps_unit_norm"]), dtype=torch.float32, device=dev)
+        self._eps_unit_ok = bool(state["eps_unit_ok"])
+        self._eps_step = int(state.get("eps_step", -1))
+
     # ---- the step ----------------------------------------------------------------------------
     def train_batch(self, data_iter: Optional[Iterator] = None) -> torch.Tensor:
         """One optimizer step over ``gradient_accumulation_steps`` micro-batches from ``data_iter``
@@ -216,32 +528,32 @@ class FSAMEngine:
         skipped_before = int(getattr(eng, "skipped_steps", 0))
         rho = self.current_rho() if sam.is_sam else 0.0
 
-        losses, logit_grads, rng_states = self._backward_pass(batches, keep_logit_grads=sam.functional)
-        grad_norm = eps_norm = None
-        if sam.is_sam:
-            ascent = self.compute_ascent(rho)
-            grad_norm, eps_norm = ascent.grad_norm, ascent.eps_norm
-            if not (ascent.is_zero and self.skip_unperturbed_pass2):
-                rng_after = self._rng_state()
-                self.view.perturb(ascent)
-                del ascent
-                self.view.zero_grad()
-                self._backward_pass(batches, logit_grads=logit_grads if sam.functional else None,
-                                    rng_states=rng_states)
-                self._set_rng_state(rng_after)
-                self.view.restore()
+        cache = self.logit_grads
+        reused = False
+        try:
+            if sam.is_sam and sam.ascent_every > 1:
+                grad_norm, eps_norm, losses, reused = self._inexact_passes(batches, rho)
             else:
-                del ascent
-        elif self.view.norm_group is None:
-            # AdamW on unsharded gradients: a local norm, no communication
-            grad_norm = global_norm(self.view.grads()) / self.view.grad_scale
-        del logit_grads
+                losses, rng_states = self._backward_pass(batches, logit_grads=cache, keep_logit_grads=sam.functional)
+                grad_norm = eps_norm = None
+                if sam.is_sam:
+                    ascent = self.compute_ascent(rho)
+                    grad_norm, eps_norm = ascent.grad_norm, ascent.eps_norm
+                    if not (ascent.is_zero and self.skip_unperturbed_pass2):
+                        self._perturbed_pass(batches, ascent, rng_states)
+                    del ascent
+                elif self.view.norm_group is None:
+                    # AdamW on unsharded gradients: a local norm, no communication
+                    grad_norm = global_norm(self.view.grads()) / self.view.grad_scale
+        finally:
+            if cache is not None:
+                cache.clear()
         lr = float(eng.get_lr()[0])  # the learning rate this step uses
         eng.micro_steps += gas - 1  # DeepSpeed counts micro-batches; step() adds the last one
         eng.step()
         # hand the accumulation boundary back to DeepSpeed's own micro-step counting
         eng._is_gradient_accumulation_boundary = None
-        if grad_norm is None:  # AdamW under ZeRO: the norm DeepSpeed's step computed anyway
+        if grad_norm is None and not reused:  # AdamW under ZeRO: the norm DeepSpeed's step computed anyway
             grad_norm = eng.get_global_grad_norm()
         loss = self._mean_loss(losses)
         self.last_metrics = {
@@ -254,6 +566,8 @@ class FSAMEngine:
             "skipped": int(getattr(eng, "skipped_steps", 0)) > skipped_before,
             "step_time": time.perf_counter() - t0,
         }
+        if sam.ascent_every > 1:
+            self.last_metrics["ascent_reused"] = reused
         if sam.sharpness_every and int(eng.global_steps) % sam.sharpness_every == 0:
             self._record_sharpness(batches[0])
         return loss

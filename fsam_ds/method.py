@@ -17,7 +17,7 @@ A zero or non-finite ``||g||`` (or ``||M^-1 g||``) gives a zero perturbation, ne
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Iterable, Optional, Sequence, Union
 
 import torch
@@ -97,10 +97,14 @@ class Ascent:
     coef: torch.Tensor
     grad_norm: torch.Tensor
     eps_norm: torch.Tensor
+    _zero: Optional[bool] = field(default=None, init=False, repr=False)
 
     @property
     def is_zero(self) -> bool:
-        return bool(self.coef.item() == 0.0)
+        """Whether there is no perturbation (one host synchronisation, then cached)."""
+        if self._zero is None:
+            self._zero = bool(self.coef.item() == 0.0)
+        return self._zero
 
     def perturbations(self) -> list:
         """The perturbations ``eps_i`` as new tensors (float32); exact zeros when there is no

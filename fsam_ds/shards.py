@@ -120,6 +120,14 @@ class PlainView(RankView):
         torch._foreach_copy_([p.data for p in self.params], self._saved)
         self._saved = None
 
+    def saved_copy(self, param):
+        """A callable giving ``param`` at theta while the weights are perturbed (the copy
+        ``perturb`` saved; the parameter itself when unperturbed), or None if not held here."""
+        for i, p in enumerate(self.params):
+            if p is param:
+                return lambda: self._saved[i] if self._saved is not None else p.data
+        return None
+
     def zero_grad(self):
         self.engine.zero_grad()
 

@@ -62,8 +62,15 @@ def _ce(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
 def reference_train(model, steps: int, world: int, gas: int, method: str, rho: float, lr: float = 1e-2,
                     betas=(0.9, 0.999), eps: float = 1e-8, weight_decay: float = 0.0, clip: float = 1.0,
                     precondition_norm: str = "perturbation", rho_warmup_steps: int = 0,
-                    lr_at: Optional[Callable[[int], float]] = None, batch_kw: Optional[dict] = None):
-    """Train ``model`` in place; returns the per-step mean pass-1 losses."""
+                    lr_at: Optional[Callable[[int], float]] = None, batch_kw: Optional[dict] = None,
+                    ascent_every: int = 1):
+    """Train ``model`` in place; returns the per-step mean pass-1 losses.
+
+    ``ascent_every = k > 1``: the ascent direction (at rho = 1) is computed at steps 0, k, 2k, ...
+    and reused, times the step's rho, in between; at the reusing steps SAM has no pass 1 (its
+    recorded loss is the pass-2 loss at theta + eps) and FunctionalSAM's pass 1 is a forward at
+    theta for g_F only.
+    """
     batch_kw = batch_kw or {}
     params = dict(model.named_parameters())
     names = list(params)
@@ -71,23 +78,36 @@ def reference_train(model, steps: int, world: int, gas: int, method: str, rho: f
     functional = method.endswith("FunctionalSAM")
     precond = method.startswith("Preconditioned")
     losses = []
+    unit = None  # ascent_every > 1: the stored direction at rho = 1
     for step in range(steps):
         mbs = global_batch(step, world, gas, **batch_kw)
         n = len(mbs)
+        reuse = method != "AdamW" and ascent_every > 1 and unit is not None and step % ascent_every != 0
         opt.zero_grad(set_to_none=False)
         for p in params.values():
             p.grad = torch.zeros_like(p)
         gfs, step_losses = [], []
         for mb in mbs:
-            logits = model(input_ids=mb["input_ids"]).logits
+            if reuse and not functional:
+                break  # SAM reusing eps: no pass 1
+            if reuse:
+                with torch.no_grad():
+                    logits = model(input_ids=mb["input_ids"]).logits
+            else:
+                logits = model(input_ids=mb["input_ids"]).logits
             leaf = logits.detach().requires_grad_(True)
             loss = _ce(leaf, mb["input_ids"])
             (g_f,) = torch.autograd.grad(loss, leaf)
             gfs.append(g_f)
             step_losses.append(loss.item())
-            logits.backward(g_f / n)
-        losses.append(sum(step_losses) / n)
-        if method != "AdamW":
+            if not reuse:
+                logits.backward(g_f / n)
+        if step_losses:
+            losses.append(sum(step_losses) / n)
+        if reuse:
+            r = rho * min(1.0, step / rho_warmup_steps) if rho_warmup_steps > 0 else rho
+            pert = [r * u for u in unit]
+        elif method != "AdamW":
             r = rho * min(1.0, step / rho_warmup_steps) if rho_warmup_steps > 0 else rho
             g = [params[k].grad.detach().clone() for k in names]
             gnorm = torch.sqrt(sum((x.double() ** 2).sum() for x in g))
@@ -103,12 +123,19 @@ def reference_train(model, steps: int, world: int, gas: int, method: str, rho: f
             else:
                 d, scale = g, r / gnorm
             ok = math.isfinite(float(gnorm)) and float(gnorm) > 0
-            pert = [(scale * x).to(x.dtype) if ok else torch.zeros_like(x) for x in d]
+            if ascent_every > 1:
+                base = dnorm if precond and step > 0 and precondition_norm == "perturbation" else gnorm
+                unit = [((1.0 / base) * x).to(x.dtype) if ok else torch.zeros_like(x) for x in d]
+                pert = [r * u for u in unit]
+            else:
+                pert = [(scale * x).to(x.dtype) if ok else torch.zeros_like(x) for x in d]
+        if method != "AdamW":
             theta = {k: params[k].detach().clone() for k in names}
             perturbed = {k: theta[k] + e for k, e in zip(names, pert)}
             new_grads = [torch.zeros_like(theta[k]) for k in names]
-            for mb, g_f in zip(mbs, gfs):
+            for j, mb in enumerate(mbs):
                 if functional:
+                    g_f = gfs[j]
                     # J(theta+eps)^T g_F(theta) with torch.func
                     def f(p):
                         return functional_call(model, p, (), {"input_ids": mb["input_ids"]}).logits
@@ -118,11 +145,15 @@ def reference_train(model, steps: int, world: int, gas: int, method: str, rho: f
                 else:
                     def lf(p):
                         return _ce(functional_call(model, p, (), {"input_ids": mb["input_ids"]}).logits,
-                                   mb["input_ids"]) / n
+                                   mb["input_ids"])
                     pp = {k: v.detach().requires_grad_(True) for k, v in perturbed.items()}
-                    gs = torch.autograd.grad(lf(pp), [pp[k] for k in names])
+                    value = lf(pp)
+                    step_losses.append(value.item())
+                    gs = torch.autograd.grad(value / n, [pp[k] for k in names])
                 for acc, x in zip(new_grads, gs):
                     acc.add_(x)
+            if reuse and not functional:
+                losses.append(sum(step_losses) / n)
             for k, x in zip(names, new_grads):
                 params[k].grad = x
         if clip > 0:
