@@ -175,6 +175,11 @@ def validate(args: argparse.Namespace) -> Dict[str, Any]:
     if args.resume and not (save_dir / "latest").is_file():
         raise UsageError(f"--resume: no checkpoint in {str(save_dir)!r} (DeepSpeed's 'latest' file is "
                          "missing); accepted: a --save-dir written by an earlier run")
+    if args.resume:
+        tag = (save_dir / "latest").read_text().strip()
+        if not tag or not (save_dir / tag).is_dir():
+            raise UsageError(f"--resume: {str(save_dir / 'latest')!r} names {tag!r}, which is not a checkpoint "
+                             f"folder in {str(save_dir)!r}")
     if save_dir.exists() and not save_dir.is_dir():
         raise UsageError(f"--save-dir {str(save_dir)!r} exists and is not a folder")
 
@@ -303,6 +308,42 @@ def write_hf_meta(folder: Path, model, tokenizer) -> None:
     tokenizer.save_pretrained(folder)
 
 
+RNG_FILE = "rng_state_rank{rank}.pt"
+
+
+def rng_state() -> Dict[str, Any]:
+    """This process's random states (Python, NumPy, torch CPU and accelerator)."""
+    import random
+
+    import numpy as np
+    import torch
+
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state: Dict[str, Any]) -> None:
+    import random
+
+    import numpy as np
+    import torch
+
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def publish_latest(save_dir: Path, tag: str) -> None:
+    """Point ``latest`` at ``tag`` atomically (a reader sees the old or the new name, never half)."""
+    tmp = save_dir / "latest.tmp"
+    tmp.write_text(tag)
+    os.replace(tmp, save_dir / "latest")
+
+
 def _fmt(x: Optional[float], spec: str) -> str:
     return "n/a" if x is None else format(x, spec)
 
@@ -429,6 +470,11 @@ def main(argv: Optional[List[str]] = None) -> int:
                 f"the data continues at micro-step {micro_step} of this layout")
         if data_seed != args.seed:
             say(f"note: keeping the checkpoint's data order (seed {data_seed}); --seed {args.seed} is ignored")
+        rng_file = save_dir / (save_dir / "latest").read_text().strip() / RNG_FILE.format(rank=rank)
+        if rng_file.is_file():  # the random state this rank had when it saved (dropout masks continue)
+            set_rng_state(torch.load(rng_file, weights_only=False))
+        else:
+            say(f"note: no saved random state for rank {rank}; random streams restart from --seed")
 
     try:
         train_iter = fdata.micro_batches(train_set, micro, dp_rank, dp_world, seed=data_seed,
@@ -455,10 +501,19 @@ def main(argv: Optional[List[str]] = None) -> int:
         client_state = {"micro_step": micro_step, "seed": data_seed, "world_size": dp_world,
                         "micro_batch_size": micro, "args": {k: v for k, v in vars(args).items()
                                                              if k != "local_rank"}}
-        engine.save_checkpoint(str(save_dir), tag=f"step{step}", client_state=client_state)
+        tag = f"step{step}"
+        # DeepSpeed's own 'latest' is written by rank 0 before the other ranks are known to have
+        # finished; here it is published only once every rank's files (and the RNG states and
+        # Hugging Face metadata) are complete, so a crash mid-save never leaves it half-written.
+        engine.save_checkpoint(str(save_dir), tag=tag, client_state=client_state, save_latest=False)
+        torch.save(rng_state(), save_dir / tag / RNG_FILE.format(rank=rank))
         if is_main:
-            write_hf_meta(save_dir / f"step{step}" / HF_META_DIR, model, tokenizer)
-        say(f"saved checkpoint {save_dir / f'step{step}'}")
+            write_hf_meta(save_dir / tag / HF_META_DIR, model, tokenizer)
+        if not all_ranks_ok(True, device):
+            raise RuntimeError("a rank failed while saving")
+        if is_main:
+            publish_latest(save_dir, tag)
+        say(f"saved checkpoint {save_dir / tag}")
 
     # 5. the loop ------------------------------------------------------------------------------
     from tqdm.auto import tqdm
