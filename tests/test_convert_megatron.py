@@ -10,7 +10,6 @@ one-line error.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import shutil
@@ -155,15 +154,17 @@ def test_report(exports, work):
 def test_layouts_convert_to_the_same_weights(exports, work):
     from transformers import AutoConfig
 
-    from megatron_patches import trainer
+    from fsam_ds.models import build_model
+    from fsam_ds.train import seed_everything
 
     tp1, tp2, tp2pp2 = (_weights(work / f"hf_{n}") for n in ("tp1", "tp2", "tp2pp2"))
     assert _max_diff(tp1, tp2) <= 1e-5
     assert _max_diff(tp1, tp2pp2) <= 1e-5
-    # the initial weights (the Hugging Face tiny preset with the seed, as the trainer builds them)
+    # the initial weights: the Hugging Face tiny preset built with the seed (the trainer's start)
     hf_config = AutoConfig.from_pretrained(work / "hf_tp1")
-    initial = trainer._initial_weights(argparse.Namespace(seed=SEED, model="tiny"), hf_config)
-    initial = {k: v for k, v in initial.items() if k in tp1}
+    seed_everything(SEED)
+    model = build_model("tiny", vocab_size=hf_config.vocab_size, max_seq_len=hf_config.max_position_embeddings)
+    initial = {k: v.detach().float() for k, v in model.state_dict().items()}
     moved = _max_diff(tp1, initial)
     assert moved > 100 * 1e-5  # trained: the comparison above can fail
     assert 1e-5 < _max_diff(_weights(work / "hf_tp1_iter2"), tp1) < moved
