@@ -277,7 +277,16 @@ def main(argv: Optional[List[str]] = None) -> int:
         lr_decay_style=args.lr_decay_style, start_wd=args.weight_decay, end_wd=args.weight_decay,
         wd_incr_steps=max(1, args.train_iters) * gbs, wd_incr_style="constant")
 
-    def sharded_state_dict(is_loading: bool, iteration: int, micro_step: int):
+    def rng_object(same_layout: bool):
+        """This rank's random states (torch, accelerator, megatron's tracker), one shard per rank;
+        restored only by a run with the same TP x PP x DP layout."""
+        from megatron.core.dist_checkpointing.mapping import ShardedObject
+
+        from .sam import _rng_state
+        return ShardedObject("rng_state", _rng_state() if same_layout else None, (pp, tp, dp),
+                             (ps.get_pipeline_model_parallel_rank(), ps.get_tensor_model_parallel_rank(), dp_rank))
+
+    def sharded_state_dict(is_loading: bool, iteration: int, micro_step: int, with_rng: bool = True):
         model_sd = layout.unwrap(model).sharded_state_dict()
         sd = {"model": model_sd,
               "optimizer": opt.sharded_state_dict(model_sd, is_loading=is_loading,
@@ -288,6 +297,8 @@ def main(argv: Optional[List[str]] = None) -> int:
                          "bf16": bool(args.bf16)},
               "sam": {"method": sam.method, "rho": sam.rho, "precondition_norm": sam.precondition_norm,
                       "rho_warmup_steps": sam.rho_warmup_steps}}
+        if with_rng:
+            sd["rng_state"] = rng_object(True)
         return sd
 
     # 4. resume ----------------------------------------------------------------------------------
@@ -308,7 +319,14 @@ def main(argv: Optional[List[str]] = None) -> int:
         for o in getattr(opt, "chained_optimizers", [opt]):
             if hasattr(o, "_init_optimizer_states_with_dummy_values"):
                 o._init_optimizer_states_with_dummy_values()
-        state = dist_checkpointing.load(sharded_state_dict(True, 0, 0), str(ckpt))
+        same_layout = (saved.get("tp"), saved.get("pp"), saved.get("dp")) == (tp, pp, dp)
+        state = dist_checkpointing.load(sharded_state_dict(True, 0, 0, with_rng=same_layout), str(ckpt))
+        if same_layout:
+            from .sam import _set_rng_state
+            _set_rng_state(state["rng_state"])
+        else:
+            say(f"note: the checkpoint was written at TP {saved.get('tp')} x PP {saved.get('pp')} x DP "
+                f"{saved.get('dp')}; random streams restart from --seed")
         layout.unwrap(model).load_state_dict(state["model"])
         with torch.no_grad():
             opt.load_state_dict(state["optimizer"])
@@ -366,8 +384,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     is_main = rank == 0
     if is_main:
         save_dir.mkdir(parents=True, exist_ok=True)
+    dist.barrier()  # the folder exists before the reporting rank (the last pipeline stage) opens its log
     metrics = MetricsLog(save_dir / "metrics.jsonl", reporter, start_iter if args.load else None)
-    dist.barrier()
 
     def save(iteration: int):
         ckpt = save_dir / f"iter_{iteration:07d}"
