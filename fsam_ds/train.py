@@ -42,7 +42,6 @@ import json
 import math
 import os
 import sys
-import time
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
@@ -272,6 +271,56 @@ def evaluate(engine, batches, group, world: int) -> float:
     return float(total)
 
 
+class DataError(Exception):
+    """Data preparation failed on some rank (the message is set on the rank that failed)."""
+
+
+def prepare_data(dataset: str, tokenizer_spec: Optional[str], model: str, is_preset: bool, block_len: int):
+    """Texts -> tokenizer -> token blocks of ``block_len`` tokens (tokenizer and token ids are
+    cached on disk). The tokenizer: ``tokenizer_spec``, else the one a model folder ships, else a
+    BPE trained on the training texts with the model's vocabulary size."""
+    from fsam_ds import data as fdata
+    from fsam_ds import models as fmodels
+
+    train_texts, eval_texts = fdata.load_texts(dataset)
+    if tokenizer_spec is not None:
+        tok_spec = tokenizer_spec
+    elif not is_preset and any((Path(model) / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json")):
+        tok_spec = model  # a model folder that ships its tokenizer
+    else:
+        tok_spec = train_texts
+    if is_preset:
+        vocab = fmodels.PRESETS[model].vocab_size
+    else:
+        vocab = json.loads((Path(model) / "config.json").read_text()).get("vocab_size", 32000)
+    tokenizer = fdata.get_tokenizer(tok_spec, vocab_size=vocab)
+    cache = fdata.cache_root() / "tokens"
+    train = fdata.TokenBlocks(train_texts, tokenizer, block_len, cache_dir=cache)
+    evals = fdata.TokenBlocks(eval_texts, tokenizer, block_len, cache_dir=cache)
+    return tokenizer, train, evals
+
+
+def prepare_data_in_turn(dataset, tokenizer_spec, model, is_preset, block_len, device):
+    """:func:`prepare_data` on every rank: rank 0 fills the caches first, then the first rank of
+    every other node (for caches that are not shared), then the rest, who only read them. A
+    failure anywhere stops every rank (:class:`DataError`, with the one-line message on the rank
+    that failed)."""
+    import torch.distributed as dist
+
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    prepared, error = None, None
+    for my_turn in (rank == 0, local_rank == 0, True):
+        if my_turn and prepared is None and error is None:
+            try:
+                prepared = prepare_data(dataset, tokenizer_spec, model, is_preset, block_len)
+            except (ValueError, FileNotFoundError) as err:
+                error = err
+        if not all_ranks_ok(error is None, device):
+            raise DataError(_one_line(error) if error is not None else "")
+    return prepared
+
+
 class MetricsLog:
     """``<save-dir>/metrics.jsonl``, written by rank 0 only. A fresh run starts the file anew; a
     resumed run drops the records after the checkpoint's step (they belong to the lost tail of the
@@ -395,38 +444,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     if is_main:
         save_dir.mkdir(parents=True, exist_ok=True)
 
-    def prepare_data():
-        """Texts -> tokenizer -> token blocks (tokenizer and token ids are cached on disk)."""
-        train_texts, eval_texts = fdata.load_texts(args.dataset)
-        if args.tokenizer is not None:
-            tok_spec = args.tokenizer
-        elif not checked["is_preset"] and any((Path(args.model) / f).is_file()
-                                             for f in ("tokenizer.json", "tokenizer_config.json")):
-            tok_spec = args.model  # a model folder that ships its tokenizer
-        else:
-            tok_spec = train_texts
-        if checked["is_preset"]:
-            vocab = fmodels.PRESETS[args.model].vocab_size
-        else:
-            vocab = json.loads((Path(args.model) / "config.json").read_text()).get("vocab_size", 32000)
-        tokenizer = fdata.get_tokenizer(tok_spec, vocab_size=vocab)
-        cache = fdata.cache_root() / "tokens"
-        train = fdata.TokenBlocks(train_texts, tokenizer, args.seq_len, cache_dir=cache)
-        evals = fdata.TokenBlocks(eval_texts, tokenizer, args.seq_len, cache_dir=cache)
-        return tokenizer, train, evals
-
-    # Rank 0 fills the caches first, then the first rank of every other node (for caches that are
-    # not shared), then the rest, who only read them. A failure anywhere stops every rank.
-    prepared, error = None, None
-    for my_turn in (rank == 0, local_rank == 0, True):
-        if my_turn and prepared is None and error is None:
-            try:
-                prepared = prepare_data()
-            except (ValueError, FileNotFoundError) as err:
-                error = err
-        if not all_ranks_ok(error is None, device):
-            return _fail(_one_line(error)) if error is not None else 2
-    tokenizer, train_set, eval_set = prepared
+    try:
+        tokenizer, train_set, eval_set = prepare_data_in_turn(
+            args.dataset, args.tokenizer, args.model, checked["is_preset"], args.seq_len, device)
+    except DataError as err:
+        return _fail(str(err)) if str(err) else 2
 
     # 3. model and engine ----------------------------------------------------------------------
     try:

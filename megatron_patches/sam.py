@@ -29,10 +29,9 @@ from __future__ import annotations
 
 import contextlib
 import time
-from typing import Any, Callable, Dict, Iterator, List, Optional
+from typing import Any, Callable, Dict, List, Optional
 
 import torch
-import torch.distributed as dist
 
 from fsam_ds.config import SAMConfig
 from fsam_ds.method import Ascent, ascent_direction, rho_at

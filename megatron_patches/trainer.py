@@ -19,7 +19,6 @@ other TP/PP/DP layout) with ``hf/`` inside (config and tokenizer, for ``fsam-con
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -185,7 +184,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         if threads:
             torch.set_num_threads(threads)
         dist.init_process_group("gloo")
-    import megatron.core  # noqa: F401
+    import megatron.core  # noqa: F401  (megatron-core first, then its patches)
 
     from . import cpu
     cpu.apply()
@@ -196,7 +195,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
     from fsam_ds import data as fdata
-    from fsam_ds.train import MetricsLog, _fmt, all_ranks_ok
+    from fsam_ds.train import MetricsLog, _fmt
 
     from . import layout
     from .megatron_lm import fsam_train_step
@@ -212,36 +211,14 @@ def main(argv: Optional[List[str]] = None) -> int:
         if reporter:
             print(*parts, flush=True)
 
-    # 2. data (rank 0 fills the tokenizer/token caches first) ----------------------------------
-    def prepare():
-        train_texts, eval_texts = fdata.load_texts(args.dataset)
-        if args.tokenizer is not None:
-            spec = args.tokenizer
-        elif not is_preset and (Path(args.model) / "tokenizer.json").is_file():
-            spec = args.model
-        else:
-            spec = train_texts
-        if is_preset:
-            from fsam_ds.models import PRESETS
-            vocab = PRESETS[args.model].vocab_size
-        else:
-            vocab = json.loads((Path(args.model) / "config.json").read_text()).get("vocab_size", 32000)
-        tok = fdata.get_tokenizer(spec, vocab_size=vocab)
-        cache = fdata.cache_root() / "tokens"
-        # blocks of seq_len + 1 tokens: the model sees seq_len inputs, labels are shifted by one
-        return (tok, fdata.TokenBlocks(train_texts, tok, args.seq_len + 1, cache_dir=cache),
-                fdata.TokenBlocks(eval_texts, tok, args.seq_len + 1, cache_dir=cache))
-
-    prepared, error = None, None
-    for my_turn in (rank == 0, True):
-        if my_turn and prepared is None and error is None:
-            try:
-                prepared = prepare()
-            except (ValueError, FileNotFoundError) as err:
-                error = err
-        if not all_ranks_ok(error is None, device):
-            return _fail(_one_line(error)) if error is not None else 2
-    tokenizer, train_set, eval_set = prepared
+    # 2. data: the same texts, tokenizer and blocks as fsam-train, blocks one token longer (the
+    # model sees seq_len inputs, labels are shifted by one)
+    from fsam_ds.train import DataError, prepare_data_in_turn
+    try:
+        tokenizer, train_set, eval_set = prepare_data_in_turn(args.dataset, args.tokenizer, args.model, is_preset,
+                                                              args.seq_len + 1, device)
+    except DataError as err:
+        return _fail(str(err)) if str(err) else 2
 
     # 3. model, optimizer, scheduler -----------------------------------------------------------
     try:

@@ -159,7 +159,7 @@ def main():
                     restore_ok.clear()
                     orig_step = opt.step
 
-                    def checked_step(orig_step=orig_step, before=before):
+                    def checked_step(orig_step=orig_step, before=before, opt=opt):
                         restore_ok.append(all(torch.equal(a, p) for a, p in zip(before, params)))
                         opt.step = orig_step
                         return orig_step()

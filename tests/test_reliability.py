@@ -13,9 +13,7 @@ attention dropout (so the random state must carry over too):
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
 import time
 from pathlib import Path
 
