@@ -215,7 +215,11 @@ class RecomputeLogitGradCache(LogitGradCache):
         """After micro-batch ``i``'s forward in pass 1: keep its hidden states (checks that the
         model's logits are the output layer's output, unmodified)."""
         last, self._last = self._last, None
-        if last is None or last[1] is not logits:
+        # the same storage, not necessarily the same tensor object: ZeRO-3's module hooks hand on
+        # detached aliases of the outputs
+        out = None if last is None else last[1]
+        if (not isinstance(out, torch.Tensor) or out.data_ptr() != logits.data_ptr() or out.shape != logits.shape
+                or out.dtype != logits.dtype or out.stride() != logits.stride()):
             raise FSAMConfigError('optimizer.params.logit_grad_cache "recompute" needs the model\'s logits to be '
                                   "the output of get_output_embeddings() unchanged (no scaling or soft-capping "
                                   "after it); accepted for this model: device, host")
@@ -498,11 +502,16 @@ class FSAMEngine:
         return state
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        """Restore what :meth:`state_dict` returned (on the same rank and layout)."""
+        """Restore what :meth:`state_dict` returned (on the same rank and layout; ValueError
+        for a direction of another layout)."""
         eps = state.get("eps_unit")
         if eps is None:
             self._eps_unit, self._eps_unit_norm, self._eps_unit_ok, self._eps_step = None, None, False, -1
             return
+        shapes = [tuple(s) for s in self.view.local_shapes()]
+        if [tuple(t.shape) for t in eps] != shapes:
+            raise ValueError("the stored ascent direction was written for another layout (world size, ZeRO stage "
+                             "or model) than this rank's; it is recomputed at the next step instead")
         dev = self._engine.device
         self._eps_unit = [t.to(dev, dtype=torch.float32) for t in eps]
         self._eps_unit_norm = torch.tensor(float(state["eps_unit_norm"]), dtype=torch.float32, device=dev)

@@ -47,6 +47,15 @@ def _group_hparams(group) -> tuple:
     return beta2, group["eps"], group.get("bias_correction", True)
 
 
+def _perturbed_masters(masters: List[torch.Tensor], ascent: Ascent) -> List[torch.Tensor]:
+    """``master + eps`` as new fp32 tensors, built inside the list of perturbations (one fp32 copy
+    of this rank's slice at a time, not two; bit-identical to ``master + eps``)."""
+    eps = ascent.perturbations()
+    if eps:
+        torch._foreach_add_(eps, masters)
+    return eps
+
+
 class RankView:
     """Base adapter; subclasses fill in the layout-specific parts."""
 
@@ -62,6 +71,10 @@ class RankView:
         return loss_scale_of(self.engine)
 
     def grads(self) -> List[torch.Tensor]:
+        raise NotImplementedError
+
+    def local_shapes(self) -> List[torch.Size]:
+        """Shapes of the tensors ``grads()`` returns (and of the perturbation this rank holds)."""
         raise NotImplementedError
 
     def denominators(self, updates: int) -> Optional[List[torch.Tensor]]:
@@ -97,6 +110,9 @@ class PlainView(RankView):
 
     def grads(self):
         return [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.params]
+
+    def local_shapes(self):
+        return [p.shape for p in self.params]
 
     def denominators(self, updates):
         # DeepSpeed's FusedAdam advances state["step"] only on the last parameter of a group, so
@@ -153,6 +169,9 @@ class MixedPrecisionView(RankView):
     def grads(self):
         return [p.grad if p.grad is not None else torch.zeros_like(p) for lp in self.lp_groups for p in lp]
 
+    def local_shapes(self):
+        return [p.shape for lp in self.lp_groups for p in lp]
+
     def denominators(self, updates):
         # FP16_Optimizer runs one hidden AdamW step (zero gradients) when it is built, so the
         # inner optimizer's own step count (one flat tensor per group) is the bias-correction t.
@@ -173,8 +192,7 @@ class MixedPrecisionView(RankView):
         return [m for views in self.master_views for m in views]
 
     def perturb(self, ascent):
-        eps = ascent.perturbations()
-        perturbed = torch._foreach_add(self._master_params(), eps)
+        perturbed = _perturbed_masters(self._master_params(), ascent)
         torch._foreach_copy_(self._lp_params(), perturbed)
 
     def restore(self):
@@ -230,6 +248,9 @@ class PartitionedView(RankView):
             out.append(flat)
         return out
 
+    def local_shapes(self):
+        return [m.shape for m in self.masters]
+
     def denominators(self, updates):
         out = []
         for master, (beta2, eps, bc) in zip(self.masters, self.hparams):
@@ -253,7 +274,7 @@ class PartitionedView(RankView):
                              allgather_bucket_size=self.opt.allgather_bucket_size)
 
     def perturb(self, ascent):
-        self._spread(torch._foreach_add(list(self.masters), ascent.perturbations()))
+        self._spread(_perturbed_masters(list(self.masters), ascent))
 
     def restore(self):
         self._spread(list(self.masters))
@@ -291,6 +312,9 @@ class Zero3View(RankView):
 
         return [safe_get_local_grad(p) for p in self.params]
 
+    def local_shapes(self):
+        return [p.ds_tensor.shape for p in self.params]
+
     def denominators(self, updates):
         from deepspeed.utils import safe_get_local_optimizer_state
 
@@ -325,7 +349,7 @@ class Zero3View(RankView):
         return [safe_get_local_fp32_param(p) for p in self.params]
 
     def perturb(self, ascent):
-        self._write(torch._foreach_add(self._masters(), ascent.perturbations()))
+        self._write(_perturbed_masters(self._masters(), ascent))
 
     def restore(self):
         self._write(self._masters())

@@ -358,6 +358,9 @@ def write_hf_meta(folder: Path, model, tokenizer) -> None:
 
 
 RNG_FILE = "rng_state_rank{rank}.pt"
+# FSAMEngine.state_dict() of each rank (ascent_every > 1: the reused ascent direction, which under
+# ZeRO is this rank's partition); rank 0's is also in DeepSpeed's client_state
+ENGINE_FILE = "fsam_engine_rank{rank}.pt"
 
 
 def rng_state() -> Dict[str, Any]:
@@ -497,6 +500,14 @@ def main(argv: Optional[List[str]] = None) -> int:
             set_rng_state(torch.load(rng_file, weights_only=False))
         else:
             say(f"note: no saved random state for rank {rank}; random streams restart from --seed")
+        if sam.ascent_every > 1:
+            engine_file = rng_file.parent / ENGINE_FILE.format(rank=rank)
+            state = (torch.load(engine_file, weights_only=False) if engine_file.is_file()
+                     else client_state.get("fsam_engine"))
+            try:
+                engine.load_state_dict(state or {})
+            except ValueError as err:
+                say(f"note: {err}")
 
     try:
         train_iter = fdata.micro_batches(train_set, micro, dp_rank, dp_world, seed=data_seed,
@@ -524,11 +535,15 @@ def main(argv: Optional[List[str]] = None) -> int:
                         "micro_batch_size": micro, "args": {k: v for k, v in vars(args).items()
                                                              if k != "local_rank"}}
         tag = f"step{step}"
+        if sam.ascent_every > 1:
+            client_state["fsam_engine"] = engine.state_dict()
         # DeepSpeed's own 'latest' is written by rank 0 before the other ranks are known to have
         # finished; here it is published only once every rank's files (and the RNG states and
         # Hugging Face metadata) are complete, so a crash mid-save never leaves it half-written.
         engine.save_checkpoint(str(save_dir), tag=tag, client_state=client_state, save_latest=False)
         torch.save(rng_state(), save_dir / tag / RNG_FILE.format(rank=rank))
+        if sam.ascent_every > 1:
+            torch.save(client_state["fsam_engine"], save_dir / tag / ENGINE_FILE.format(rank=rank))
         if is_main:
             write_hf_meta(save_dir / tag / HF_META_DIR, model, tokenizer)
         if not all_ranks_ok(True, device):

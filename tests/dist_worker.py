@@ -27,6 +27,12 @@ CASES = {
     # tests/test_launcher.py: two launcher "nodes" of one rank each, and four ranks on one node
     "twonode": [("PreconditionedFunctionalSAM", {"stage": 3}), ("SAM", {"stage": 1})],
     "fourrank": [("PreconditionedFunctionalSAM", {"stage": 3}), ("FunctionalSAM", {"stage": 2})],
+    # tests/test_perf_modes.py: the logit-gradient caches and ascent_every at ZeRO-3 with every
+    # parameter partitioned (the output layer's weight is gathered only for its forward)
+    "perf": [("PreconditionedFunctionalSAM", {"stage": 3, "persist": 0, "cache": c})
+             for c in ("device", "host", "recompute")]
+    + [("PreconditionedFunctionalSAM", {"stage": 3, "persist": 0, "every": 2}),
+       ("SAM", {"stage": 3, "persist": 0, "every": 2})],
 }
 
 
@@ -38,6 +44,10 @@ def case_config(method, opts):
         cfg["zero_optimization"] = {"stage": opts["stage"]}
         if "persist" in opts:
             cfg["zero_optimization"]["stage3_param_persistence_threshold"] = opts["persist"]
+    if "cache" in opts:
+        cfg["optimizer"]["params"]["logit_grad_cache"] = opts["cache"]
+    if "every" in opts:
+        cfg["optimizer"]["params"]["ascent_every"] = opts["every"]
     if opts.get("bf16"):
         cfg["bf16"] = {"enabled": True}
     return cfg

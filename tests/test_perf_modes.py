@@ -184,3 +184,129 @@ def test_ascent_state_dict_resumes_exactly(tmp_path):
     assert exact_equal(full_state(resumed(True)), full_state(whole))
     assert not exact_equal(full_state(resumed(False)), full_state(whole))
     json.dumps({k: v for k, v in state.items() if k != "eps_unit"})  # the scalars are plain JSON
+
+
+# ---- two ranks, ZeRO-3 -----------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def perf_run(tmp_path_factory):
+    from test_multirank import launch
+
+    out = tmp_path_factory.mktemp("perf")
+    launch("perf", out)
+    return out
+
+
+def _two_rank(run, method, opts):
+    from dist_worker import case_name
+
+    name = case_name(method, opts)
+    return (torch.load(run / f"{name}.pt"),
+            [json.loads((run / f"{name}.rank{r}.json").read_text()) for r in (0, 1)])
+
+
+@pytest.mark.slow
+def test_two_ranks_zero3_cache_modes_identical(perf_run):
+    method = "PreconditionedFunctionalSAM"
+    base = {"stage": 3, "persist": 0}
+    dev, ranks = _two_rank(perf_run, method, {**base, "cache": "device"})
+    for cache in ("host", "recompute"):
+        state, other = _two_rank(perf_run, method, {**base, "cache": cache})
+        assert exact_equal(state, dev), cache
+        assert other[0]["losses"] == ranks[0]["losses"]
+        assert all(m["restored"] is True for r in other for m in r["metrics"])
+    assert weight_distance(dev, reference_state(method, world=2)[0]) / UNIT < TOL
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["PreconditionedFunctionalSAM", "SAM"])
+def test_two_ranks_zero3_ascent_every(perf_run, method):
+    state, ranks = _two_rank(perf_run, method, {"stage": 3, "persist": 0, "every": 2})
+    ref_state, ref_losses = reference_state(method, world=2, ascent_every=2)
+    assert weight_distance(state, ref_state) / UNIT < TOL
+    assert weight_distance(state, reference_state(method, world=2)[0]) / UNIT > 50 * TOL
+    assert ranks[0]["losses"] == pytest.approx(ref_losses, rel=1e-5)
+    assert [m["ascent_reused"] for m in ranks[0]["metrics"]] == [False, True, False, True]
+    assert all(m["restored"] is True for r in ranks for m in r["metrics"])
+
+
+# ---- the tools -------------------------------------------------------------------------------
+
+DATA = __import__("pathlib").Path(__file__).resolve().parents[1].parent / "shared" / "data" / "wikitext-2" / "valid.txt"
+
+
+@pytest.mark.skipif(not DATA.is_file(), reason="needs ../shared/data/wikitext-2")
+def test_reproduce_extra_runs_ascent_every(tmp_path):
+    from tools.reproduce import main
+
+    out, docs = tmp_path / "out", tmp_path / "docs" / "results.md"
+    argv = ["--smoke", "--methods", "AdamW,PreconditionedFunctionalSAM", "--seeds", "1", "--out", str(out),
+            "--docs", str(docs), "--data", str(DATA), "--extra-runs", "ascent_every", "--every", "2"]
+    assert main(argv) == 0
+    text = docs.read_text()
+    assert "## Sub-2x mode: ascent_every" in text and "| ascent_every 2 |" in text
+    assert text.index("## Sub-2x mode") < text.index("## Command")
+    extra = next((out / "runs").glob("pfsam-*-every2-s1234"))
+    cfg = json.loads((extra / "ds_config.json").read_text())
+    assert cfg["optimizer"]["params"]["ascent_every"] == 2
+    assert main(argv[:-4] + ["--extra-runs", "nope"]) == 2
+
+
+def test_plan_memory_matches_its_own_arithmetic_and_refuses_bad_layouts(capsys):
+    from tools.plan_memory import Layout, load_shape, main, plan
+
+    shape = load_shape("2m")
+    assert shape.params() == 2_098_304  # the preset's real parameter count
+    a = plan(shape, Layout(zero=0, bf16=False), 8, 128, 1, "AdamW")
+    assert a["weights"] == a["grads"] == 4 * shape.params() and a["optimizer"] == 8 * shape.params()
+    f = plan(shape, Layout(zero=0, bf16=False), 8, 128, 2, "FunctionalSAM")
+    assert f["logit_grad_cache"] == 2 * 8 * 128 * 4096 * 4 and f["saved_theta"] == 4 * shape.params()
+    r = plan(shape, Layout(zero=0, bf16=False), 8, 128, 2, "FunctionalSAM", cache="recompute")
+    assert r["logit_grad_cache"] == 2 * 8 * 128 * 128 * 4  # hidden states only: theta's copy is reused
+    z3 = plan(load_shape("7b"), Layout(zero=3, dp=8), 1, 4096, 1, "SAM")
+    assert z3["comm"] == pytest.approx(2 * plan(load_shape("7b"), Layout(zero=3, dp=8), 1, 4096, 1, "AdamW")["comm"])
+    assert main(["--model", "nope"]) == 2
+    assert main(["--tp", "2", "--zero-stage", "3"]) == 2
+    assert main(["--publish"]) == 0 and "| 70b |" in capsys.readouterr().out
+
+
+def test_bench_quick_runs(tmp_path):
+    """fsam-bench end to end on the tiny preset (the real --quick uses the 2m preset)."""
+    from tools.bench_step import main
+
+    out = tmp_path / "b.json"
+    assert main(["--quick", "--preset", "tiny", "--variants", "AdamW,PreconditionedFunctionalSAM+recompute,"
+                 "SAM+every2", "--json", str(out)]) == 0
+    res = json.loads(out.read_text())
+    names = [r["variant"] for r in res["rows"]]
+    assert names == ["AdamW", "PreconditionedFunctionalSAM+recompute", "SAM+every2"]
+    assert all(len(r["times_s"]) == 3 and r["peak_bytes"] > 0 for r in res["rows"])
+    assert res["rows"][2]["reused_fraction"] == pytest.approx(2 / 3)
+    assert main(["--variants", "AdamW,SAM+disk"]) == 2
+
+
+def test_fsam_train_resumes_ascent_every(tmp_path, monkeypatch):
+    """fsam-train keeps the reused direction in each rank's checkpoint files (and rank 0's in the
+    client_state): stopped at step 4 of ascent_every 3 and resumed, steps 5-6 repeat the
+    uninterrupted run's losses."""
+    import torch
+    from test_train import read_metrics, write_config
+
+    from fsam_ds.train import main
+
+    monkeypatch.setenv("FSAM_DS_CACHE", str(tmp_path / "cache"))
+    torch.set_num_threads(1)
+    params = {"lr": 1e-3, "betas": [0.9, 0.95], "eps": 1e-8, "weight_decay": 0.1, "rho": 0.1, "ascent_every": 3}
+    config = write_config(tmp_path / "ds.json", micro=2, params=params)
+
+    def run(folder, steps, *extra):
+        assert main(["--deepspeed_config", str(config), "--model", "tiny", "--seq-len", "32", "--steps", str(steps),
+                     "--eval-every", "0", "--eval-batches", "1", "--save-dir", str(tmp_path / folder),
+                     "--no-progress", "--local_rank=0", *extra]) == 0
+        return read_metrics(tmp_path / folder)[0]
+    whole = run("whole", 6)
+    run("part", 4)
+    state = torch.load(tmp_path / "part" / "step4" / "fsam_engine_rank0.pt", weights_only=False)
+    assert state["eps_step"] == 3 and state["eps_unit"] is not None
+    resumed = run("part", 6, "--resume")
+    assert [r["loss"] for r in resumed if r["step"] > 4] == pytest.approx([r["loss"] for r in whole[4:]], rel=1e-6)

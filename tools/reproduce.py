@@ -54,10 +54,13 @@ def log(*parts) -> None:
 # ---------------------------------------------------------------------------------------------
 
 
-def ds_config(method: str, lr: float, rho: float, steps: int, micro: int, sharpness_every: int) -> dict:
+def ds_config(method: str, lr: float, rho: float, steps: int, micro: int, sharpness_every: int,
+              extra_params: Optional[Dict[str, Any]] = None) -> dict:
     params: Dict[str, Any] = {"lr": lr, "betas": [0.9, 0.95], "eps": 1e-8, "weight_decay": 0.1}
     if method != "AdamW":
         params.update(rho=rho, precondition_norm="perturbation", rho_warmup_steps=0)
+    if extra_params:
+        params.update(extra_params)
     if sharpness_every:
         params["sharpness_every"] = sharpness_every
     return {"train_micro_batch_size_per_gpu": micro, "gradient_accumulation_steps": 1,
@@ -101,18 +104,23 @@ def run_summary(folder: Path) -> Dict[str, Any]:
             "steps": steps[-1]["step"] if steps else 0}
 
 
-def train_run(a, method: str, lr: float, rho: float, seed: int, sharpness_every: int = 0) -> Dict[str, Any]:
-    """One fsam-train run, skipped when its done marker exists. Returns the run's record."""
+def train_run(a, method: str, lr: float, rho: float, seed: int, sharpness_every: int = 0,
+              extra_params: Optional[Dict[str, Any]] = None, suffix: str = "", status: bool = True) -> Dict[str, Any]:
+    """One fsam-train run, skipped when its done marker exists. Returns the run's record.
+    ``extra_params`` go into ``optimizer.params``; ``suffix`` goes into the run's name before the seed."""
     name = run_name(method, lr, rho, seed)
+    if suffix:
+        name = name[: -len(f"-s{seed}")] + f"{suffix}-s{seed}"
     folder = a.out / "runs" / name
     marker = folder / "done.json"
     if marker.is_file():
         return json.loads(marker.read_text())
-    write_status(a, name)
+    if status:
+        write_status(a, name)
     if folder.exists():  # an unfinished earlier attempt: start it again
         shutil.rmtree(folder)
     folder.mkdir(parents=True)
-    cfg = ds_config(method, lr, rho, a.steps, a.micro_batch, sharpness_every)
+    cfg = ds_config(method, lr, rho, a.steps, a.micro_batch, sharpness_every, extra_params)
     (folder / "ds_config.json").write_text(json.dumps(cfg, indent=2) + "\n")
     cmd = [sys.executable, "-m", "fsam_ds.train", "--deepspeed_config", str(folder / "ds_config.json"),
            "--model", a.preset, "--dataset", str(a.data), "--seq-len", str(a.seq_len), "--steps", str(a.steps),
@@ -138,7 +146,7 @@ def train_run(a, method: str, lr: float, rho: float, seed: int, sharpness_every:
         tail = (folder / "train.log").read_text().splitlines()[-5:]
         raise RuntimeError(f"run {name} failed with exit status {rc}: {' | '.join(tail)}")
     record = {"name": name, "method": method, "lr": lr, "rho": rho if method != "AdamW" else 0.0, "seed": seed,
-              "sharpness_every": sharpness_every, "wall_s": wall, **run_summary(folder)}
+              "sharpness_every": sharpness_every, "wall_s": wall, **(extra_params or {}), **run_summary(folder)}
     marker.write_text(json.dumps(record, indent=2) + "\n")
     log(f"run {name}: done in {wall:.0f} s, eval loss {record['final_eval_loss']:.4f}")
     return record
@@ -402,6 +410,47 @@ def write_report(a, res: Dict[str, Any], command: str) -> Path:
 
 
 # ---------------------------------------------------------------------------------------------
+# Extra runs after the grid (--extra-runs)
+# ---------------------------------------------------------------------------------------------
+
+EXTRA_METHOD = "PreconditionedFunctionalSAM"
+
+
+def run_ascent_every(a, res: Dict[str, Any]) -> List[dict]:
+    """PreconditionedFunctionalSAM with ``ascent_every`` k (``--every``) at the grid's learning rate and
+    best rho, for the same seeds as the grid's seeded runs."""
+    lr, rho = res["lr"], res["best_rho"][EXTRA_METHOD]
+    return [train_run(a, EXTRA_METHOD, lr, rho, BASE_SEED + s, extra_params={"ascent_every": k}, suffix=f"-every{k}",
+                      status=False)
+            for k in a.every for s in range(a.seeds)]
+
+
+def ascent_every_section(a, res: Dict[str, Any], runs: List[dict]) -> List[str]:
+    """How much of exact preconditioned FSAM's eval-loss gain over AdamW each k keeps."""
+    ad = [r["final_eval_loss"] for r in res["seeded"]["AdamW"]]
+    ex = [r["final_eval_loss"] for r in res["seeded"][EXTRA_METHOD]]
+    t_ad = statistics.median([r["median_step_time"] for r in res["lr_runs"] if r["median_step_time"]])
+    t_ex = statistics.median([r["median_step_time"] for r in res["sweep"][EXTRA_METHOD] if r["median_step_time"]])
+    a_mean, e_mean = statistics.fmean(ad), statistics.fmean(ex)
+    gain = a_mean - e_mean
+    lines = ["## Sub-2x mode: ascent_every", "",
+             f"{EXTRA_METHOD} with `ascent_every: k` at the grid's learning rate {res['lr']:g} and best rho "
+             f"{res['best_rho'][EXTRA_METHOD]:g}, seeds as the seeded runs above (mean over {len(ad)} seed(s)). "
+             "Gain kept = (AdamW - variant) / (AdamW - exact), in eval loss. Step time: median of each run's "
+             "median step time over the variant's runs, divided by AdamW's (same machine, same load caveats).", "",
+             "| variant | eval loss | gain over AdamW | gain kept | step time / AdamW |", "| --- | --- | --- | --- | --- |",
+             f"| AdamW | {a_mean:.4f} | 0 | | 1.00x |",
+             f"| {EXTRA_METHOD} (exact) | {e_mean:.4f} | {gain:+.4f} | 100% | {t_ex / t_ad:.2f}x |"]
+    for k in a.every:
+        rs = [r for r in runs if r.get("ascent_every") == k]
+        m = statistics.fmean(r["final_eval_loss"] for r in rs)
+        t = statistics.median([r["median_step_time"] for r in rs if r["median_step_time"]])
+        kept = f"{100 * (a_mean - m) / gain:.0f}%" if gain > 0 else "n/a (exact has no gain)"
+        lines.append(f"| ascent_every {k} | {m:.4f} | {a_mean - m:+.4f} | {kept} | {t / t_ad:.2f}x |")
+    return lines + [""]
+
+
+# ---------------------------------------------------------------------------------------------
 # main
 # ---------------------------------------------------------------------------------------------
 
@@ -437,6 +486,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sharpness-every", type=int, default=100, help="diagnostics interval of the seed runs")
     p.add_argument("--lambda-rows", type=int, default=4, help="training blocks in the final lambda_max batch")
     p.add_argument("--lambda-iters", type=int, default=12, help="Lanczos products per final lambda_max")
+    p.add_argument("--extra-runs", default="", help="after the grid: 'ascent_every' runs PreconditionedFunctionalSAM "
+                   "with ascent_every k in --every at the best rho and adds a section to the report")
+    p.add_argument("--every", type=lambda t: [int(x) for x in t.split(",")], default=[2, 4],
+                   help="ascent_every values of --extra-runs ascent_every (default 2,4)")
     p.add_argument("--in-process", action="store_true", help="run fsam-train inside this process instead of one "
                    "process per run")
     p.add_argument("--smoke", action="store_true", help="a few steps of the tiny preset, AdamW and "
@@ -479,8 +532,21 @@ def main(argv: Optional[List[str]] = None) -> int:
     a.out.mkdir(parents=True, exist_ok=True)
     command = "python -m tools.reproduce " + " ".join(shlex.quote(x) for x in argv)
     a.command = command.strip()
+    extras = [x for x in a.extra_runs.split(",") if x.strip()]
+    if any(x != "ascent_every" for x in extras) or any(k < 2 for k in a.every) or \
+            (extras and EXTRA_METHOD not in a.methods):
+        print(f"{PROG}: error: --extra-runs {a.extra_runs!r} / --every: accepted: --extra-runs ascent_every with "
+              "--every integers >= 2, and --methods including " + EXTRA_METHOD, file=sys.stderr)
+        return 2
     res = run_grid(a)
     write_report(a, res, a.command)
+    if "ascent_every" in extras:
+        runs = run_ascent_every(a, res)
+        text = a.docs.read_text().rstrip("\n").split("\n")
+        cut = text.index("## Command") if "## Command" in text else len(text)
+        text[cut:cut] = ascent_every_section(a, res, runs)
+        a.docs.write_text("\n".join(text) + "\n")
+        log(f"ascent_every runs added to {a.docs}")
     log("finished")
     return 0
 
