@@ -84,6 +84,17 @@ def adam_denominator(exp_avg_sq: torch.Tensor, beta2: float, eps: float, step: i
     return (exp_avg_sq.float() / bc2).sqrt_().add_(eps)
 
 
+def adam_denominators(exp_avg_sqs: Sequence[torch.Tensor], beta2: float, eps: float, step: int,
+                      bias_correction: bool = True) -> list:
+    """:func:`adam_denominator` for a list of tensors with foreach ops (one new fp32 tensor each,
+    then in place; the same values bit for bit)."""
+    bc2 = 1.0 - beta2 ** step if bias_correction else 1.0
+    out = torch._foreach_div([v.float() for v in exp_avg_sqs], bc2)
+    torch._foreach_sqrt_(out)
+    torch._foreach_add_(out, eps)
+    return out
+
+
 @dataclass
 class Ascent:
     """Result of :func:`ascent_direction`.

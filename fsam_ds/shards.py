@@ -25,7 +25,7 @@ from typing import List, Optional
 import torch
 from torch._utils import _unflatten_dense_tensors
 
-from .method import Ascent, adam_denominator
+from .method import Ascent, adam_denominator, adam_denominators
 
 
 def loss_scale_of(engine) -> float:
@@ -45,6 +45,21 @@ def loss_scale_of(engine) -> float:
 def _group_hparams(group) -> tuple:
     beta2 = group["betas"][1]
     return beta2, group["eps"], group.get("bias_correction", True)
+
+
+def _denominators(vs, hparams, step) -> List[torch.Tensor]:
+    """AdamW's denominators of per-parameter ``exp_avg_sq`` tensors, one foreach call per run of
+    parameters sharing (beta2, eps, bias_correction)."""
+    out: List[torch.Tensor] = []
+    i = 0
+    while i < len(vs):
+        j = i
+        while j < len(vs) and hparams[j] == hparams[i]:
+            j += 1
+        beta2, eps, bc = hparams[i]
+        out.extend(adam_denominators(vs[i:j], beta2, eps, step, bc))
+        i = j
+    return out
 
 
 def _perturbed_masters(masters: List[torch.Tensor], ascent: Ascent) -> List[torch.Tensor]:
@@ -101,6 +116,7 @@ class PlainView(RankView):
     def __init__(self, engine):
         super().__init__(engine)
         opt = engine.optimizer
+        self._buffer: Optional[List[torch.Tensor]] = None
         self.params, self.hparams = [], []
         for group in opt.param_groups:
             for p in group["params"]:
@@ -118,17 +134,20 @@ class PlainView(RankView):
         # DeepSpeed's FusedAdam advances state["step"] only on the last parameter of a group, so
         # the bias-correction step is the engine's count of applied updates.
         state = self.engine.optimizer.state
-        out = []
-        for p, (beta2, eps, bc) in zip(self.params, self.hparams):
-            v = state.get(p, {}).get("exp_avg_sq")
-            if v is None or updates < 1:
-                return None
-            out.append(adam_denominator(v, beta2, eps, updates, bc))
-        return out
+        if updates < 1:
+            return None
+        vs = [state.get(p, {}).get("exp_avg_sq") for p in self.params]
+        if any(v is None for v in vs):
+            return None
+        return _denominators(vs, self.hparams, updates)
 
     def perturb(self, ascent):
         data = [p.data for p in self.params]
-        self._saved = [d.clone() for d in data]
+        # one buffer for theta, allocated at the first perturbation and kept: no allocation per step
+        if self._buffer is None:
+            self._buffer = [torch.empty_like(d) for d in data]
+        torch._foreach_copy_(self._buffer, data)
+        self._saved = self._buffer
         if not ascent.is_zero:  # theta += coef * d in place: no separate list of perturbations
             torch._foreach_add_(data, ascent.directions, alpha=float(ascent.coef))
 
@@ -320,13 +339,10 @@ class Zero3View(RankView):
 
         if updates < 1:
             return None
-        out = []
-        for p in self.params:
-            v = safe_get_local_optimizer_state(p, "exp_avg_sq")
-            if v is None:
-                return None
-            out.append(adam_denominator(v, self.beta2, self.eps, updates, self.bias_correction))
-        return out
+        vs = [safe_get_local_optimizer_state(p, "exp_avg_sq") for p in self.params]
+        if any(v is None for v in vs):
+            return None
+        return adam_denominators(vs, self.beta2, self.eps, updates, self.bias_correction)
 
     def _release_gathered(self):
         self.opt._partition_all_parameters()
