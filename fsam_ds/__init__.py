@@ -29,6 +29,9 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+_ONE_RANK_ENV = False
+
+
 def init_distributed(dist_backend: Optional[str] = None) -> None:
     """Initialise torch.distributed through DeepSpeed; a plain ``python`` start (no launcher)
     becomes a one-rank job on 127.0.0.1."""
@@ -37,10 +40,14 @@ def init_distributed(dist_backend: Optional[str] = None) -> None:
 
     if dist.is_initialized():
         return
-    if "RANK" not in os.environ and "OMPI_COMM_WORLD_RANK" not in os.environ:
+    global _ONE_RANK_ENV
+    # the one-rank environment is ours when this process set it earlier (children do not inherit that)
+    if _ONE_RANK_ENV or ("RANK" not in os.environ and "OMPI_COMM_WORLD_RANK" not in os.environ):
+        _ONE_RANK_ENV = True
         os.environ.update({"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "LOCAL_WORLD_SIZE": "1"})
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+        # a fresh port each time: an earlier group's store may still hold the previous one
+        os.environ["MASTER_PORT"] = str(_free_port())
     deepspeed.init_distributed(dist_backend=dist_backend)
 
 
