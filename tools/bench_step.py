@@ -459,7 +459,12 @@ def main(argv: Optional[List[str]] = None) -> int:
               "--warmup", str(a.warmup), "--variants", ",".join(variants),
               "--worker", "--worker-out", str(tmp)] + (["--sequential"] if a.sequential else []) \
         + (["--no-memory"] if a.no_memory else [])
-    env = dict(os.environ, PYTHONUNBUFFERED="1", TOKENIZERS_PARALLELISM="false")
+    # the worker starts its own process group: a caller's (e.g. a one-rank job in this process,
+    # whose store still listens on MASTER_PORT) must not leak into it
+    dist_env = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
+                "CROSS_RANK", "CROSS_SIZE", "GROUP_RANK", "ROLE_RANK", "TORCHELASTIC_RUN_ID")
+    env = {k: v for k, v in os.environ.items() if k not in dist_env}
+    env.update(PYTHONUNBUFFERED="1", TOKENIZERS_PARALLELISM="false")
     env.setdefault("MALLOC_MMAP_THRESHOLD_", "131072")  # freed tensors leave the resident set
     env.setdefault("TORCH_EXTENSIONS_DIR", str(Path(sys.prefix) / "torch_extensions"))
     env["PYTHONPATH"] = os.pathsep.join([str(REPO)] + [x for x in env.get("PYTHONPATH", "").split(os.pathsep) if x])
