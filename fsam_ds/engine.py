@@ -12,6 +12,15 @@
 5. theta restored bit-exactly, then the ordinary ``engine.step()`` (clipping, loss scale,
    LR schedule, AdamW).
 
+A non-finite loss or gradient in either pass skips the step through DeepSpeed's own overflow path
+(no update, gradients cleared, ``skipped_steps`` counted, the LR schedule held, the fp16 loss scale
+lowered): a non-finite pass-1 gradient gives no perturbation, so pass 2 is not run and pass 1's
+gradients reach the step; a non-finite pass-2 gradient reaches it after the exact restore.
+DeepSpeed checks ZeRO 1-3 and mixed precision at ZeRO 0 itself (bf16 at ZeRO 1/2 only with
+``bf16.check_grad_overflow``, which the engine switches on); at ZeRO 0 in fp32 DeepSpeed has no
+check, so the engine tests the gradients and takes the same path (:meth:`FSAMEngine._skip_step`).
+The rho warm-up counts applied updates, as DeepSpeed's LR scheduler does.
+
 Where FunctionalSAM keeps ``g_F`` between the passes is ``optimizer.params.logit_grad_cache``:
 ``"device"`` (tokens x vocab per micro-batch in the logits' dtype, on the accelerator), ``"host"``
 (the same tensors in pinned host memory, copied out and back on a side stream) or ``"recompute"``
@@ -38,7 +47,7 @@ import torch.distributed as dist
 
 from .config import FSAMConfigError, SAMConfig
 from .method import Ascent, ascent_direction, causal_lm_loss, functional_surrogate, global_norm, rho_at
-from .shards import make_view
+from .shards import PlainView, make_view
 
 LossFn = Callable[[torch.Tensor, Mapping[str, Any]], torch.Tensor]
 
@@ -251,6 +260,10 @@ class RecomputeLogitGradCache(LogitGradCache):
         return n
 
 
+def _no_update(*args, **kwargs):
+    return None
+
+
 class FSAMEngine:
     """A DeepSpeedEngine whose ``train_batch`` runs the configured method.
 
@@ -267,6 +280,12 @@ class FSAMEngine:
         self.loss_fn: LossFn = loss_fn or default_loss
         self.view = make_view(engine)
         self.last_metrics: Dict[str, Any] = {}
+        # DeepSpeed's overflow check at every layout: ZeRO 1/2 in bf16 checks only when asked
+        # (bf16.check_grad_overflow); ZeRO 0 in fp32 has no check at all, the engine does it
+        opt = engine.optimizer
+        if getattr(opt, "check_grad_overflow", None) is False:
+            opt.check_grad_overflow = True
+        self._own_overflow_check = isinstance(self.view, PlainView)
         # An unperturbed step (rho = 0, ||g|| = 0 or a non-finite gradient) has pass-2 gradients
         # identical to pass 1's, so pass 2 is skipped; tests switch this off to run both passes.
         self.skip_unperturbed_pass2 = True
@@ -426,7 +445,9 @@ class FSAMEngine:
         return int(self._engine.global_steps) - int(getattr(self._engine, "skipped_steps", 0))
 
     def current_rho(self) -> float:
-        return rho_at(int(self._engine.global_steps), self.sam.rho, self.sam.rho_warmup_steps)
+        """rho of the coming step: the warm-up counts applied updates (a skipped step does not
+        advance it, as it does not advance DeepSpeed's LR scheduler)."""
+        return rho_at(self.adam_steps_taken(), self.sam.rho, self.sam.rho_warmup_steps)
 
     def compute_ascent(self, rho: float) -> Ascent:
         """The ascent from the current (pass-1) gradients of this rank."""
@@ -458,7 +479,8 @@ class FSAMEngine:
         a forward at theta for g_F. Returns (grad_norm or None, eps_norm, losses, reused)."""
         sam = self.sam
         step = int(self._engine.global_steps)
-        reuse = self._eps_unit is not None and step % sam.ascent_every != 0
+        # an unusable stored direction (||g|| = 0 or not finite) is recomputed at the next step
+        reuse = self._eps_unit is not None and self._eps_unit_ok and step % sam.ascent_every != 0
         if not reuse:
             losses, rng_states = self._backward_pass(batches, logit_grads=self.logit_grads,
                                                      keep_logit_grads=sam.functional)
@@ -470,7 +492,7 @@ class FSAMEngine:
             grad_norm = unit.grad_norm
             del unit
             ascent = self._reused_ascent(rho)
-            if not (ascent.is_zero and self.skip_unperturbed_pass2):
+            if self._runs_pass2(ascent, grad_norm):
                 self._perturbed_pass(batches, ascent, rng_states)
             return grad_norm, ascent.eps_norm, losses, False
         ascent = self._reused_ascent(rho)
@@ -480,6 +502,34 @@ class FSAMEngine:
         else:
             losses = self._perturbed_pass(batches, ascent, None)
         return None, ascent.eps_norm, losses, True
+
+    def _runs_pass2(self, ascent: Ascent, grad_norm) -> bool:
+        """Pass 2 runs unless the perturbation is zero (then its gradients would be pass 1's) or
+        pass 1's gradient is not finite (the step is skipped: pass 1's gradients go to it)."""
+        if not ascent.is_zero:
+            return True
+        return not self.skip_unperturbed_pass2 and bool(torch.isfinite(grad_norm))
+
+    def _final_grads_finite(self, grad_norm, sam_passes: bool) -> bool:
+        """Whether the gradients about to reach the step are finite (ZeRO 0 fp32 only: elsewhere
+        DeepSpeed's step checks). After the boundary backward every rank holds the same averaged
+        gradients, so the verdict needs no communication."""
+        norm = global_norm(self.view.grads()) if sam_passes or grad_norm is None else grad_norm
+        return bool(torch.isfinite(norm))
+
+    def _skip_step(self) -> None:
+        """DeepSpeed's overflow path for an optimizer without one (ZeRO 0, fp32): ``engine.step()``
+        with the update itself left out and ``optimizer.overflow`` set, so DeepSpeed clears the
+        gradients, counts ``skipped_steps``, holds the LR scheduler and advances ``global_steps``
+        exactly as it does on an fp16 overflow."""
+        opt = self._engine.optimizer
+        opt.overflow = True
+        opt.step = _no_update
+        try:
+            self._engine.step()
+        finally:
+            del opt.step
+            del opt.overflow
 
     def _reused_ascent(self, rho: float) -> Ascent:
         ok = self._eps_unit_ok and rho > 0
@@ -548,7 +598,7 @@ class FSAMEngine:
                 if sam.is_sam:
                     ascent = self.compute_ascent(rho)
                     grad_norm, eps_norm = ascent.grad_norm, ascent.eps_norm
-                    if not (ascent.is_zero and self.skip_unperturbed_pass2):
+                    if self._runs_pass2(ascent, grad_norm):
                         self._perturbed_pass(batches, ascent, rng_states)
                     del ascent
                 elif self.view.norm_group is None:
@@ -559,7 +609,10 @@ class FSAMEngine:
                 cache.clear()
         lr = float(eng.get_lr()[0])  # the learning rate this step uses
         eng.micro_steps += gas - 1  # DeepSpeed counts micro-batches; step() adds the last one
-        eng.step()
+        if self._own_overflow_check and not self._final_grads_finite(grad_norm, sam.is_sam):
+            self._skip_step()
+        else:
+            eng.step()
         # hand the accumulation boundary back to DeepSpeed's own micro-step counting
         eng._is_gradient_accumulation_boundary = None
         if grad_norm is None and not reused:  # AdamW under ZeRO: the norm DeepSpeed's step computed anyway

@@ -31,15 +31,37 @@ def local_weights(engine):
     return [(p.ds_tensor if hasattr(p, "ds_tensor") else p).detach().clone() for p in engine.module.parameters()]
 
 
+def inject_inf(engine, rank: int, faults, gas: int) -> None:
+    """Make the output layer's input infinite at one position for the first micro-batch of pass
+    ``p`` of step ``s`` on rank ``r``, for each ``(s, p, r)`` in ``faults`` (steps count from 0,
+    passes are 1 and 2): the loss and the gradient both become non-finite, as on an overflow."""
+    seen = {"step": None, "n": 0}
+
+    def hook(module, args):
+        step = int(engine.global_steps)
+        if seen["step"] != step:
+            seen.update(step=step, n=0)
+        n = seen["n"]
+        seen["n"] += 1
+        if n % gas == 0 and (step, n // gas + 1, rank) in faults:
+            bad = torch.zeros_like(args[0])
+            bad.view(-1)[0] = float("inf")
+            return (args[0] + bad,) + tuple(args[1:])
+        return None
+    engine.module.lm_head.register_forward_pre_hook(hook)
+
+
 def engine_run(method: str, rho: float = RHO, steps: int = STEPS, gas: int = GAS, world: int = 1, rank: int = 0,
                config: Optional[dict] = None, dtype=torch.float32, before_step=None, force_pass2: bool = False,
-               check_restore: bool = False):
+               check_restore: bool = False, data_steps=None, faults=(), loss_fn=None):
     """Train the tiny model with fsam_ds on this rank's share of the reference data.
 
     Returns (fp32 state dict, per-step losses, per-step metrics). ``before_step(engine)`` is
     called right before DeepSpeed's optimizer step of every step (after the restore). With
     ``check_restore`` each step's metrics get ``restored``: whether this rank's weights right
-    before the optimizer step were bit-identical to those at the start of the step.
+    before the optimizer step were bit-identical to those at the start of the step, and
+    ``unchanged``: whether they still are after it. ``data_steps`` picks which reference steps'
+    data to train on (default ``range(steps)``); ``faults`` goes to :func:`inject_inf`.
     """
     import fsam_ds
 
@@ -50,7 +72,9 @@ def engine_run(method: str, rho: float = RHO, steps: int = STEPS, gas: int = GAS
             verdicts.append(all(torch.equal(a, b) for a, b in zip(local_weights(engine), snapshots[-1])))
     model = tiny_llama(0)
     cfg = config or ds_config(method, rho, gas)
-    engine, *_ = fsam_ds.initialize(model=model, config=cfg)
+    engine, *_ = fsam_ds.initialize(model=model, config=cfg, loss_fn=loss_fn)
+    if faults:
+        inject_inf(engine, rank, set(faults), gas)
     if force_pass2:
         engine.skip_unperturbed_pass2 = False
     if before_step is not None:
@@ -61,7 +85,8 @@ def engine_run(method: str, rho: float = RHO, steps: int = STEPS, gas: int = GAS
             before_step(engine)
             return real(*a, **k)
         ds._take_model_step = wrapped
-    data = iter([micro_batch(s, rank, i, world, gas) for s in range(steps) for i in range(gas)])
+    data_steps = list(range(steps)) if data_steps is None else list(data_steps)
+    data = iter([micro_batch(s, rank, i, world, gas) for s in data_steps for i in range(gas)])
     losses, metrics = [], []
     for _ in range(steps):
         if check_restore:
@@ -70,6 +95,7 @@ def engine_run(method: str, rho: float = RHO, steps: int = STEPS, gas: int = GAS
         metrics.append(dict(engine.last_metrics))
         if check_restore:
             metrics[-1]["restored"] = verdicts[-1] if len(verdicts) == len(snapshots) else None
+            metrics[-1]["unchanged"] = all(torch.equal(a, b) for a, b in zip(local_weights(engine), snapshots[-1]))
     state = full_state(engine)
     return state, losses, metrics
 

@@ -33,7 +33,17 @@ CASES = {
              for c in ("device", "host", "recompute")]
     + [("PreconditionedFunctionalSAM", {"stage": 3, "persist": 0, "every": 2}),
        ("SAM", {"stage": 3, "persist": 0, "every": 2})],
+    # tests/test_nonfinite.py: an infinite logit in pass 1 (step 1, rank 1) and in pass 2 (step 3,
+    # rank 0) against the run that never saw those two steps' data; a rho that blows up pass 2.
+    # ZeRO 0 fp32 is skipped by the engine itself, the others by DeepSpeed's own check
+    "nonfinite": [("PreconditionedFunctionalSAM", dict(layout, run=run))
+                  for layout in ({"stage": 0}, {"stage": 0, "bf16": 1}, {"stage": 1, "bf16": 1},
+                                 {"stage": 2, "bf16": 1}, {"stage": 3})
+                  for run in ("faults", "ref")]
+    + [("SAM", {"stage": 0, "run": "blowup"}), ("PreconditionedFunctionalSAM", {"stage": 3, "run": "blowup"})],
 }
+FAULTS = ((1, 1, 1), (3, 2, 0))
+RUNS = {"faults": dict(steps=5, faults=FAULTS), "ref": dict(steps=3, data_steps=[0, 2, 4]), "blowup": dict(steps=2)}
 
 
 def case_config(method, opts):
@@ -50,6 +60,13 @@ def case_config(method, opts):
         cfg["optimizer"]["params"]["ascent_every"] = opts["every"]
     if opts.get("bf16"):
         cfg["bf16"] = {"enabled": True}
+    if "run" in opts:  # a warm-up of both the learning rate and rho: a skipped step must hold both
+        cfg["scheduler"] = {"type": "WarmupLR", "params": {"warmup_min_lr": 0.0, "warmup_max_lr": cfg["optimizer"]
+                            ["params"]["lr"], "warmup_num_steps": 4, "warmup_type": "linear"}}
+        if opts["run"] == "blowup":
+            cfg["optimizer"]["params"]["rho"] = 1e30
+        else:
+            cfg["optimizer"]["params"]["rho_warmup_steps"] = 3
     return cfg
 
 
@@ -68,7 +85,7 @@ def main():
     rank = int(os.environ["RANK"])
     for method, opts in CASES[args.suite]:
         state, losses, metrics = engine_run(method, world=world, rank=rank, config=case_config(method, opts),
-                                            check_restore=method != "AdamW")
+                                            check_restore=method != "AdamW", **RUNS.get(opts.get("run"), {}))
         name = case_name(method, opts)
         if rank == 0:
             torch.save(state, out / f"{name}.pt")

@@ -133,3 +133,24 @@ def test_bf16(method):
     assert all(m["eps_norm"] == pytest.approx(0.05, rel=1e-5) for m in metrics)
     assert losses == pytest.approx(ref(method)[1], rel=2e-2)
     assert weight_distance(state, adamw) > 0
+
+
+@pytest.mark.parametrize("method", ["SAM", "PreconditionedFunctionalSAM"])
+def test_zero_gradient_gives_no_perturbation(method):
+    """||g|| = 0 (a loss that does not depend on the weights): eps is exactly zero, the weights
+    are never perturbed even when pass 2 is forced, and no step is skipped."""
+    from fsam_ds.shards import PlainView
+
+    def flat_loss(logits, batch):
+        return (logits * 0.0).sum()
+
+    perturbed = []
+    real = PlainView.perturb
+    PlainView.perturb = lambda self, ascent: (perturbed.append(float(ascent.eps_norm)), real(self, ascent))[1]
+    try:
+        state, _, metrics = engine_run(method, loss_fn=flat_loss, force_pass2=True, check_restore=True)
+    finally:
+        PlainView.perturb = real
+    assert perturbed == []
+    assert all(m["grad_norm"] == 0.0 and m["eps_norm"] == 0.0 and not m["skipped"] for m in metrics)
+    assert all(m["restored"] and m["unchanged"] for m in metrics)  # AdamW with g = 0 and no decay

@@ -1,0 +1,75 @@
+"""A non-finite loss or gradient skips the step through DeepSpeed's overflow path, at every layout.
+
+Two ranks, one launch: preconditioned FunctionalSAM with a warm-up of both the learning rate and
+rho, an infinite logit injected on one rank in pass 1 of step 1 and on the other rank in pass 2 of
+step 3. Each injected step must be skipped on both ranks (weights bit-identical before and after,
+the restore after pass 2 exact), and the whole run must equal, bit for bit, the run that never saw
+those two steps' data (so AdamW's state, its step count, the LR schedule and the rho warm-up were
+all held). A rho of 1e30 blows up every pass 2: every step is skipped and the weights stay at their
+initial values. ZeRO 0 in fp32, where DeepSpeed has no overflow check, is the engine's own skip.
+"""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from dist_worker import CASES, FAULTS, case_name
+from reference import tiny_llama
+from test_multirank import launch
+
+LAYOUTS = [o for m, o in CASES["nonfinite"] if o["run"] == "faults"]
+SKIPPED = sorted({s for s, _, _ in FAULTS})
+
+
+@pytest.fixture(scope="module")
+def nonfinite_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("nonfinite")
+    launch("nonfinite", out)
+    return out
+
+
+def _load(out, method, opts):
+    name = case_name(method, opts)
+    ranks = [json.loads((out / f"{name}.rank{r}.json").read_text()) for r in range(2)]
+    return torch.load(out / f"{name}.pt"), ranks
+
+
+def _ids(layouts):
+    return ["-".join(f"{k}={v}" for k, v in sorted(o.items()) if k != "run") for o in layouts]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("layout", LAYOUTS, ids=_ids(LAYOUTS))
+def test_injected_inf_skips_the_step_exactly(nonfinite_run, layout):
+    method = "PreconditionedFunctionalSAM"
+    state, ranks = _load(nonfinite_run, method, layout)
+    ref_state, ref_ranks = _load(nonfinite_run, method, dict(layout, run="ref"))
+    for r in ranks:
+        ms = r["metrics"]
+        assert [i for i, m in enumerate(ms) if m["skipped"]] == SKIPPED
+        assert all(ms[i]["unchanged"] is True for i in SKIPPED)  # weights untouched by a skipped step
+        assert all(m["restored"] is True for m in ms)  # theta exact before every step, pass-2 fault too
+        # pass-1 fault: no perturbation and no pass 2; the learning rate and rho are held
+        assert ms[1]["eps_norm"] == 0.0 and not torch.isfinite(torch.tensor(ms[1]["grad_norm"]))
+        kept = [m for i, m in enumerate(ms) if i not in SKIPPED]
+        ref = ref_ranks[ranks.index(r)]["metrics"]
+        assert [m["lr"] for m in kept] == [m["lr"] for m in ref]
+        assert [m["rho"] for m in kept] == [m["rho"] for m in ref]
+        assert [m["loss"] for m in kept] == [m["loss"] for m in ref]
+        assert len({m["lr"] for m in kept}) > 1 and len({m["rho"] for m in kept}) == len(kept)  # both move
+    for k in ref_state:
+        assert torch.equal(state[k], ref_state[k]), k
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method,opts", [(m, o) for m, o in CASES["nonfinite"] if o["run"] == "blowup"],
+                         ids=lambda x: x if isinstance(x, str) else _ids([x])[0])
+def test_a_rho_that_blows_up_pass_2_is_skipped(nonfinite_run, method, opts):
+    state, ranks = _load(nonfinite_run, method, opts)
+    for r in ranks:
+        assert all(m["skipped"] and m["eps_norm"] > 1e29 and m["restored"] for m in r["metrics"])
+    init = tiny_llama(0).state_dict()
+    for k, v in state.items():
+        assert torch.equal(v, init[k].float()), k
