@@ -244,12 +244,13 @@ def test_reproduce_extra_runs_ascent_every(tmp_path):
             "--docs", str(docs), "--data", str(DATA), "--extra-runs", "ascent_every", "--every", "2"]
     assert main(argv) == 0
     text = docs.read_text()
-    assert "## Sub-2x mode: ascent_every" in text and "| ascent_every 2 |" in text
+    assert "## Sub-2x mode: ascent_every" in text and "| PreconditionedFunctionalSAM ascent_every 2 |" in text
     assert text.index("## Sub-2x mode") < text.index("## Command")
     extra = next((out / "runs").glob("pfsam-*-every2-s1234"))
     cfg = json.loads((extra / "ds_config.json").read_text())
     assert cfg["optimizer"]["params"]["ascent_every"] == 2
     assert main(argv[:-4] + ["--extra-runs", "nope"]) == 2
+    assert main(argv + ["--every-methods", "AdamW"]) == 2
 
 
 def test_plan_memory_matches_its_own_arithmetic_and_refuses_bad_layouts(capsys):

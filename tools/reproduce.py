@@ -413,40 +413,46 @@ def write_report(a, res: Dict[str, Any], command: str) -> Path:
 # Extra runs after the grid (--extra-runs)
 # ---------------------------------------------------------------------------------------------
 
-EXTRA_METHOD = "PreconditionedFunctionalSAM"
+EXTRA_METHOD = "PreconditionedFunctionalSAM"  # the exact method whose gain the sub-2x variants are measured against
 
 
 def run_ascent_every(a, res: Dict[str, Any]) -> List[dict]:
-    """PreconditionedFunctionalSAM with ``ascent_every`` k (``--every``) at the grid's learning rate and
-    best rho, for the same seeds as the grid's seeded runs."""
-    lr, rho = res["lr"], res["best_rho"][EXTRA_METHOD]
-    return [train_run(a, EXTRA_METHOD, lr, rho, BASE_SEED + s, extra_params={"ascent_every": k}, suffix=f"-every{k}",
-                      status=False)
-            for k in a.every for s in range(a.seeds)]
+    """Each of ``--every-methods`` with ``ascent_every`` k (``--every``) at the grid's learning rate
+    and that method's best rho, for the same seeds as the grid's seeded runs."""
+    return [train_run(a, m, res["lr"], res["best_rho"][m], BASE_SEED + s, extra_params={"ascent_every": k},
+                      suffix=f"-every{k}", status=False)
+            for m in a.every_methods for k in a.every for s in range(a.seeds)]
+
+
+def _median_time(runs: List[dict]) -> float:
+    return statistics.median([r["median_step_time"] for r in runs if r["median_step_time"]])
 
 
 def ascent_every_section(a, res: Dict[str, Any], runs: List[dict]) -> List[str]:
-    """How much of exact preconditioned FSAM's eval-loss gain over AdamW each k keeps."""
+    """How much of exact preconditioned FSAM's eval-loss gain over AdamW each variant keeps."""
     ad = [r["final_eval_loss"] for r in res["seeded"]["AdamW"]]
-    ex = [r["final_eval_loss"] for r in res["seeded"][EXTRA_METHOD]]
-    t_ad = statistics.median([r["median_step_time"] for r in res["lr_runs"] if r["median_step_time"]])
-    t_ex = statistics.median([r["median_step_time"] for r in res["sweep"][EXTRA_METHOD] if r["median_step_time"]])
-    a_mean, e_mean = statistics.fmean(ad), statistics.fmean(ex)
-    gain = a_mean - e_mean
-    lines = ["## Sub-2x mode: ascent_every", "",
-             f"{EXTRA_METHOD} with `ascent_every: k` at the grid's learning rate {res['lr']:g} and best rho "
-             f"{res['best_rho'][EXTRA_METHOD]:g}, seeds as the seeded runs above (mean over {len(ad)} seed(s)). "
-             "Gain kept = (AdamW - variant) / (AdamW - exact), in eval loss. Step time: median of each run's "
-             "median step time over the variant's runs, divided by AdamW's (same machine, same load caveats).", "",
-             "| variant | eval loss | gain over AdamW | gain kept | step time / AdamW |", "| --- | --- | --- | --- | --- |",
-             f"| AdamW | {a_mean:.4f} | 0 | | 1.00x |",
-             f"| {EXTRA_METHOD} (exact) | {e_mean:.4f} | {gain:+.4f} | 100% | {t_ex / t_ad:.2f}x |"]
-    for k in a.every:
-        rs = [r for r in runs if r.get("ascent_every") == k]
-        m = statistics.fmean(r["final_eval_loss"] for r in rs)
-        t = statistics.median([r["median_step_time"] for r in rs if r["median_step_time"]])
+    a_mean = statistics.fmean(ad)
+    t_ad = _median_time(res["lr_runs"])
+    gain = a_mean - statistics.fmean(r["final_eval_loss"] for r in res["seeded"][EXTRA_METHOD])
+
+    def row(label, losses, t):
+        m = statistics.fmean(losses)
         kept = f"{100 * (a_mean - m) / gain:.0f}%" if gain > 0 else "n/a (exact has no gain)"
-        lines.append(f"| ascent_every {k} | {m:.4f} | {a_mean - m:+.4f} | {kept} | {t / t_ad:.2f}x |")
+        return f"| {label} | {m:.4f} | {a_mean - m:+.4f} | {kept} | {t / t_ad:.2f}x |"
+
+    rhos = ", ".join(f"{m} {res['best_rho'][m]:g}" for m in a.every_methods)
+    lines = ["## Sub-2x mode: ascent_every", "",
+             f"`ascent_every: k` at the grid's learning rate {res['lr']:g} and each method's best rho ({rhos}), "
+             f"seeds as the seeded runs above (mean over {len(ad)} seed(s)). Gain kept = (AdamW - variant) / "
+             f"(AdamW - exact {EXTRA_METHOD}), in eval loss, for every row. Step time: median of each run's median "
+             "step time over the variant's runs, divided by AdamW's (same machine, same load caveats).", "",
+             "| variant | eval loss | gain over AdamW | gain kept | step time / AdamW |", "| --- | --- | --- | --- | --- |",
+             f"| AdamW | {a_mean:.4f} | 0 | | 1.00x |"]
+    for m in a.every_methods:
+        lines.append(row(f"{m} (exact)", [r["final_eval_loss"] for r in res["seeded"][m]], _median_time(res["sweep"][m])))
+        for k in a.every:
+            rs = [r for r in runs if r["method"] == m and r.get("ascent_every") == k]
+            lines.append(row(f"{m} ascent_every {k}", [r["final_eval_loss"] for r in rs], _median_time(rs)))
     return lines + [""]
 
 
@@ -486,8 +492,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sharpness-every", type=int, default=100, help="diagnostics interval of the seed runs")
     p.add_argument("--lambda-rows", type=int, default=4, help="training blocks in the final lambda_max batch")
     p.add_argument("--lambda-iters", type=int, default=12, help="Lanczos products per final lambda_max")
-    p.add_argument("--extra-runs", default="", help="after the grid: 'ascent_every' runs PreconditionedFunctionalSAM "
-                   "with ascent_every k in --every at the best rho and adds a section to the report")
+    p.add_argument("--extra-runs", default="", help="after the grid: 'ascent_every' runs each of --every-methods "
+                   "with ascent_every k in --every at its best rho and adds a section to the report")
+    p.add_argument("--every-methods", default=EXTRA_METHOD,
+                   help=f"SAM types of --extra-runs ascent_every (comma-separated; default {EXTRA_METHOD})")
     p.add_argument("--every", type=lambda t: [int(x) for x in t.split(",")], default=[2, 4],
                    help="ascent_every values of --extra-runs ascent_every (default 2,4)")
     p.add_argument("--in-process", action="store_true", help="run fsam-train inside this process instead of one "
@@ -533,10 +541,12 @@ def main(argv: Optional[List[str]] = None) -> int:
     command = "python -m tools.reproduce " + " ".join(shlex.quote(x) for x in argv)
     a.command = command.strip()
     extras = [x for x in a.extra_runs.split(",") if x.strip()]
+    a.every_methods = [m.strip() for m in a.every_methods.split(",") if m.strip()]
     if any(x != "ascent_every" for x in extras) or any(k < 2 for k in a.every) or \
-            (extras and EXTRA_METHOD not in a.methods):
-        print(f"{PROG}: error: --extra-runs {a.extra_runs!r} / --every: accepted: --extra-runs ascent_every with "
-              "--every integers >= 2, and --methods including " + EXTRA_METHOD, file=sys.stderr)
+            (extras and any(m not in a.methods or m == "AdamW" for m in a.every_methods + [EXTRA_METHOD])):
+        print(f"{PROG}: error: --extra-runs {a.extra_runs!r} / --every / --every-methods: accepted: --extra-runs "
+              "ascent_every with --every integers >= 2, --methods including " + EXTRA_METHOD + " and "
+              "--every-methods a comma-separated list of SAM types among --methods", file=sys.stderr)
         return 2
     res = run_grid(a)
     write_report(a, res, a.command)
