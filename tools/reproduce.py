@@ -5,8 +5,9 @@
 On WikiText-2 (``--data``, split into training and held-out text by article) with the ``2m``
 preset, every run the same number of steps and tokens, single process, fp32, ZeRO stage 0:
 
-1. AdamW at each ``--lrs`` value; the learning rate with the lowest final eval loss is shared by
-   every method from then on;
+1. AdamW at each ``--lrs`` value, the sweep doubled (or halved) past its edge while the best
+   learning rate is the largest (smallest) tried, at most ``--lr-extend`` times; the learning rate
+   with the lowest final eval loss is shared by every method from then on;
 2. SAM, PreconditionedSAM, FunctionalSAM and PreconditionedFunctionalSAM at each ``--rhos`` value;
 3. for AdamW and the best ``rho`` of each method, ``--seeds - 1`` further seeds, with the
    sharpness diagnostics logged every ``--sharpness-every`` steps;
@@ -154,7 +155,8 @@ def train_run(a, method: str, lr: float, rho: float, seed: int, sharpness_every:
 
 def write_status(a, running: str) -> None:
     """While the grid runs, ``--docs`` says how far it is (rewritten with the results at the end)."""
-    total = len(a.lrs) + (len(a.methods) - 1) * len(a.rhos) + len(a.methods) * (a.seeds - 1)
+    n_lrs = max(len(a.lrs), len(list((a.out / "runs").glob(f"adamw-lr*-s{BASE_SEED}"))))  # with any extension
+    total = n_lrs + (len(a.methods) - 1) * len(a.rhos) + len(a.methods) * (a.seeds - 1)
     done = sorted(p.parent.name for p in (a.out / "runs").glob("*/done.json"))
     lines = ["# Results: a small-scale reproduction", "",
              f"The grid of `tools/reproduce.py` is running: {len(done)} of {total} training runs finished, "
@@ -197,6 +199,14 @@ def run_grid(a) -> Dict[str, Any]:
     log(f"grid: preset {a.preset}, {a.steps} steps x {a.micro_batch} x {a.seq_len} tokens, lrs {a.lrs}, "
         f"rhos {a.rhos}, methods {', '.join(a.methods)}, {a.seeds} seed(s)")
     lr_runs = [train_run(a, "AdamW", lr, 0.0, BASE_SEED) for lr in a.lrs]
+    for _ in range(a.lr_extend):  # a best learning rate at the sweep's edge is not a tuned one
+        lr, tried = _best(lr_runs)["lr"], sorted(r["lr"] for r in lr_runs)
+        if lr not in (tried[0], tried[-1]) or len(tried) < 2:
+            break
+        nxt = lr * 2 if lr == tried[-1] else lr / 2
+        log(f"best learning rate {lr:g} is at the edge of the sweep: adding {nxt:g}")
+        lr_runs.append(train_run(a, "AdamW", nxt, 0.0, BASE_SEED))
+    lr_runs.sort(key=lambda r: r["lr"])
     lr = _best(lr_runs)["lr"]
     log(f"learning rate: {lr:g} (AdamW eval losses {[round(r['final_eval_loss'], 4) for r in lr_runs]})")
     sweep: Dict[str, List[dict]] = {m: [train_run(a, m, lr, rho, BASE_SEED) for rho in a.rhos]
@@ -358,7 +368,7 @@ def write_report(a, res: Dict[str, Any], command: str) -> Path:
              f"{a.micro_batch} x {a.seq_len} tokens ({a.steps * a.micro_batch * a.seq_len:,} tokens), one process, "
              "fp32, ZeRO stage 0, AdamW (betas 0.9/0.95, weight decay 0.1, clipping 1.0), linear warm-up over "
              f"{max(1, a.steps // 20)} steps then linear decay to 0.",
-             f"- Learning rate: AdamW swept over {', '.join(f'{x:g}' for x in a.lrs)} (eval loss "
+             f"- Learning rate: AdamW swept over {', '.join(format(r['lr'], 'g') for r in res['lr_runs'])} (eval loss "
              + ", ".join(f"{r['lr']:g}: {r['final_eval_loss']:.4f}" for r in res["lr_runs"])
              + f"); **{res['lr']:g}** is used by every method.",
              f"- rho swept over {', '.join(f'{x:g}' for x in a.rhos)} for each SAM type (seed {BASE_SEED}; the "
@@ -484,6 +494,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--micro-batch", type=int, default=8)
     p.add_argument("--seq-len", type=int, default=128)
     p.add_argument("--lrs", type=_floats, default=[1e-3, 2e-3, 4e-3])
+    p.add_argument("--lr-extend", type=int, default=2,
+                   help="extend the learning-rate sweep past its edge at most this many times (default 2)")
     p.add_argument("--rhos", type=_floats, default=[0.02, 0.05, 0.1, 0.2, 0.5])
     p.add_argument("--methods", default=",".join(METHODS), help="comma-separated subset of " + ", ".join(METHODS))
     p.add_argument("--seeds", type=int, default=2, help="seeds for AdamW and the best rho of each method (>= 1)")
@@ -527,6 +539,9 @@ def main(argv: Optional[List[str]] = None) -> int:
             print(f"{PROG}: error: --{key.replace('_', '-')} must be an integer >= 1, got {getattr(a, key)}",
                   file=sys.stderr)
             return 2
+    if a.lr_extend < 0:
+        print(f"{PROG}: error: --lr-extend must be an integer >= 0, got {a.lr_extend}", file=sys.stderr)
+        return 2
     a.data, a.out, a.docs = Path(a.data).expanduser(), Path(a.out).expanduser(), Path(a.docs).expanduser()
     a.plots_dir = Path(a.plots_dir).expanduser() if a.plots_dir else None
     if not a.data.exists():
