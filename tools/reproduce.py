@@ -271,25 +271,34 @@ def claims(res: Dict[str, Any], rows: Dict[str, dict]) -> List[str]:
         return rows[m]["eval_mean"] if m in rows else None
     sam, fs, pfs, ps = (loss(m) for m in ("SAM", "FunctionalSAM", "PreconditionedFunctionalSAM", "PreconditionedSAM"))
     a = ad["eval_mean"]
+
+    def noise(*ms):  # a difference no larger than the two seed half-ranges together is not evidence
+        d = abs(loss(ms[0]) - loss(ms[1]))
+        lim = sum(rows[m]["eval_spread"] or 0.0 for m in ms)
+        return f"; within the seed spread ({d:.4f} <= {lim:.4f}): not significant" if d <= lim else ""
     if sam is not None:
         out.append(f"*SAM is worse than AdamW at equal steps*: {'reproduced' if sam > a else 'not reproduced'} "
-                   f"(SAM {sam:.4f} vs AdamW {a:.4f}, difference {sam - a:+.4f}).")
+                   f"(SAM {sam:.4f} vs AdamW {a:.4f}, difference {sam - a:+.4f}{noise('SAM', 'AdamW')}).")
     for name, v in (("PreconditionedFunctionalSAM", pfs), ("PreconditionedSAM", ps)):
         if v is not None:
             beats_a, beats_s = v < a, (sam is None or v < sam)
             verdict = "reproduced" if beats_a and beats_s else ("partly reproduced" if beats_a or beats_s
                                                                 else "not reproduced")
-            out.append(f"*{name} beats SAM and AdamW*: {verdict} ({v:.4f} vs AdamW {a:.4f} ({v - a:+.4f})"
-                       + (f", SAM {sam:.4f} ({v - sam:+.4f})" if sam is not None else "") + ").")
+            out.append(f"*{name} beats SAM and AdamW*: {verdict} ({v:.4f} vs AdamW {a:.4f} ({v - a:+.4f}"
+                       f"{noise(name, 'AdamW')})"
+                       + (f", SAM {sam:.4f} ({v - sam:+.4f}{noise(name, 'SAM')})" if sam is not None else "") + ").")
     if fs is not None and sam is not None:
         out.append(f"*FunctionalSAM improves on SAM*: {'reproduced' if fs < sam else 'not reproduced'} "
-                   f"({fs:.4f} vs {sam:.4f}).")
+                   f"({fs:.4f} vs {sam:.4f}{noise('FunctionalSAM', 'SAM')}).")
     # rho tolerance: best rho of the functional types vs SAM, and how SAM degrades with rho
     br = res["best_rho"]
     if "SAM" in br and "FunctionalSAM" in br:
         out.append(f"*FSAM tolerates larger rho than SAM*: best rho FunctionalSAM {br['FunctionalSAM']:g}, "
                    f"PreconditionedFunctionalSAM {br.get('PreconditionedFunctionalSAM', float('nan')):g}, "
-                   f"SAM {br['SAM']:g}: {'reproduced' if br['FunctionalSAM'] >= br['SAM'] else 'not reproduced'}.")
+                   f"SAM {br['SAM']:g}: "
+                   + ("reproduced" if br["FunctionalSAM"] > br["SAM"] else "not reproduced for FunctionalSAM"
+                      + (", reproduced for PreconditionedFunctionalSAM"
+                         if br.get("PreconditionedFunctionalSAM", 0) > br["SAM"] else "")) + ".")
     if "SAM" in res["sweep"]:
         s = sorted(res["sweep"]["SAM"], key=lambda r: r["rho"])
         inc = all(x["final_eval_loss"] <= y["final_eval_loss"] for x, y in zip(s, s[1:]))
