@@ -453,7 +453,8 @@ def _mean_time(a, runs: List[dict]) -> float:
         groups: Dict[bool, List[float]] = {}
         for m in read_metrics(a.out / "runs" / r["name"]):
             if m.get("step_time"):
-                groups.setdefault(bool(m.get("ascent_reused")), []).append(m["step_time"])
+                reused = m.get("ascent_reused", "grad_norm" in m and m["grad_norm"] is None)  # no pass-1 gradient
+                groups.setdefault(bool(reused), []).append(m["step_time"])
         n = sum(len(g) for g in groups.values())
         if n:
             costs.append(sum(len(g) / n * statistics.median(g) for g in groups.values()))
