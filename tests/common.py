@@ -109,6 +109,18 @@ def full_state(engine) -> Dict[str, torch.Tensor]:
     return {k: v.detach().float().cpu().clone() for k, v in engine.module.state_dict().items()}
 
 
+def load_case(out, method: str, opts: dict):
+    """What the multi-rank worker saved for one case: rank 0's fp32 state and each rank's
+    losses and metrics."""
+    import json
+
+    from dist_worker import case_name
+
+    name = case_name(method, opts)
+    return (torch.load(out / f"{name}.pt"),
+            [json.loads((out / f"{name}.rank{r}.json").read_text()) for r in (0, 1)])
+
+
 _REFERENCES: dict = {}
 
 

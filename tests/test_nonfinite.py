@@ -10,12 +10,11 @@ initial values. ZeRO 0 in fp32, where DeepSpeed has no overflow check, is the en
 """
 from __future__ import annotations
 
-import json
-
 import pytest
 import torch
 
-from dist_worker import CASES, FAULTS, case_name
+from common import load_case
+from dist_worker import CASES, FAULTS
 from reference import tiny_llama
 from test_multirank import launch
 
@@ -30,12 +29,6 @@ def nonfinite_run(tmp_path_factory):
     return out
 
 
-def _load(out, method, opts):
-    name = case_name(method, opts)
-    ranks = [json.loads((out / f"{name}.rank{r}.json").read_text()) for r in range(2)]
-    return torch.load(out / f"{name}.pt"), ranks
-
-
 def _ids(layouts):
     return ["-".join(f"{k}={v}" for k, v in sorted(o.items()) if k != "run") for o in layouts]
 
@@ -44,8 +37,8 @@ def _ids(layouts):
 @pytest.mark.parametrize("layout", LAYOUTS, ids=_ids(LAYOUTS))
 def test_injected_inf_skips_the_step_exactly(nonfinite_run, layout):
     method = "PreconditionedFunctionalSAM"
-    state, ranks = _load(nonfinite_run, method, layout)
-    ref_state, ref_ranks = _load(nonfinite_run, method, dict(layout, run="ref"))
+    state, ranks = load_case(nonfinite_run, method, layout)
+    ref_state, ref_ranks = load_case(nonfinite_run, method, dict(layout, run="ref"))
     for r in ranks:
         ms = r["metrics"]
         assert [i for i, m in enumerate(ms) if m["skipped"]] == SKIPPED
@@ -67,7 +60,7 @@ def test_injected_inf_skips_the_step_exactly(nonfinite_run, layout):
 @pytest.mark.parametrize("method,opts", [(m, o) for m, o in CASES["nonfinite"] if o["run"] == "blowup"],
                          ids=lambda x: x if isinstance(x, str) else _ids([x])[0])
 def test_a_rho_that_blows_up_pass_2_is_skipped(nonfinite_run, method, opts):
-    state, ranks = _load(nonfinite_run, method, opts)
+    state, ranks = load_case(nonfinite_run, method, opts)
     for r in ranks:
         assert all(m["skipped"] and m["eps_norm"] > 1e29 and m["restored"] for m in r["metrics"])
     init = tiny_llama(0).state_dict()

@@ -198,11 +198,9 @@ def perf_run(tmp_path_factory):
 
 
 def _two_rank(run, method, opts):
-    from dist_worker import case_name
+    from common import load_case
 
-    name = case_name(method, opts)
-    return (torch.load(run / f"{name}.pt"),
-            [json.loads((run / f"{name}.rank{r}.json").read_text()) for r in (0, 1)])
+    return load_case(run, method, opts)
 
 
 @pytest.mark.slow
