@@ -98,6 +98,36 @@ def _runner(model, optimizer, sam: SAMConfig) -> MegatronSAM:
     return runner
 
 
+def rerun_state_machine():
+    """megatron-core's rerun state machine when one has been initialized (Megatron-LM's
+    ``pretrain`` does it from ``--rerun-mode``), else None (a megatron-core loop without one)."""
+    try:
+        from megatron.core import rerun_state_machine as rsm
+    except ImportError:
+        return None
+    return getattr(rsm, "_GLOBAL_RERUN_STATE_MACHINE", None)
+
+
+def check_rerun_mode(machine=None) -> None:
+    """Refuse a rerun mode other than ``disabled``, in one line, before any work of the step.
+
+    Megatron-LM's rerun modes (``validate_results``, ``report_determinism_stats``) re-execute a
+    step's forward-backward from a saved state and compare the losses of the runs; the SAM step
+    runs two forward-backward passes at two different weights (theta and theta + eps) with its
+    own replay of the micro-batches, so the machine would compare pass-2 losses against a
+    different point and hold or rewind the wrong micro-batches. Only ``disabled`` is supported."""
+    machine = rerun_state_machine() if machine is None else machine
+    if machine is None:
+        return
+    from megatron.core.rerun_state_machine import RerunMode
+
+    mode = machine.get_mode()
+    if mode != RerunMode.DISABLED:
+        value = getattr(mode, "value", mode)
+        raise FSAMConfigError(f"--rerun-mode {value} is not supported by the SAM types (the step replays its "
+                              "micro-batches itself for pass 2); accepted: --rerun-mode disabled")
+
+
 def fsam_train_step(forward_step_func, data_iterator, model, optimizer, opt_param_scheduler, config,
                     forward_backward_func=None, iteration=None, *, sam: Optional[SAMConfig] = None,
                     num_microbatches: Optional[int] = None, seq_length: Optional[int] = None,
@@ -108,7 +138,10 @@ def fsam_train_step(forward_step_func, data_iterator, model, optimizer, opt_para
     should_exit, exit_code, grad_norm, num_zeros_in_grad, max_attention_logit)``. Inside Megatron-LM
     everything comes from its global arguments; elsewhere (a megatron-core loop) pass ``sam``,
     ``num_microbatches``, ``seq_length`` and ``micro_batch_size``. Megatron-LM's rerun state
-    machine, gradient dumps and QK-clip are not part of this step.
+    machine is driven as Megatron-LM's own step drives it (``should_run_forward_backward`` around
+    the step's passes, ``should_checkpoint_and_exit`` after them) in its ``disabled`` mode; any
+    other mode is refused with one line (:func:`check_rerun_mode`) before the step does anything.
+    Gradient dumps and QK-clip are not part of this step.
     """
     from megatron.core import parallel_state as ps
     from megatron.core.pipeline_parallel import get_forward_backward_func
@@ -130,12 +163,27 @@ def fsam_train_step(forward_step_func, data_iterator, model, optimizer, opt_para
         decoder_seq_length = decoder_seq_length or getattr(args, "decoder_seq_length", None)
     if seq_length is None or micro_batch_size is None:
         raise ValueError("fsam_train_step outside Megatron-LM needs seq_length and micro_batch_size")
+    machine = rerun_state_machine()
+    check_rerun_mode(machine)
     forward_backward_func = forward_backward_func or get_forward_backward_func()
     runner = _runner(model, optimizer, sam)
-    losses, update_successful, grad_norm, num_zeros = runner.step(
-        forward_backward_func, forward_step_func, data_iterator, num_microbatches=num_microbatches,
-        seq_length=seq_length, micro_batch_size=micro_batch_size, decoder_seq_length=decoder_seq_length,
-        iteration=iteration)
+    kw = dict(num_microbatches=num_microbatches, seq_length=seq_length, micro_batch_size=micro_batch_size,
+              decoder_seq_length=decoder_seq_length, iteration=iteration)
+    if machine is None:
+        losses, update_successful, grad_norm, num_zeros = runner.step(
+            forward_backward_func, forward_step_func, data_iterator, **kw)
+    else:  # as Megatron-LM's train_step (the disabled mode runs the loop body exactly once)
+        runs = 0
+        while machine.should_run_forward_backward(data_iterator):
+            runs += 1
+            if runs > 1:
+                raise RuntimeError("the rerun state machine asked to run the step again; the SAM types "
+                                   "support --rerun-mode disabled only")
+            losses = runner.forward_backward(forward_backward_func, forward_step_func, data_iterator, **kw)
+        should_checkpoint, should_exit, exit_code = machine.should_checkpoint_and_exit()
+        if should_exit:
+            return {}, True, should_checkpoint, should_exit, exit_code, None, None, 0
+        losses, (update_successful, grad_norm, num_zeros) = losses, runner.optimizer_step()
 
     # as Megatron-LM: success and the norm agreed over the model-parallel group
     mp_group = ps.get_model_parallel_group()
@@ -176,6 +224,7 @@ def install() -> bool:
     def train_step(*a, **k):
         args = _megatron_lm_args()
         if args is not None and sam_config_from_args(args).is_sam:
+            check_rerun_mode()
             return fsam_train_step(*a, **k)
         return original(*a, **k)
 

@@ -112,8 +112,29 @@ class LogitGradCache:
     def clear(self):
         self.grads = []
 
+    def check_count(self, expected: Optional[int], which: str) -> None:
+        """Raise unless the pass just run made exactly ``expected`` output-layer forwards (one per
+        micro-batch): ``g_F`` is kept and injected by forward order, so a stray forward (a rerun,
+        an extra evaluation inside the step) would shift every kept gradient onto the wrong
+        micro-batch."""
+        if not self.layers or expected is None:
+            return
+        if self._count != int(expected):
+            raise RuntimeError(f"{which} ran {self._count} output-layer forwards for num_microbatches={expected}; "
+                               "the functional SAM types need exactly one per micro-batch in each pass "
+                               "(no extra forward of the model inside the step)")
+
 
 # ---- the optimizer's shards ----------------------------------------------------------------------
+
+def _step_count(value) -> int:
+    """An Adam step count held as an int, a float or a (0-dim) tensor."""
+    return int(value.item()) if torch.is_tensor(value) else int(value)
+
+
+def _optimizer_names(optimizers) -> str:
+    return "/".join(sorted({type(o.optimizer).__name__ for o in optimizers})) or "the optimizer"
+
 
 def _inner_optimizers(optimizer) -> list:
     return list(getattr(optimizer, "chained_optimizers", [optimizer]))
@@ -171,16 +192,58 @@ class MainParams:
         scale = float(self.inner[0].get_loss_scale()) if self.inner else 1.0
         return params, grads, weights, scale
 
+    @torch.no_grad()
     def adam_step(self) -> int:
-        """AdamW updates taken so far (the inner torch optimizer's per-parameter step)."""
-        for p in self.params:
-            st = self._owner[id(p)][0].optimizer.state.get(p)
-            if st and "step" in st:
-                return int(st["step"])
+        """AdamW updates taken so far, read the way megatron-core reads it
+        (``DistributedOptimizer.state_dict``): torch's Adam/AdamW keep ``step`` in every
+        parameter's state; TransformerEngine's and apex's FusedAdam (which megatron-core picks
+        first when installed) keep it in ``param_groups[i]["step"]`` (a group without parameters
+        has none). The per-parameter count wins where both exist (megatron-core's loader writes a
+        constant ``step`` into torch's groups). 0 before the first update; raises when the
+        optimizer holds Adam moments but no step count, or different counts, rather than
+        running the preconditioned types without their preconditioner."""
+        per_param, per_group, moments = set(), set(), False
+        for o in self.inner:
+            inner = o.optimizer
+            for group in inner.param_groups:
+                if not group["params"]:
+                    continue
+                if group.get("step") is not None:
+                    per_group.add(_step_count(group["step"]))
+                for p in group["params"]:  # the first parameter with state speaks for its group
+                    st = inner.state.get(p)
+                    if st:
+                        moments = moments or "exp_avg_sq" in st
+                        if "step" in st:
+                            per_param.add(_step_count(st["step"]))
+                        break
+        steps = per_param or per_group
+        if len(steps) > 1:
+            raise RuntimeError(f"the optimizer holds different Adam step counts {sorted(steps)} across its "
+                               "parameter groups; the preconditioned SAM types need one bias-correction step")
+        if steps:
+            return steps.pop()
+        if moments and self._moments_nonzero():
+            raise RuntimeError(
+                f"{_optimizer_names(self.inner)} holds Adam moments (exp_avg_sq) but no step count, neither in "
+                "the parameters' state (torch Adam/AdamW) nor in param_groups[i]['step'] (TransformerEngine/apex "
+                "FusedAdam); the preconditioned SAM types cannot run without it")
         return 0
 
+    def _moments_nonzero(self) -> bool:
+        """Whether any ``exp_avg_sq`` here holds something (megatron's ``init_state_fn`` fills zero
+        moments without a step when a checkpoint is loaded before the first update)."""
+        for o in self.inner:
+            for st in o.optimizer.state.values():
+                v = st.get("exp_avg_sq") if isinstance(st, dict) else None
+                if torch.is_tensor(v) and bool(v.ne(0).any()):
+                    return True
+        return False
+
     def denominators(self, params, step: int):
-        """AdamW's ``sqrt(v / (1 - beta2^t)) + eps`` for each parameter, or None before the first step."""
+        """AdamW's ``sqrt(v / (1 - beta2^t)) + eps`` for each parameter (its own group's beta2, eps and
+        bias_correction), or None before the first step (``step`` 0). After it, a parameter without
+        ``exp_avg_sq`` is an error, not a silent fall-back to the unpreconditioned method."""
         if step == 0:
             return None
         from fsam_ds.method import adam_denominator
@@ -190,8 +253,12 @@ class MainParams:
             o, group = self._owner[id(p)]
             st = o.optimizer.state.get(p)
             if not st or "exp_avg_sq" not in st:
-                return None
-            out.append(adam_denominator(st["exp_avg_sq"], group["betas"][1], group["eps"], step))
+                raise RuntimeError(
+                    f"{type(o.optimizer).__name__} has taken {step} Adam step(s) but holds no exp_avg_sq for a "
+                    f"parameter of shape {tuple(p.shape)}; the preconditioned SAM types need AdamW's second "
+                    "moment of every parameter (optimizer 'adam')")
+            out.append(adam_denominator(st["exp_avg_sq"], group["betas"][1], group["eps"], step,
+                                        group.get("bias_correction", True)))
         return out
 
     @torch.no_grad()
@@ -288,9 +355,15 @@ class MegatronSAM:
         self.optimizer = optimizer
         self.sam = sam
         self.main = MainParams(optimizer)
+        if sam.preconditioned:
+            kinds = {getattr(o.config, "optimizer", "adam") for o in self.main.inner}
+            if kinds - {"adam"}:
+                raise ValueError(f"{sam.method} preconditions with AdamW's second moment; the optimizer is "
+                                 f"{'/'.join(sorted(kinds))}; accepted: optimizer 'adam'")
         self.cache = LogitGradCache(self.model) if sam.functional else None
         self.skip_unperturbed_pass2 = True
         self.steps = 0
+        self._t0: Optional[float] = None
         self.last_metrics: Dict[str, Any] = {}
 
     def zero_grad(self):
@@ -302,6 +375,7 @@ class MegatronSAM:
         """Pass 1 and, for the SAM types, the ascent and pass 2; ends with zero or pass-2
         gradients in place (the optimizer has not stepped). Returns pass 1's losses_reduced."""
         sam, t0 = self.sam, time.perf_counter()
+        self._t0 = t0  # step_time runs from here to the end of optimizer_step()
         iteration = schedule_kw.pop("iteration", None)
         step = self.steps if iteration is None else int(iteration)
         rho = rho_at(step, sam.rho, sam.rho_warmup_steps) if sam.is_sam else 0.0
@@ -316,6 +390,9 @@ class MegatronSAM:
         rng_before = _rng_state()
         with (self.cache.capture() if self.cache is not None else contextlib.nullcontext()):
             losses = forward_backward_func(data_iterator=recorded, **kw)
+        expected = kw.get("num_microbatches")
+        if self.cache is not None:
+            self.cache.check_count(expected, "pass 1")
         params, grads, weights, scale = self.main.read_grads()
         denoms = self.main.denominators(params, self.main.adam_step()) if sam.preconditioned else None
         ascent = ascent_direction(grads, rho, denoms, sam.precondition_norm, group=self.main.group,
@@ -332,6 +409,8 @@ class MegatronSAM:
                 forward_backward_func(data_iterator=_replay(recorded), **kw)
             _set_rng_state(rng_after)
             self.main.restore()
+            if self.cache is not None:
+                self.cache.check_count(expected, "pass 2")
         if self.cache is not None:
             self.cache.clear()
         self.last_metrics["pass_time"] = time.perf_counter() - t0
@@ -343,15 +422,24 @@ class MegatronSAM:
         """Zero grads, both passes, optimizer step. Returns ``(losses_reduced, update_successful,
         grad_norm, num_zeros_in_grad)`` like Megatron-LM's train step (grad_norm is the pass-2
         norm the optimizer clipped with)."""
-        t0 = time.perf_counter()
         losses = self.forward_backward(forward_backward_func, forward_step_func, data_iterator,
                                        num_microbatches=num_microbatches, seq_length=seq_length,
                                        micro_batch_size=micro_batch_size, decoder_seq_length=decoder_seq_length,
                                        iteration=iteration, **schedule_kw)
+        update_successful, grad_norm, num_zeros = self.optimizer_step()
+        return losses, update_successful, grad_norm, num_zeros
+
+    def optimizer_step(self):
+        """The optimizer's own step on the gradients :meth:`forward_backward` left (the second half
+        of :meth:`step`). Returns ``(update_successful, grad_norm, num_zeros_in_grad)``."""
+        t0 = self._t0
         update_successful, grad_norm, num_zeros = self.optimizer.step()
         self.steps += 1
-        self.last_metrics.update(update_successful=bool(update_successful), step_time=time.perf_counter() - t0)
-        return losses, update_successful, grad_norm, num_zeros
+        self.last_metrics.update(update_successful=bool(update_successful))
+        if t0 is not None:
+            self.last_metrics["step_time"] = time.perf_counter() - t0
+        self._t0 = None
+        return update_successful, grad_norm, num_zeros
 
 
 def _mean_loss(losses_reduced) -> Optional[float]:

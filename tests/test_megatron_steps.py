@@ -1,0 +1,106 @@
+"""The Megatron step's bookkeeping, in one process (world size 1, TP = PP = 1, gloo):
+
+* issue 14 item 1: Adam's step count read at every optimizer layout, including the layout of
+  TransformerEngine's and apex's FusedAdam (``param_groups[i]["step"]``), which megatron-core
+  picks before torch's AdamW when either is installed. Before the fix the preconditioned types
+  found no step there and silently ran unpreconditioned (denominators None);
+* item 7: megatron-core's ``RerunStateMachine`` driven in mode ``disabled``, any other mode
+  refused in one line before any work; exactly ``num_microbatches`` output-layer forwards in
+  each pass of the functional types.
+
+tests/megatron_step_worker.py runs all the cases in one process of its own (megatron_patches.cpu
+patches torch for good) and these tests read its results.
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from optional import require_module
+
+require_module("megatron.core", "megatron-core is an optional extra: pip install -e .[megatron]")
+
+HERE = Path(__file__).resolve().parent
+LAYOUTS = ["fp32", "distopt", "bf16", "bf16_distopt"]
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory):
+    out = tmp_path_factory.mktemp("megatron_steps") / "results.pt"
+    env = dict(os.environ, PYTHONWARNINGS="ignore", OMP_NUM_THREADS="1")
+    proc = subprocess.run([sys.executable, str(HERE / "megatron_step_worker.py"), "--out", str(out)],
+                          cwd=HERE.parent, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return torch.load(out, weights_only=False)
+
+
+def _ok(case):
+    assert "traceback" not in case, case.get("traceback")
+    return case
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_step_in_param_groups_keeps_the_preconditioner(results, layout):
+    case = _ok(results[f"group_step/{layout}"])
+    torch_run, group_run, sam_run = case["torch"], case["group"], case["sam"]
+    assert torch_run["adam_step"] == group_run["adam_step"] == 1
+    # before the fix: None (the step was looked for in the parameters' state only)
+    assert group_run["denominators"] is not None
+    assert len(group_run["denominators"]) == len(torch_run["denominators"]) > 0
+    for a, b in zip(torch_run["denominators"], group_run["denominators"]):
+        assert torch.equal(a, b)
+    # the same method bit for bit: PreconditionedSAM's weights with either layout ...
+    for name, w in torch_run["weights"].items():
+        assert torch.equal(w, group_run["weights"][name]), name
+    # ... and not SAM's, which is what the preconditioned type silently became before the fix
+    gap = max(float((sam_run["weights"][n] - group_run["weights"][n]).abs().max()) for n in sam_run["weights"])
+    assert gap > 1e-3
+
+
+def test_missing_step_count_raises(results):
+    case = results["missing_step"]
+    assert "traceback" in case, "a preconditioned step without Adam's step count must raise"
+    assert "no step count" in case["error"] and "param_groups" in case["error"]
+
+
+def test_zero_moments_before_the_first_update_are_step_zero(results):
+    assert _ok(results["zero_moments"])["adam_step"] == 0
+
+
+def test_preconditioned_types_refuse_sgd(results):
+    case = results["sgd_refused"]
+    assert "traceback" in case and "accepted: optimizer 'adam'" in case["error"]
+
+
+def test_one_output_forward_per_micro_batch_in_each_pass(results):
+    assert _ok(results["stray_forward/none"]) == {"error": None, "count": 2}
+    extra1 = _ok(results["stray_forward/pass 1"])
+    assert "pass 1 ran 3 output-layer forwards for num_microbatches=2" in extra1["error"]
+    assert extra1["restored"]  # raised before the weights were perturbed
+    short2 = _ok(results["stray_forward/pass 2 short"])
+    assert "pass 2 ran 1 output-layer forwards for num_microbatches=2" in short2["error"]
+    assert short2["restored"]  # raised after theta was restored
+    extra2 = _ok(results["stray_forward/pass 2"])
+    assert "no logit gradient kept for micro-batch 2" in extra2["error"]
+
+
+def test_rerun_state_machine_disabled_is_driven(results):
+    case = _ok(results["rerun/disabled"])
+    assert case["error"] is None and case["tuple_len"] == 8 and len(case["losses"]) == 2
+    # as under Megatron-LM's own train_step: one initial run per step, then back to NOT_RUNNING_YET
+    assert case["iteration"] == 1 and case["state"] == "NOT_RUNNING_YET"
+    assert case["saved"] == [0, 0] and not case["unchanged"]
+
+
+@pytest.mark.parametrize("mode", ["validate_results", "report_determinism_stats"])
+def test_rerun_modes_other_than_disabled_are_refused_before_any_work(results, mode):
+    case = _ok(results[f"rerun/{mode}"])
+    assert case["error"] == (f"FSAMConfigError: --rerun-mode {mode} is not supported by the SAM types (the step "
+                             "replays its micro-batches itself for pass 2); accepted: --rerun-mode disabled")
+    assert "\n" not in case["error"]
+    assert case["losses"] == [] and case["unchanged"] and case["iteration"] == -1
