@@ -9,3 +9,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # other's builds. Launched ranks inherit it.
 os.environ.setdefault("TORCH_EXTENSIONS_DIR",
                       str(Path(sys.prefix) / "torch_extensions"))
+
+# Optional parts (megatron-core, corpora): skipped locally when absent, failures under CI=true or
+# FSAM_REQUIRE_OPTIONAL=1. Tests import the helpers from tests/optional.py.
+from optional import data_file, missing, optional_required, require_module  # noqa: E402,F401

@@ -10,4 +10,7 @@ bash launch_scripts/setup_env.sh
 if ! pgrep -f "deepspeed.launcher" >/dev/null 2>&1; then
   rm -f /dev/shm/deepspeed_allreduce_buffer_* 2>/dev/null || true
 fi
+# the environment above has every optional part (megatron-core, the test texts are in tests/data):
+# a missing one is a failure here, not a skip (tests/optional.py); FSAM_REQUIRE_OPTIONAL=0 to relax
+export FSAM_REQUIRE_OPTIONAL="${FSAM_REQUIRE_OPTIONAL:-1}"
 exec python -m pytest -q -p no:cacheprovider tests "$@"

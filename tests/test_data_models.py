@@ -26,9 +26,9 @@ from fsam_ds.data import (
 )
 from fsam_ds.models import PRESETS, build_model, count_parameters, llama_config
 
-SHARED = Path(__file__).resolve().parents[1].parent / "shared"
-WIKITEXT_VALID = SHARED / "data" / "wikitext-2" / "valid.txt"
-SHAKESPEARE = SHARED / "data" / "tinyshakespeare" / "input.txt"
+from optional import BUNDLED_DATA, SHARED_DATA, data_file  # noqa: E402
+
+SHAKESPEARE = SHARED_DATA / "tinyshakespeare" / "input.txt"
 
 # WikiText layout: every line padded with spaces, headings between blank lines.
 SYNTHETIC_WIKITEXT = "".join(
@@ -201,9 +201,15 @@ def test_embedded_corpus_split_is_deterministic_and_disjoint():
     assert other_train != train
 
 
-@pytest.mark.skipif(not SHAKESPEARE.is_file(), reason="shared corpus not present")
 def test_embedded_corpus_is_tinyshakespeare():
-    assert read_embedded_corpus() == SHAKESPEARE.read_text(encoding="utf-8")
+    if SHAKESPEARE.is_file():
+        assert read_embedded_corpus() == SHAKESPEARE.read_text(encoding="utf-8")
+    # without ../shared: the SHA-256 and length of karpathy/char-rnn's input.txt (tests/data)
+    import hashlib
+
+    digest, size, _ = (BUNDLED_DATA / "tinyshakespeare.sha256").read_text().split()
+    raw = read_embedded_corpus().encode("utf-8")
+    assert (hashlib.sha256(raw).hexdigest(), len(raw)) == (digest, int(size))
 
 
 def test_wikitext_split_by_article_synthetic():
@@ -232,18 +238,30 @@ def test_wikitext_file_and_folder(tmp_path: Path):
     assert load_texts(tmp_path) == (["t1", "t2"], ["v1"])
 
 
-@pytest.mark.skipif(not WIKITEXT_VALID.is_file(), reason="shared WikiText-2 not present")
 def test_wikitext2_valid_split_by_article():
-    text = WIKITEXT_VALID.read_text(encoding="utf-8")
+    path, full = data_file("wikitext-2/valid.txt")  # the shared file, else the excerpt in tests/data
+    text = path.read_text(encoding="utf-8")
     titles = [line for line in text.splitlines() if re.fullmatch(r" = [^=].* = ", line)]
-    train, evals = load_texts(WIKITEXT_VALID, eval_fraction=0.1)
+    train, evals = load_texts(path, eval_fraction=0.1)
     docs = train + evals
-    assert len(docs) == len(titles) > 50
+    assert len(docs) == len(titles) > (50 if full else 10)
     assert sorted(d.splitlines()[0] for d in docs) == sorted(titles)
     assert len(evals) == round(0.1 * len(titles))
     n_sections = sum(1 for line in text.splitlines() if line.startswith(" = = "))
     assert sum(d.count("\n = = ") for d in docs) == n_sections
     assert sum(len(d.split()) for d in docs) == len(text.split())
+
+
+def test_bundled_wikitext_excerpt():
+    """The excerpt in tests/data: whole articles, the first 15 of WikiText-2's valid split."""
+    excerpt = BUNDLED_DATA / "wikitext-2" / "valid-excerpt.txt"
+    assert excerpt.stat().st_size < 300_000
+    train, evals = load_texts(excerpt, eval_fraction=0.0)
+    assert len(train) == 15 and evals == [] and train[0].splitlines()[0] == " = Homarus gammarus = "
+    full = SHARED_DATA / "wikitext-2" / "valid.txt"
+    if full.is_file():
+        text = excerpt.read_text(encoding="utf-8")
+        assert full.read_text(encoding="utf-8").startswith(text)
 
 
 def test_missing_path_is_named():

@@ -19,7 +19,9 @@ from pathlib import Path
 import pytest
 import torch
 
-pytest.importorskip("megatron.core", reason="megatron-core is an optional extra: pip install -e .[megatron]")
+from optional import require_module  # noqa: E402
+
+require_module("megatron.core", "megatron-core is an optional extra: pip install -e .[megatron]")
 
 from reference import _ce, micro_batch, reference_train, tiny_llama, weight_distance  # noqa: E402
 

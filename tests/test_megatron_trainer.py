@@ -12,7 +12,9 @@ from pathlib import Path
 
 import pytest
 
-pytest.importorskip("megatron.core", reason="megatron-core is an optional extra: pip install -e .[megatron]")
+from optional import require_module  # noqa: E402
+
+require_module("megatron.core", "megatron-core is an optional extra: pip install -e .[megatron]")
 
 from fsam_ds.config import FSAMConfigError  # noqa: E402
 from megatron_patches import megatron_lm, trainer  # noqa: E402
