@@ -18,7 +18,7 @@ from .method import (adam_denominator, ascent_direction, causal_lm_loss, functio
 
 __version__ = "0.1.0"
 
-__all__ = ["initialize", "parse_config", "FSAMConfigError", "SAMConfig", "METHODS", "SAM_METHODS",
+__all__ = ["initialize", "attach", "parse_config", "FSAMConfigError", "SAMConfig", "METHODS", "SAM_METHODS",
            "ascent_direction", "adam_denominator", "functional_surrogate", "global_norm", "causal_lm_loss",
            "rho_at", "init_distributed", "__version__"]
 
@@ -77,6 +77,10 @@ def initialize(model, config: Union[str, os.PathLike, Mapping[str, Any]], model_
 
     from .engine import FSAMEngine
 
+    if sam.is_sam and mpu is not None:
+        raise FSAMConfigError(f"optimizer.type {sam.method} with an mpu (model parallelism) is not supported: its norms "
+                              "would count model-parallel shards per rank; accepted: mpu=None, or Megatron-core "
+                              "(megatron_patches) for tensor and pipeline parallelism")
     if dist_init_required is not False:
         init_distributed(ds_config.get("communication_backend"))
     if model_parameters is None:
@@ -85,3 +89,14 @@ def initialize(model, config: Union[str, os.PathLike, Mapping[str, Any]], model_
         model=model, config=ds_config, model_parameters=model_parameters, training_data=training_data,
         lr_scheduler=lr_scheduler, mpu=mpu, collate_fn=collate_fn, dist_init_required=dist_init_required, **kwargs)
     return FSAMEngine(engine, sam, loss_fn), optimizer, dataloader, scheduler
+
+
+def attach(engine, config_or_sam, loss_fn: Optional[Callable] = None):
+    """Run the configured method on a ``DeepSpeedEngine`` that was built elsewhere (e.g. by
+    ``deepspeed.initialize`` with the config :func:`parse_config` returned): loop mode is installed
+    on that engine and the :class:`~fsam_ds.engine.FSAMEngine` returned. ``config_or_sam`` is a
+    :class:`SAMConfig`, or the fsam config (dict or path) whose method to run."""
+    from .hf import attach_engine
+
+    sam = config_or_sam if isinstance(config_or_sam, SAMConfig) else parse_config(config_or_sam)[1]
+    return attach_engine(engine, sam, loss_fn)

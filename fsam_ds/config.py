@@ -102,6 +102,7 @@ def _canonical_method(name: Any) -> str:
 
 
 def _check_adamw_params(params: Mapping[str, Any]) -> None:
+    params = {k: v for k, v in params.items() if v != "auto"}  # Hugging Face fills "auto" values later
     if "lr" in params and (not _is_number(params["lr"]) or params["lr"] < 0):
         raise FSAMConfigError(f"optimizer.params.lr must be a number >= 0, got {params['lr']!r}")
     if "betas" in params:
@@ -150,6 +151,13 @@ def parse_config(config: Union[str, os.PathLike, Mapping[str, Any]]) -> Tuple[di
     range, or a combination this version does not support.
     """
     ds_config = load_json_config(config)
+    return ds_config, take_sam_section(ds_config)
+
+
+def take_sam_section(ds_config: dict) -> SAMConfig:
+    """:func:`parse_config` on a config dict in place: its optimizer section becomes DeepSpeed's
+    AdamW, and the method's settings are returned. Hugging Face's ``"auto"`` values (filled in
+    by the Trainer or Accelerate later) are accepted wherever DeepSpeed's own keys allow them."""
     opt = ds_config.get("optimizer")
     if opt is None:
         raise FSAMConfigError('deepspeed config: the "optimizer" section is missing; fsam_ds needs '
@@ -180,7 +188,7 @@ def parse_config(config: Union[str, os.PathLike, Mapping[str, Any]]) -> Tuple[di
     if sam.is_sam:
         _check_sam_compatibility(ds_config)
     ds_config["optimizer"] = {"type": "AdamW", "params": {k: v for k, v in params.items() if k in ADAMW_KEYS}}
-    return ds_config, sam
+    return sam
 
 
 def zero_stage(ds_config: Mapping[str, Any]) -> int:
@@ -195,7 +203,7 @@ def zero_stage(ds_config: Mapping[str, Any]) -> int:
 
 def _enabled(ds_config: Mapping[str, Any], key: str) -> bool:
     section = ds_config.get(key)
-    return isinstance(section, dict) and bool(section.get("enabled", False))
+    return isinstance(section, dict) and section.get("enabled", False) is True
 
 
 def _check_sam_compatibility(ds_config: Mapping[str, Any]) -> None:
@@ -212,6 +220,15 @@ def _check_sam_compatibility(ds_config: Mapping[str, Any]) -> None:
                                   "in this version; accepted: \"none\" (or leave the section out)")
     if _enabled(ds_config, "fp16") and _enabled(ds_config, "bf16"):
         raise FSAMConfigError("fp16.enabled and bf16.enabled are both true; accepted: at most one of them")
+    if ds_config.get("managed_gradient_accumulation", True) is False:
+        raise FSAMConfigError("managed_gradient_accumulation: false is not supported with the SAM types (the ascent "
+                              "needs the reduced gradient before the step); accepted: true or leave it out")
+    tp = ds_config.get("tensor_parallel")
+    autotp = tp.get("autotp_size", 0) if isinstance(tp, dict) else 0
+    if autotp not in (0, 1, "auto", None):
+        raise FSAMConfigError(f"tensor_parallel.autotp_size {autotp!r} is not supported with the SAM types (the norms "
+                              "would count tensor-parallel shards per rank); accepted: 0 or 1, or use Megatron-core "
+                              "(megatron_patches) for tensor parallelism")
     gas = ds_config.get("gradient_accumulation_steps", 1)
-    if not isinstance(gas, int) or isinstance(gas, bool) or gas < 1:
+    if gas != "auto" and (not isinstance(gas, int) or isinstance(gas, bool) or gas < 1):
         raise FSAMConfigError(f"gradient_accumulation_steps must be an integer >= 1, got {gas!r}")

@@ -278,6 +278,14 @@ class FSAMEngine:
         object.__setattr__(self, "_engine", engine)
         self.sam = sam
         self.loss_fn: LossFn = loss_fn or default_loss
+        self.user_loss_fn: Optional[LossFn] = loss_fn
+        cls = type(engine)
+        # DeepSpeed's own backward and step (loop mode replaces them on the engine instance)
+        self._ds_backward = cls.backward.__get__(engine)
+        self._ds_step = cls.step.__get__(engine)
+        if sam.is_sam and getattr(engine, "has_moe_layers", False):
+            raise FSAMConfigError(f"optimizer.type {sam.method} with DeepSpeed MoE layers is not supported: expert "
+                                  "parameters would be normed over the wrong group; accepted for MoE models: AdamW")
         self.view = make_view(engine)
         self.last_metrics: Dict[str, Any] = {}
         # DeepSpeed's overflow check at every layout: ZeRO 1/2 in bf16 checks only when asked
@@ -306,6 +314,12 @@ class FSAMEngine:
         self._eps_unit_norm: Optional[torch.Tensor] = None
         self._eps_unit_ok = False
         self._eps_step = -1
+        self._loop = None
+        if sam.is_sam:
+            from .loop import LoopMode
+
+            self._loop = LoopMode(self)
+        engine._fsam_engine = self
 
     # ---- delegation -------------------------------------------------------------------------
     def __getattr__(self, name):
@@ -313,6 +327,20 @@ class FSAMEngine:
 
     def __call__(self, *args, **kwargs):
         return self._engine(*args, **kwargs)
+
+    def forward(self, *args, **kwargs):
+        """The engine's forward (recorded for the step in loop mode, as ``engine(...)`` is)."""
+        return self._engine(*args, **kwargs)
+
+    def backward(self, loss, retain_graph: bool = False, scale_wrt_gas: bool = True):
+        """DeepSpeed's ``backward``; in loop mode with a SAM type, pass 1 of the step (see
+        :mod:`fsam_ds.loop`)."""
+        return self._engine.backward(loss, retain_graph=retain_graph, scale_wrt_gas=scale_wrt_gas)
+
+    def step(self, lr_kwargs=None):
+        """DeepSpeed's ``step``; in loop mode with a SAM type, at the accumulation boundary the
+        method's pass 2, exact restore and update (see :mod:`fsam_ds.loop`)."""
+        return self._engine.step(lr_kwargs)
 
     @property
     def engine(self):
@@ -388,7 +416,7 @@ class FSAMEngine:
                 # g_F first: a recomputed one then lives before this micro-batch's activations
                 g_f = self._cached_logit_grad(logit_grads, i, batch)
                 _, logits = self._forward_logits(batch)
-                eng.backward(functional_surrogate(logits, g_f))
+                self._ds_backward(functional_surrogate(logits, g_f))
                 continue
             outputs, logits = self._forward_logits(batch)
             if keep_logit_grads:
@@ -396,10 +424,10 @@ class FSAMEngine:
                     logit_grads.put_hidden(i, logits)
                 loss, g_f = logit_grad(self.loss_fn, logits, batch)
                 logit_grads.put(i, g_f)
-                eng.backward(functional_surrogate(logits, g_f))
+                self._ds_backward(functional_surrogate(logits, g_f))
             else:
                 loss = self._loss(outputs, logits, batch)
-                eng.backward(loss)
+                self._ds_backward(loss)
             losses.append(loss.detach().float())
         if recompute:
             logit_grads.capturing = False
@@ -478,20 +506,10 @@ class FSAMEngine:
         no pass 1 (the returned loss is then pass 2's, at theta + eps), FunctionalSAM's pass 1 is
         a forward at theta for g_F. Returns (grad_norm or None, eps_norm, losses, reused)."""
         sam = self.sam
-        step = int(self._engine.global_steps)
-        # an unusable stored direction (||g|| = 0 or not finite) is recomputed at the next step
-        reuse = self._eps_unit is not None and self._eps_unit_ok and step % sam.ascent_every != 0
-        if not reuse:
+        if not self.reuses_ascent():
             losses, rng_states = self._backward_pass(batches, logit_grads=self.logit_grads,
                                                      keep_logit_grads=sam.functional)
-            unit = self.compute_ascent(1.0)
-            self._eps_unit = unit.perturbations()  # new fp32 tensors: theta's own layout on this rank
-            self._eps_unit_norm = unit.eps_norm
-            self._eps_unit_ok = not unit.is_zero
-            self._eps_step = step
-            grad_norm = unit.grad_norm
-            del unit
-            ascent = self._reused_ascent(rho)
+            ascent, grad_norm = self._stored_ascent(rho)
             if self._runs_pass2(ascent, grad_norm):
                 self._perturbed_pass(batches, ascent, rng_states)
             return grad_norm, ascent.eps_norm, losses, False
@@ -502,6 +520,24 @@ class FSAMEngine:
         else:
             losses = self._perturbed_pass(batches, ascent, None)
         return None, ascent.eps_norm, losses, True
+
+    def reuses_ascent(self) -> bool:
+        """``ascent_every: k > 1``: whether this step reuses the stored direction (every k-th
+        step and the first compute it; an unusable one, ``||g|| = 0`` or not finite, is
+        recomputed at the next step)."""
+        every = self.sam.ascent_every
+        return (every > 1 and self._eps_unit is not None and self._eps_unit_ok
+                and int(self._engine.global_steps) % every != 0)
+
+    def _stored_ascent(self, rho: float):
+        """``ascent_every: k > 1`` on a computing step: the direction at rho = 1 from the pass-1
+        gradients, stored; returns (the ascent at ``rho``, ``||g||``)."""
+        unit = self.compute_ascent(1.0)
+        self._eps_unit = unit.perturbations()  # new fp32 tensors: theta's own layout on this rank
+        self._eps_unit_norm = unit.eps_norm
+        self._eps_unit_ok = not unit.is_zero
+        self._eps_step = int(self._engine.global_steps)
+        return self._reused_ascent(rho), unit.grad_norm
 
     def _runs_pass2(self, ascent: Ascent, grad_norm) -> bool:
         """Pass 2 runs unless the perturbation is zero (then its gradients would be pass 1's) or
@@ -517,7 +553,7 @@ class FSAMEngine:
         norm = global_norm(self.view.grads()) if sam_passes or grad_norm is None else grad_norm
         return bool(torch.isfinite(norm))
 
-    def _skip_step(self) -> None:
+    def _skip_step(self, lr_kwargs=None) -> None:
         """DeepSpeed's overflow path for an optimizer without one (ZeRO 0, fp32): ``engine.step()``
         with the update itself left out and ``optimizer.overflow`` set, so DeepSpeed clears the
         gradients, counts ``skipped_steps``, holds the LR scheduler and advances ``global_steps``
@@ -526,7 +562,7 @@ class FSAMEngine:
         opt.overflow = True
         opt.step = _no_update
         try:
-            self._engine.step()
+            self._ds_step(lr_kwargs)
         finally:
             del opt.step
             del opt.overflow
@@ -572,6 +608,21 @@ class FSAMEngine:
     def train_batch(self, data_iter: Optional[Iterator] = None) -> torch.Tensor:
         """One optimizer step over ``gradient_accumulation_steps`` micro-batches from ``data_iter``
         (or the engine's own training dataloader). Returns the mean pass-1 loss."""
+        loop = self._loop
+        if loop is None:
+            return self._train_batch(data_iter)
+        if loop.records:
+            from .loop import LoopModeError
+
+            raise LoopModeError("train_batch() in the middle of a step of your own loop (forwards recorded since the "
+                                "last step()); finish that step with engine.step() first")
+        loop.mode = "off"
+        try:
+            return self._train_batch(data_iter)
+        finally:
+            loop.mode = "record"
+
+    def _train_batch(self, data_iter: Optional[Iterator]) -> torch.Tensor:
         eng = self._engine
         if data_iter is None:
             if self._data_iter is None:
@@ -607,17 +658,53 @@ class FSAMEngine:
         finally:
             if cache is not None:
                 cache.clear()
-        lr = float(eng.get_lr()[0])  # the learning rate this step uses
         eng.micro_steps += gas - 1  # DeepSpeed counts micro-batches; step() adds the last one
+        self._finish_step(t0, losses, grad_norm, eps_norm, rho, reused, skipped_before, batches[0])
+        return self.last_metrics_loss
+
+    def _loop_update(self, loop, lr_kwargs=None) -> None:
+        """Loop mode at the accumulation boundary (:meth:`fsam_ds.loop.LoopMode.step`): pass 1
+        was the loop's own; the ascent, pass 2 over the recorded micro-batches, the restore and
+        DeepSpeed's step, as in :meth:`train_batch`."""
+        eng = self._engine
+        skipped_before = int(getattr(eng, "skipped_steps", 0))
+        rho = self.current_rho()
+        boundary = eng._is_gradient_accumulation_boundary
+        reused = self.reuses_ascent()
+        try:
+            if reused:
+                ascent, grad_norm = self._reused_ascent(rho), None
+            elif self.sam.ascent_every > 1:
+                ascent, grad_norm = self._stored_ascent(rho)
+            else:
+                ascent = self.compute_ascent(rho)
+                grad_norm = ascent.grad_norm
+            eps_norm = ascent.eps_norm
+            if reused or self._runs_pass2(ascent, grad_norm):
+                loop.perturbed_pass(ascent)
+            del ascent
+        finally:
+            if self.logit_grads is not None:
+                self.logit_grads.clear()
+        losses = [r.value for r in loop.records]
+        self._finish_step(loop.step_start_time(), losses, grad_norm, eps_norm, rho, reused, skipped_before,
+                          loop.records[0].batch(), lr_kwargs=lr_kwargs, boundary=boundary)
+
+    def _finish_step(self, t0, losses, grad_norm, eps_norm, rho, reused, skipped_before, first_batch,
+                     lr_kwargs=None, boundary=None) -> None:
+        """DeepSpeed's step (or its overflow path) after the restore, then the step's metrics."""
+        eng, sam = self._engine, self.sam
+        lr = float(eng.get_lr()[0])  # the learning rate this step uses
         if self._own_overflow_check and not self._final_grads_finite(grad_norm, sam.is_sam):
-            self._skip_step()
+            self._skip_step(lr_kwargs)
         else:
-            eng.step()
-        # hand the accumulation boundary back to DeepSpeed's own micro-step counting
-        eng._is_gradient_accumulation_boundary = None
+            self._ds_step(lr_kwargs)
+        # hand the accumulation boundary back to whoever set it (DeepSpeed's own micro-step counting)
+        eng._is_gradient_accumulation_boundary = boundary
         if grad_norm is None and not reused:  # AdamW under ZeRO: the norm DeepSpeed's step computed anyway
             grad_norm = eng.get_global_grad_norm()
         loss = self._mean_loss(losses)
+        self.last_metrics_loss = loss
         self.last_metrics = {
             "method": sam.method,
             "loss": float(loss),
@@ -630,9 +717,17 @@ class FSAMEngine:
         }
         if sam.ascent_every > 1:
             self.last_metrics["ascent_reused"] = reused
+        self._write_monitor({k: self.last_metrics[k] for k in ("grad_norm", "eps_norm", "rho")})
         if sam.sharpness_every and int(eng.global_steps) % sam.sharpness_every == 0:
-            self._record_sharpness(batches[0])
-        return loss
+            self._record_sharpness(first_batch)
+
+    def _write_monitor(self, values: Mapping[str, Any], prefix: str = "Train/FSAM") -> None:
+        """Per-step values into DeepSpeed's monitors (TensorBoard, CSV, W&B when configured)."""
+        monitor = getattr(self._engine, "monitor", None)
+        if monitor is None or not getattr(monitor, "enabled", False):
+            return
+        samples = int(getattr(self._engine, "global_samples", self._engine.global_steps))
+        monitor.write_events([(f"{prefix}/{k}", float(v), samples) for k, v in values.items() if v is not None])
 
     def _record_sharpness(self, batch) -> None:
         """``optimizer.params.sharpness_every``: :func:`fsam_ds.sharpness.training_diagnostics` on
@@ -644,10 +739,7 @@ class FSAMEngine:
         values, self._sharpness_vector = training_diagnostics(self, batch, init=self._sharpness_vector)
         self._set_rng_state(rng)
         self.last_metrics.update(values)
-        monitor = getattr(self._engine, "monitor", None)
-        if monitor is not None and getattr(monitor, "enabled", False):
-            samples = int(getattr(self._engine, "global_samples", self._engine.global_steps))
-            monitor.write_events([(f"Train/Sharpness/{k}", float(v), samples) for k, v in values.items()])
+        self._write_monitor(values, "Train/Sharpness")
 
     @torch.no_grad()
     def eval_batch(self, batch: Mapping[str, Any]) -> torch.Tensor:

@@ -47,6 +47,11 @@ def _group_hparams(group) -> tuple:
     return beta2, group["eps"], group.get("bias_correction", True)
 
 
+def _missing_moments(layout: str, updates: int) -> RuntimeError:
+    return RuntimeError(f"{layout}: the optimizer has applied {updates} update(s) but holds no exp_avg_sq; the "
+                        "preconditioned SAM types need AdamW's second moment (optimizer Adam/AdamW)")
+
+
 def _denominators(vs, hparams, step) -> List[torch.Tensor]:
     """AdamW's denominators of per-parameter ``exp_avg_sq`` tensors, one foreach call per run of
     parameters sharing (beta2, eps, bias_correction)."""
@@ -137,9 +142,16 @@ class PlainView(RankView):
         if updates < 1:
             return None
         vs = [state.get(p, {}).get("exp_avg_sq") for p in self.params]
-        if any(v is None for v in vs):
-            return None
-        return _denominators(vs, self.hparams, updates)
+        if all(v is None for v in vs):
+            raise _missing_moments("ZeRO stage 0", updates)
+        # a parameter AdamW has never updated (no gradient so far) has no moments: its step has no
+        # preconditioner to follow, its direction is left as it is (denominator 1)
+        held = [i for i, v in enumerate(vs) if v is not None]
+        dens = _denominators([vs[i] for i in held], [self.hparams[i] for i in held], updates)
+        out = [torch.ones_like(p, dtype=torch.float32) for p in self.params]
+        for i, d in zip(held, dens):
+            out[i] = d
+        return out
 
     def perturb(self, ascent):
         data = [p.data for p in self.params]
@@ -194,12 +206,14 @@ class MixedPrecisionView(RankView):
     def denominators(self, updates):
         # FP16_Optimizer runs one hidden AdamW step (zero gradients) when it is built, so the
         # inner optimizer's own step count (one flat tensor per group) is the bias-correction t.
+        if updates < 1:
+            return None
         out = []
         for flat, lp, (beta2, eps, bc) in zip(self.masters, self.lp_groups, self.hparams):
             st = self.inner.state.get(flat, {})
             v = st.get("exp_avg_sq")
-            if v is None or updates < 1:
-                return None
+            if v is None:
+                raise _missing_moments("ZeRO stage 0 mixed precision", updates)
             t = int(st.get("step", updates))
             out.extend(_unflatten_dense_tensors(adam_denominator(v, beta2, eps, t, bc), lp))
         return out
@@ -271,12 +285,14 @@ class PartitionedView(RankView):
         return [m.shape for m in self.masters]
 
     def denominators(self, updates):
+        if updates < 1:
+            return None
         out = []
         for master, (beta2, eps, bc) in zip(self.masters, self.hparams):
             st = self.opt.optimizer.state.get(master, {})
             v = st.get("exp_avg_sq")
-            if v is None or updates < 1:
-                return None
+            if v is None:
+                raise _missing_moments(f"ZeRO stage {self.engine.zero_optimization_stage()}", updates)
             out.append(adam_denominator(v, beta2, eps, int(st.get("step", updates)), bc))
         return out
 
@@ -323,8 +339,13 @@ class Zero3View(RankView):
         self.opt = engine.optimizer
         self.params = [p for p in engine.module.parameters() if p.requires_grad]
         self.norm_group = self.opt.dp_process_group
-        beta2, eps, bc = _group_hparams(self.opt.optimizer.param_groups[0])
-        self.beta2, self.eps, self.bias_correction = beta2, eps, bc
+        # each parameter's own group's (beta2, eps, bias_correction): ZeRO-3 splits every
+        # parameter group into flat sub-groups (fp16_groups) and steps each with its group's
+        # settings (sub_group_to_group_id)
+        sub_group = {id(p): i for i, params in enumerate(self.opt.fp16_groups) for p in params}
+        groups = self.opt.optimizer.param_groups
+        self.hparams = [_group_hparams(groups[self.opt.sub_group_to_group_id[sub_group[id(p)]]])
+                        for p in self.params]
 
     def grads(self):
         from deepspeed.utils import safe_get_local_grad
@@ -341,8 +362,8 @@ class Zero3View(RankView):
             return None
         vs = [safe_get_local_optimizer_state(p, "exp_avg_sq") for p in self.params]
         if any(v is None for v in vs):
-            return None
-        return adam_denominators(vs, self.beta2, self.eps, updates, self.bias_correction)
+            raise _missing_moments("ZeRO stage 3", updates)
+        return _denominators(vs, self.hparams, updates)
 
     def _release_gathered(self):
         self.opt._partition_all_parameters()

@@ -53,7 +53,7 @@ def inject_inf(engine, rank: int, faults, gas: int) -> None:
 
 def engine_run(method: str, rho: float = RHO, steps: int = STEPS, gas: int = GAS, world: int = 1, rank: int = 0,
                config: Optional[dict] = None, dtype=torch.float32, before_step=None, force_pass2: bool = False,
-               check_restore: bool = False, data_steps=None, faults=(), loss_fn=None):
+               check_restore: bool = False, data_steps=None, faults=(), loss_fn=None, loop: Optional[str] = None):
     """Train the tiny model with fsam_ds on this rank's share of the reference data.
 
     Returns (fp32 state dict, per-step losses, per-step metrics). ``before_step(engine)`` is
@@ -62,6 +62,12 @@ def engine_run(method: str, rho: float = RHO, steps: int = STEPS, gas: int = GAS
     before the optimizer step were bit-identical to those at the start of the step, and
     ``unchanged``: whether they still are after it. ``data_steps`` picks which reference steps'
     data to train on (default ``range(steps)``); ``faults`` goes to :func:`inject_inf`.
+
+    ``loop`` trains through loop mode instead of ``train_batch``: per micro-batch
+    ``engine(...)``, ``engine.backward(loss)``, ``engine.step()``, with the loss
+    ``"hf"``: the model's own ``outputs.loss`` (labels given); ``"logits"``: ``causal_lm_loss`` of
+    the logits (the default loss, and ``loss_fn`` of the SAM types: the same arithmetic as
+    ``train_batch``).
     """
     import fsam_ds
 
@@ -72,6 +78,8 @@ def engine_run(method: str, rho: float = RHO, steps: int = STEPS, gas: int = GAS
             verdicts.append(all(torch.equal(a, b) for a, b in zip(local_weights(engine), snapshots[-1])))
     model = tiny_llama(0)
     cfg = config or ds_config(method, rho, gas)
+    if loop == "logits" and loss_fn is None and method in ("SAM", "PreconditionedSAM"):
+        from fsam_ds.engine import default_loss as loss_fn
     engine, *_ = fsam_ds.initialize(model=model, config=cfg, loss_fn=loss_fn)
     if faults:
         inject_inf(engine, rank, set(faults), gas)
@@ -91,13 +99,32 @@ def engine_run(method: str, rho: float = RHO, steps: int = STEPS, gas: int = GAS
     for _ in range(steps):
         if check_restore:
             snapshots.append(local_weights(engine))
-        losses.append(float(engine.train_batch(data)))
+        if loop:
+            loop_step(engine, data, gas, loop)
+            losses.append(engine.last_metrics["loss"])
+        else:
+            losses.append(float(engine.train_batch(data)))
         metrics.append(dict(engine.last_metrics))
         if check_restore:
             metrics[-1]["restored"] = verdicts[-1] if len(verdicts) == len(snapshots) else None
             metrics[-1]["unchanged"] = all(torch.equal(a, b) for a, b in zip(local_weights(engine), snapshots[-1]))
     state = full_state(engine)
     return state, losses, metrics
+
+
+def loop_step(engine, data, gas: int, loss: str = "hf") -> None:
+    """One optimizer step of a plain DeepSpeed loop over ``gas`` micro-batches from ``data``."""
+    from fsam_ds import causal_lm_loss
+
+    for _ in range(gas):
+        ids = next(data)["input_ids"]
+        if loss == "hf":
+            out = engine(input_ids=ids, labels=ids)
+            engine.backward(out.loss)
+        else:
+            out = engine(input_ids=ids)
+            engine.backward(causal_lm_loss(out.logits, ids))
+        engine.step()
 
 
 def full_state(engine) -> Dict[str, torch.Tensor]:

@@ -16,14 +16,21 @@ import torch.distributed as dist  # noqa: E402
 from common import ds_config, engine_run  # noqa: E402
 
 METHODS = ("AdamW", "SAM", "PreconditionedSAM", "FunctionalSAM", "PreconditionedFunctionalSAM")
+SAM_TYPES = METHODS[1:]
 CASES = {
     "zero0": [(m, {}) for m in METHODS]
-    + [("PreconditionedFunctionalSAM", {"precondition_norm": "gradient", "eps": 1e-3})],
+    + [("PreconditionedFunctionalSAM", {"precondition_norm": "gradient", "eps": 1e-3})]
+    # loop mode (a plain DeepSpeed loop: engine(...), engine.backward(loss), engine.step()): with the
+    # model's own loss, a DeepSpeed LR warm-up and a rho warm-up against the reference ("hf"), and with
+    # the default loss of the logits bit-identical to train_batch's case without "loop" ("logits")
+    + [(m, {"loop": "hf", "sched": 1}) for m in SAM_TYPES] + [(m, {"loop": "logits"}) for m in SAM_TYPES],
     # ZeRO-1/2/3, fp32; ZeRO-3 with every parameter partitioned (threshold 0) and with every
     # parameter persistent (the default threshold on this tiny model); ZeRO-3 and ZeRO-0 in bf16
     "zero": [(m, {"stage": st}) for st in (1, 2, 3) for m in METHODS]
     + [(m, {"stage": 3, "persist": 0}) for m in METHODS[1:]]
-    + [("PreconditionedFunctionalSAM", {"stage": st, "bf16": 1}) for st in (0, 3)],
+    + [("PreconditionedFunctionalSAM", {"stage": st, "bf16": 1}) for st in (0, 3)]
+    + [(m, {"stage": 2, "loop": "logits"}) for m in SAM_TYPES]
+    + [(m, {"stage": 3, "loop": "hf", "sched": 1}) for m in SAM_TYPES],
     # tests/test_launcher.py: two launcher "nodes" of one rank each, and four ranks on one node
     "twonode": [("PreconditionedFunctionalSAM", {"stage": 3}), ("SAM", {"stage": 1})],
     "fourrank": [("PreconditionedFunctionalSAM", {"stage": 3}), ("FunctionalSAM", {"stage": 2})],
@@ -60,6 +67,10 @@ def case_config(method, opts):
         cfg["optimizer"]["params"]["ascent_every"] = opts["every"]
     if opts.get("bf16"):
         cfg["bf16"] = {"enabled": True}
+    if opts.get("sched"):  # a warm-up of both the learning rate and rho
+        cfg["scheduler"] = {"type": "WarmupLR", "params": {"warmup_min_lr": 0.0, "warmup_max_lr": cfg["optimizer"]
+                            ["params"]["lr"], "warmup_num_steps": 4, "warmup_type": "linear"}}
+        cfg["optimizer"]["params"]["rho_warmup_steps"] = 3
     if "run" in opts:  # a warm-up of both the learning rate and rho: a skipped step must hold both
         cfg["scheduler"] = {"type": "WarmupLR", "params": {"warmup_min_lr": 0.0, "warmup_max_lr": cfg["optimizer"]
                             ["params"]["lr"], "warmup_num_steps": 4, "warmup_type": "linear"}}
@@ -85,7 +96,8 @@ def main():
     rank = int(os.environ["RANK"])
     for method, opts in CASES[args.suite]:
         state, losses, metrics = engine_run(method, world=world, rank=rank, config=case_config(method, opts),
-                                            check_restore=method != "AdamW", **RUNS.get(opts.get("run"), {}))
+                                            check_restore=method != "AdamW", loop=opts.get("loop"),
+                                            **RUNS.get(opts.get("run"), {}))
         name = case_name(method, opts)
         if rank == 0:
             torch.save(state, out / f"{name}.pt")
