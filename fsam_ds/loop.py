@@ -369,7 +369,7 @@ class LoopMode:
             expected = self.fsam.loss_fn(logits.detach(), rec.batch())
         if not torch.allclose(loss.detach().float(), expected.detach().float(), rtol=1e-5, atol=0.0):
             raise FSAMConfigError(
-                f"optimizer.type {self.sam.method}: the loss given to backward ({float(loss):.6g}) is not "
+                f"optimizer.type {self.sam.method}: the loss given to backward ({float(loss.detach()):.6g}) is not "
                 f"loss_fn(logits, batch) ({float(expected):.6g}); SAM recomputes loss_fn at theta + eps, so "
                 "backward exactly loss_fn's value (DeepSpeed divides it by gradient_accumulation_steps)")
 

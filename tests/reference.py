@@ -63,14 +63,15 @@ def reference_train(model, steps: int, world: int, gas: int, method: str, rho: f
                     betas=(0.9, 0.999), eps: float = 1e-8, weight_decay: float = 0.0, clip: float = 1.0,
                     precondition_norm: str = "perturbation", rho_warmup_steps: int = 0,
                     lr_at: Optional[Callable[[int], float]] = None, batch_kw: Optional[dict] = None,
-                    ascent_every: int = 1):
+                    ascent_every: int = 1, loss: Optional[Callable] = None):
     """Train ``model`` in place; returns the per-step mean pass-1 losses.
 
     ``ascent_every = k > 1``: the ascent direction (at rho = 1) is computed at steps 0, k, 2k, ...
     and reused, times the step's rho, in between; at the reusing steps SAM has no pass 1 (its
     recorded loss is the pass-2 loss at theta + eps) and FunctionalSAM's pass 1 is a forward at
-    theta for g_F only.
+    theta for g_F only. ``loss(logits, input_ids)`` replaces the mean next-token cross-entropy.
     """
+    ce = loss or _ce
     batch_kw = batch_kw or {}
     params = dict(model.named_parameters())
     names = list(params)
@@ -96,10 +97,10 @@ def reference_train(model, steps: int, world: int, gas: int, method: str, rho: f
             else:
                 logits = model(input_ids=mb["input_ids"]).logits
             leaf = logits.detach().requires_grad_(True)
-            loss = _ce(leaf, mb["input_ids"])
-            (g_f,) = torch.autograd.grad(loss, leaf)
+            value = ce(leaf, mb["input_ids"])
+            (g_f,) = torch.autograd.grad(value, leaf)
             gfs.append(g_f)
-            step_losses.append(loss.item())
+            step_losses.append(value.item())
             if not reuse:
                 logits.backward(g_f / n)
         if step_losses:
@@ -144,8 +145,8 @@ def reference_train(model, steps: int, world: int, gas: int, method: str, rho: f
                     gs = [ct[k] for k in names]
                 else:
                     def lf(p):
-                        return _ce(functional_call(model, p, (), {"input_ids": mb["input_ids"]}).logits,
-                                   mb["input_ids"])
+                        return ce(functional_call(model, p, (), {"input_ids": mb["input_ids"]}).logits,
+                                  mb["input_ids"])
                     pp = {k: v.detach().requires_grad_(True) for k, v in perturbed.items()}
                     value = lf(pp)
                     step_losses.append(value.item())
@@ -169,3 +170,12 @@ def weight_distance(a: Dict[str, torch.Tensor], b: Dict[str, torch.Tensor]) -> f
     """Largest absolute difference over all weights."""
     assert set(a) == set(b), (set(a) ^ set(b))
     return max(float((a[k].double() - b[k].double()).abs().max()) for k in a)
+
+
+def weighted_ce(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """A token-weighted next-token cross-entropy (weight 1, 2, 3, 1, 2, 3, ... along the
+    sequence): a loss of the logits that is not the model's own."""
+    logp = torch.log_softmax(logits[:, :-1].float(), -1)
+    nll = -logp.gather(-1, ids[:, 1:].unsqueeze(-1)).squeeze(-1)
+    w = (torch.arange(nll.shape[1], device=nll.device) % 3 + 1).to(nll.dtype).expand_as(nll)
+    return (w * nll).sum() / w.sum()
