@@ -73,7 +73,7 @@ def reference_train(model, steps: int, world: int, gas: int, method: str, rho: f
     """
     ce = loss or _ce
     batch_kw = batch_kw or {}
-    params = dict(model.named_parameters())
+    params = {k: p for k, p in model.named_parameters() if p.requires_grad}  # frozen weights (LoRA) stay
     names = list(params)
     opt = torch.optim.AdamW(params.values(), lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
     functional = method.endswith("FunctionalSAM")

@@ -1,0 +1,142 @@
+"""Multi-rank worker for tests/test_hf.py, started once by the deepspeed launcher: the real
+transformers Trainer (FSAMTrainer) and a user's own Accelerate loop (FSAMAccelerator) on the tiny
+Llama, with the reference's data order. Saves each case's rank-0 weights and every rank's logs."""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import torch  # noqa: E402
+
+from common import GAS, LR, RHO, STEPS, full_state  # noqa: E402
+from reference import micro_batch, tiny_llama  # noqa: E402
+
+MBS = 2
+
+
+class ReferenceOrder(torch.utils.data.Dataset):
+    """Rows laid out so that a sequential sampler, sharded over ``world`` ranks batch by batch
+    (batch m to rank m % world), gives rank r at step s the reference's micro-batch
+    ``micro_batch(s, r, i, world, GAS)``."""
+
+    def __init__(self, world: int, steps: int = STEPS):
+        self.world, self.steps = world, steps
+
+    def __len__(self):
+        return self.steps * GAS * self.world * MBS
+
+    def __getitem__(self, n):
+        m, row = divmod(n, MBS)
+        q, r = divmod(m, self.world)
+        s, i = divmod(q, GAS)
+        ids = micro_batch(s, r, i, self.world, GAS, mbs=MBS)["input_ids"][row]
+        return {"input_ids": ids, "labels": ids.clone()}
+
+
+def ds_json(method: str, stage: int) -> dict:
+    params = {"lr": "auto", "betas": "auto", "eps": "auto", "weight_decay": "auto"}
+    if method != "AdamW":
+        params["rho"] = RHO
+    return {"train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": "auto",
+            "gradient_clipping": "auto", "zero_optimization": {"stage": stage}, "steps_per_print": 10 ** 9,
+            "optimizer": {"type": method, "params": params}}
+
+
+def lora_model():
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(1)
+    return get_peft_model(tiny_llama(0), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
+                                                    lora_dropout=0.0, init_lora_weights="gaussian"))
+
+
+def reset_accelerate():
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(reset_partial_state=False)
+    GradientState._reset_state()
+
+
+def trainer_case(out: Path, name: str, method: str, stage: int, world: int, steps: int = STEPS, lora=False,
+                 save_steps=0, resume=None):
+    from transformers import TrainingArguments
+
+    from fsam_ds.hf import FSAMTrainer
+
+    reset_accelerate()
+    model = lora_model() if lora else tiny_llama(0)
+    args = TrainingArguments(
+        output_dir=str(out / name), max_steps=steps, per_device_train_batch_size=MBS,
+        gradient_accumulation_steps=GAS, learning_rate=LR, adam_beta1=0.9, adam_beta2=0.999, adam_epsilon=1e-8,
+        weight_decay=0.0, max_grad_norm=1.0, lr_scheduler_type="constant", warmup_steps=0,
+        train_sampling_strategy="sequential", logging_steps=1, report_to="none", disable_tqdm=True,
+        save_strategy="steps" if save_steps else "no", save_steps=save_steps or 500, save_only_model=False,
+        deepspeed=ds_json(method, stage), seed=7, dataloader_num_workers=0, use_cpu=True)
+    trainer = FSAMTrainer(model=model, args=args, train_dataset=ReferenceOrder(world, steps=STEPS))
+    trainer.train(resume_from_checkpoint=resume)
+    logs = [e for e in trainer.state.log_history if "loss" in e]
+    engine = trainer.model_wrapped
+    state = full_state(engine)
+    if torch.distributed.get_rank() == 0:
+        torch.save(state, out / f"{name}.pt")
+    rank = torch.distributed.get_rank()
+    (out / f"{name}.rank{rank}.json").write_text(json.dumps({"logs": logs}))
+    eval_loss = trainer.evaluate(eval_dataset=ReferenceOrder(world, steps=1))["eval_loss"]
+    after = full_state(engine)
+    assert all(torch.equal(state[k], after[k]) for k in state), "evaluate changed the weights"
+    (out / f"{name}.eval{rank}.json").write_text(json.dumps({"eval_loss": eval_loss}))
+
+
+def accelerate_case(out: Path, name: str, method: str, stage: int, world: int):
+    """A user's own Accelerate loop, unchanged but for FSAMAccelerator in place of Accelerator."""
+    from accelerate.utils import DeepSpeedPlugin, DummyOptim
+
+    from fsam_ds.hf import FSAMAccelerator
+
+    reset_accelerate()
+    cfg = ds_json(method, stage)
+    cfg.update(train_micro_batch_size_per_gpu=MBS, gradient_accumulation_steps=GAS, gradient_clipping=1.0)
+    cfg["optimizer"]["params"].update(lr=LR, betas=[0.9, 0.999], eps=1e-8, weight_decay=0.0)
+    accelerator = FSAMAccelerator(deepspeed_plugin=DeepSpeedPlugin(hf_ds_config=cfg), cpu=True)
+    model = tiny_llama(0)
+    loader = torch.utils.data.DataLoader(ReferenceOrder(world), batch_size=MBS, shuffle=False)
+    model, optimizer, loader = accelerator.prepare(model, DummyOptim(model.parameters()), loader)
+    metrics = []
+    for batch in loader:
+        with accelerator.accumulate(model):
+            loss = model(**batch).loss
+            accelerator.backward(loss)
+            optimizer.step()
+            optimizer.zero_grad()
+        if accelerator.sync_gradients:
+            metrics.append(dict(accelerator.fsam_engine.last_metrics))
+    state = full_state(model)
+    rank = torch.distributed.get_rank()
+    if rank == 0:
+        torch.save(state, out / f"{name}.pt")
+    (out / f"{name}.rank{rank}.json").write_text(json.dumps({"metrics": metrics}))
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--local_rank", "--local-rank", type=int, default=0)
+    args = ap.parse_args()
+    out = Path(args.out)
+    world = int(os.environ["WORLD_SIZE"])
+    trainer_case(out, "trainer-pfsam-z2", "PreconditionedFunctionalSAM", 2, world, save_steps=2)
+    trainer_case(out, "trainer-pfsam-z2-resumed", "PreconditionedFunctionalSAM", 2, world,
+                 resume=str(out / "trainer-pfsam-z2" / "checkpoint-2"))
+    trainer_case(out, "trainer-sam-z3", "SAM", 3, world)
+    trainer_case(out, "trainer-lora-pfsam-z2", "PreconditionedFunctionalSAM", 2, world, lora=True)
+    accelerate_case(out, "accelerate-pfsam-z2", "PreconditionedFunctionalSAM", 2, world)
+    torch.distributed.barrier()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,116 @@
+"""The real transformers Trainer (FSAMTrainer, 2 ranks under the deepspeed launcher, ZeRO 2 and 3,
+gradient accumulation 2) and a user's own Accelerate loop (FSAMAccelerator) against the independent
+reference; Trainer resume; a PEFT LoRA model. One launch (tests/hf_worker.py) for all of them."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+
+from common import LR, STEPS, reference_state
+from reference import weight_distance
+
+HERE = Path(__file__).resolve().parent
+TOL = 2e-3  # fp32 round-off in units of lr * steps (as test_engine); other methods are >= 0.2 away
+UNIT = LR * STEPS
+
+
+def _free_port() -> int:
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def hf_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("hf")
+    cmd = ["deepspeed", "--num_gpus", "2", "--master_port", str(_free_port()), str(HERE / "hf_worker.py"),
+           "--out", str(out)]
+    env = dict(os.environ, PYTHONUNBUFFERED="1", TOKENIZERS_PARALLELISM="false")
+    proc = subprocess.run(cmd, cwd=HERE.parent, env=env, capture_output=True, text=True, timeout=1200)
+    assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-4000:]
+    return out
+
+
+def _load(run, name):
+    return torch.load(run / f"{name}.pt"), [json.loads((run / f"{name}.rank{r}.json").read_text()) for r in (0, 1)]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name,method", [("trainer-pfsam-z2", "PreconditionedFunctionalSAM"),
+                                         ("trainer-sam-z3", "SAM")])
+def test_trainer_matches_reference(hf_run, name, method):
+    state, ranks = _load(hf_run, name)
+    ref_state, ref_losses = reference_state(method, world=2)
+    assert weight_distance(state, ref_state) / UNIT < TOL
+    assert weight_distance(state, reference_state("AdamW", world=2)[0]) / UNIT > 50 * TOL
+    logs = ranks[0]["logs"]
+    assert [e["step"] for e in logs] == list(range(1, STEPS + 1))
+    # the Trainer's own log: its loss, DeepSpeed's grad_norm, and the method's eps_norm and rho
+    assert [e["loss"] for e in logs] == pytest.approx(ref_losses, rel=1e-4)
+    assert all(e["eps_norm"] == pytest.approx(0.05, rel=1e-5) and e["rho"] == 0.05 for e in logs)
+    assert all(e["grad_norm"] > 0 and e["ascent_grad_norm"] > 0 for e in logs)
+    # evaluate() after training: no weight changed, and both ranks agree
+    evals = [json.loads((hf_run / f"{name}.eval{r}.json").read_text())["eval_loss"] for r in (0, 1)]
+    assert evals[0] == pytest.approx(evals[1]) and 0 < evals[0] < 10
+
+
+@pytest.mark.slow
+def test_trainer_resume_repeats_the_uninterrupted_losses(hf_run):
+    full, full_ranks = _load(hf_run, "trainer-pfsam-z2")
+    resumed, resumed_ranks = _load(hf_run, "trainer-pfsam-z2-resumed")
+    tail = [e for e in resumed_ranks[0]["logs"]]
+    assert [e["step"] for e in tail] == [3, 4]
+    assert [e["loss"] for e in tail] == pytest.approx([e["loss"] for e in full_ranks[0]["logs"][2:]], rel=1e-6)
+    assert weight_distance(full, resumed) < 1e-6
+
+
+@pytest.mark.slow
+def test_trainer_lora_perturbs_only_the_adapters(hf_run):
+    import sys
+    sys.path.insert(0, str(HERE))
+    from hf_worker import lora_model
+    from reference import reference_train
+
+    state, _ = _load(hf_run, "trainer-lora-pfsam-z2")
+    initial = {k: v.detach().clone() for k, v in lora_model().state_dict().items()}
+    frozen = [k for k in initial if "lora_" not in k]
+    assert frozen and all(torch.equal(state[k], initial[k]) for k in frozen)
+    ref = lora_model()
+    reference_train(ref, STEPS, 2, 2, "PreconditionedFunctionalSAM", 0.05, lr=LR)
+    ref_state = {k: v.detach().float() for k, v in ref.state_dict().items()}
+    adapters = [k for k in initial if "lora_" in k]
+    assert adapters and max(float((state[k] - ref_state[k]).abs().max()) for k in adapters) / UNIT < TOL
+    # the adapters moved, and an AdamW run of the adapters lands far away
+    adamw = lora_model()
+    reference_train(adamw, STEPS, 2, 2, "AdamW", 0.0, lr=LR)
+    assert max(float((state[k] - adamw.state_dict()[k]).abs().max()) for k in adapters) / UNIT > 10 * TOL
+
+
+@pytest.mark.slow
+def test_accelerate_loop_matches_reference(hf_run):
+    state, ranks = _load(hf_run, "accelerate-pfsam-z2")
+    ref_state, ref_losses = reference_state("PreconditionedFunctionalSAM", world=2)
+    assert weight_distance(state, ref_state) / UNIT < TOL
+    metrics = ranks[0]["metrics"]
+    assert len(metrics) == STEPS and all(m["method"] == "PreconditionedFunctionalSAM" for m in metrics)
+    assert [m["loss"] for m in metrics] == pytest.approx(ref_losses, rel=1e-4)
+
+
+def test_plain_trainer_with_a_sam_type_is_never_adamw():
+    """Without FSAMTrainer a SAM type in the JSON cannot train silently: DeepSpeed refuses the
+    unknown optimizer; FSAMTrainer takes it out before DeepSpeed sees it."""
+    from fsam_ds.hf import sam_config_of
+    from transformers.integrations.deepspeed import HfTrainerDeepSpeedConfig
+
+    cfg = HfTrainerDeepSpeedConfig({"train_micro_batch_size_per_gpu": 1, "optimizer": {
+        "type": "PreconditionedFunctionalSAM", "params": {"lr": "auto", "rho": 0.1}}})
+    sam = sam_config_of(cfg)
+    assert sam.method == "PreconditionedFunctionalSAM" and sam.rho == 0.1
+    assert cfg.config["optimizer"] == {"type": "AdamW", "params": {"lr": "auto"}}
+    assert sam_config_of(cfg) is sam  # taken once
