@@ -41,6 +41,7 @@ import ast
 import json
 import math
 import os
+import re
 import sys
 from pathlib import Path
 from typing import Any, Dict, List, Optional
@@ -179,6 +180,10 @@ def validate(args: argparse.Namespace) -> Dict[str, Any]:
         if not tag or not (save_dir / tag).is_dir():
             raise UsageError(f"--resume: {str(save_dir / 'latest')!r} names {tag!r}, which is not a checkpoint "
                              f"folder in {str(save_dir)!r}")
+        try:
+            check_checkpoint_files(save_dir / tag)
+        except ValueError as err:
+            raise UsageError(f"--resume: {_one_line(err)}") from None
     if save_dir.exists() and not save_dir.is_dir():
         raise UsageError(f"--save-dir {str(save_dir)!r} exists and is not a folder")
 
@@ -188,6 +193,10 @@ def validate(args: argparse.Namespace) -> Dict[str, Any]:
         raise UsageError(f"--dataset {args.dataset!r}: no such file or folder (accepted: "
                          f"{', '.join(EMBEDDED_CORPORA)}, a local .txt file or folder, or a Hugging Face "
                          "dataset name)")
+    dataset_path = Path(args.dataset).expanduser()
+    if args.dataset not in EMBEDDED_CORPORA and dataset_path.is_file() and dataset_path.stat().st_size == 0:
+        raise UsageError(f"--dataset {args.dataset!r}: the file is empty (accepted: a text file with at least "
+                         "one non-blank line)")
     if (args.tokenizer is not None and not Path(args.tokenizer).expanduser().exists()
             and _looks_like_path(args.tokenizer)):
         raise UsageError(f"--tokenizer {args.tokenizer!r}: no such folder (accepted: a local tokenizer "
@@ -195,6 +204,67 @@ def validate(args: argparse.Namespace) -> Dict[str, Any]:
 
     return {"ds_config": ds_config, "sam": sam, "save_dir": save_dir, "is_preset": model in presets,
             "model_name": model_name}
+
+
+_MODEL_STATES = re.compile(r"^(?:zero_pp_rank_(\d+)_)?mp_rank_(\d+)_model_states\.pt$")
+_OPTIM_STATES = re.compile(r"^(?:bf16_)?zero_pp_rank_(\d+)_mp_rank_(\d+)_optim_states\.pt$")
+
+
+def _natural(text: str):
+    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", text)]
+
+
+def check_checkpoint_files(tag_dir: Path) -> Dict[str, Any]:
+    """Raise ValueError (one line) unless ``tag_dir`` holds every file DeepSpeed's
+    ``load_checkpoint`` will read, each complete: the model-states file(s) (one, or one per rank at
+    ZeRO-3) and, for a ZeRO checkpoint, every data-parallel rank's optimizer-states file, for the
+    world size the checkpoint records. The rule tools/convert.py (``fsam-convert``) applies to the
+    same folder; a truncated file is one whose zip directory (written last) is missing. Returns
+    ``{"world_size", "zero", "partitioned"}``."""
+    import zipfile
+
+    import torch
+
+    names = sorted(p.name for p in tag_dir.iterdir())
+    model_files = [(n, _MODEL_STATES.match(n)) for n in names if _MODEL_STATES.match(n)]
+    optim_files = [(n, _OPTIM_STATES.match(n)) for n in names if _OPTIM_STATES.match(n)]
+    if not model_files:
+        raise ValueError(f"{tag_dir}: no *_model_states.pt, not a DeepSpeed checkpoint folder")
+    partitioned = any(m.group(1) is not None for _, m in model_files)  # ZeRO-3: one model file per rank
+    header = tag_dir / ("zero_pp_rank_0_mp_rank_00_model_states.pt" if partitioned else "mp_rank_00_model_states.pt")
+    if not header.is_file():
+        raise ValueError(f"{tag_dir}: missing shard file {header.name} (every rank's files are needed)")
+
+    def readable(path: Path) -> None:
+        try:
+            with zipfile.ZipFile(path) as z:
+                z.namelist()
+        except (zipfile.BadZipFile, OSError, EOFError) as err:
+            raise ValueError(f"{path}: truncated or unreadable checkpoint file ({_one_line(err)})") from None
+
+    readable(header)
+    try:
+        head = torch.load(header, map_location="cpu", weights_only=False, mmap=True)
+    except Exception as err:  # truncated or foreign file
+        raise ValueError(f"{header}: cannot read it as a DeepSpeed model-states file ({_one_line(err)})") from None
+    if not isinstance(head, dict) or "module" not in head:
+        raise ValueError(f"{header} is not a DeepSpeed model-states file (no 'module' entry)")
+    world = int(head.get("dp_world_size") or 1)
+    zero = head.get("param_shapes") is not None  # a ZeRO optimizer wrote partitioned fp32 masters
+    del head
+    needed = [header.name]
+    if zero:
+        prefix = "bf16_" if any(n.startswith("bf16_") for n, _ in optim_files) else ""
+        needed += [f"{prefix}zero_pp_rank_{r}_mp_rank_00_optim_states.pt" for r in range(world)]
+    if partitioned:
+        needed += [f"zero_pp_rank_{r}_mp_rank_00_model_states.pt" for r in range(1, world)]
+    missing = sorted((n for n in needed if not (tag_dir / n).is_file()), key=_natural)
+    if missing:
+        raise ValueError(f"{tag_dir}: missing shard file(s) {', '.join(missing)}; the checkpoint was written by "
+                         f"{world} data-parallel rank(s) and needs every rank's files")
+    for name in needed[1:]:
+        readable(tag_dir / name)
+    return {"world_size": world, "zero": zero, "partitioned": partitioned}
 
 
 def _one_line(err: BaseException) -> str:
@@ -282,7 +352,12 @@ def prepare_data(dataset: str, tokenizer_spec: Optional[str], model: str, is_pre
     from fsam_ds import data as fdata
     from fsam_ds import models as fmodels
 
-    train_texts, eval_texts = fdata.load_texts(dataset)
+    try:
+        train_texts, eval_texts = fdata.load_texts(dataset)
+    except ValueError as err:
+        raise ValueError(f"--dataset {dataset!r}: {_one_line(err)}") from None
+    if not train_texts:
+        raise ValueError(f"--dataset {dataset!r}: no text to train on (the training split is empty or blank)")
     if tokenizer_spec is not None:
         tok_spec = tokenizer_spec
     elif not is_preset and any((Path(model) / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json")):
@@ -405,7 +480,36 @@ def _fmt(x: Optional[float], spec: str) -> str:
 # ---------------------------------------------------------------------------------------------
 
 
-def main(argv: Optional[List[str]] = None) -> int:
+def main(argv: Optional[List[str]] = None, *, destroy_process_group: Optional[bool] = None) -> int:
+    """``fsam-train``: returns the exit status (0 done, 2 bad input).
+
+    Run as the command (``fsam-train``, ``python -m fsam_ds.train``: ``argv`` None) it destroys
+    the process group it started before returning, after a barrier when the run finished (without
+    that a rank can die at exit with "terminate called without an active exception" and a
+    finished run exit non-zero). An in-process call with an ``argv`` list leaves the group, and
+    the engine built on it, to the caller, unless ``destroy_process_group=True``. A group that
+    existed before the call is never destroyed."""
+    if destroy_process_group is None:
+        destroy_process_group = argv is None
+    def initialized() -> bool:  # without importing torch where nothing has yet (argument errors stay fast)
+        dist = sys.modules.get("torch.distributed")
+        return bool(dist is not None and dist.is_available() and dist.is_initialized())
+
+    started_here = not initialized()
+    rc = 1
+    try:
+        rc = _main(argv)
+        return rc
+    finally:
+        if destroy_process_group and started_here and initialized():
+            import torch.distributed as dist
+
+            if rc == 0:
+                dist.barrier()  # every rank done (rank 0's last save included) before the group goes
+            dist.destroy_process_group()
+
+
+def _main(argv: Optional[List[str]] = None) -> int:
     # 1. arguments and cheap checks ------------------------------------------------------------
     from fsam_ds.config import FSAMConfigError
 

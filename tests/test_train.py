@@ -196,3 +196,135 @@ def test_argument_errors_are_one_line(argv, words, capsys):
     err = capsys.readouterr().err
     assert len(err.splitlines()) == 1 and err.startswith("fsam-train: error: ")
     assert all(w in err for w in words), err
+
+
+# ---- refusals checked in this process, before any rank starts (issue 14 item 10) ---------------
+
+def _checkpoint(folder: Path, stage: int) -> Path:
+    """A real one-rank DeepSpeed checkpoint of the tiny reference model at ``stage``, tag step1."""
+    import fsam_ds
+    from common import ds_config
+    from reference import micro_batch, tiny_llama
+
+    cfg = ds_config("SAM", gas=1)
+    if stage:
+        cfg["zero_optimization"] = {"stage": stage}
+    engine, *_ = fsam_ds.initialize(model=tiny_llama(0), config=cfg)
+    engine.train_batch(iter([micro_batch(0, 0, 0, 1, 1)]))
+    engine.save_checkpoint(str(folder), tag="step1")
+    assert (folder / "latest").read_text().strip() == "step1"
+    return folder / "step1"
+
+
+def _resume_argv(tmp_path: Path, save_dir: Path):
+    config = write_config(tmp_path / "ds.json")
+    return ["--deepspeed_config", str(config), "--save-dir", str(save_dir), "--resume"]
+
+
+def _assert_refused(argv, words, capsys):
+    from fsam_ds.train import UsageError, build_parser, main, validate
+
+    with pytest.raises(UsageError) as info:  # before the fix: no error here, DeepSpeed's traceback later
+        validate(build_parser().parse_args(argv))
+    assert "\n" not in str(info.value)
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("fsam-train: error: --resume: "), err
+    for word in words:
+        assert word in lines[0], (word, lines[0])
+
+
+@pytest.mark.parametrize("stage", [0, 3])
+def test_resume_refuses_a_tag_folder_missing_a_rank_file(tmp_path, stage, capsys):
+    import shutil
+
+    import torch
+
+    from fsam_ds.train import check_checkpoint_files
+
+    tag = _checkpoint(tmp_path / "run", stage)
+    info = check_checkpoint_files(tag)  # a complete checkpoint passes
+    assert info["world_size"] == 1 and info["partitioned"] == (stage == 3)
+    argv = _resume_argv(tmp_path, tmp_path / "run")
+    if stage == 3:
+        # the same checkpoint as if written by 2 ranks whose second rank's files never arrived
+        header = tag / "zero_pp_rank_0_mp_rank_00_model_states.pt"
+        state = torch.load(header, weights_only=False)
+        state["dp_world_size"] = 2
+        torch.save(state, header)
+        shutil.copy(tag / "zero_pp_rank_0_mp_rank_00_optim_states.pt", tag / "zero_pp_rank_1_mp_rank_00_optim_states.pt")
+        _assert_refused(argv, ["missing shard file(s) zero_pp_rank_1_mp_rank_00_model_states.pt", "2 data-parallel"],
+                        capsys)
+    else:
+        (tag / "mp_rank_00_model_states.pt").unlink()
+        _assert_refused(argv, ["step1: no *_model_states.pt"], capsys)
+
+
+@pytest.mark.parametrize("which", ["model", "optim"])
+def test_resume_refuses_a_truncated_file(tmp_path, which, capsys):
+    tag = _checkpoint(tmp_path / "run", 1)
+    name = "mp_rank_00_model_states.pt" if which == "model" else "zero_pp_rank_0_mp_rank_00_optim_states.pt"
+    data = (tag / name).read_bytes()
+    (tag / name).write_bytes(data[: len(data) // 2])
+    _assert_refused(_resume_argv(tmp_path, tmp_path / "run"), [name, "truncated"], capsys)
+
+
+def test_empty_dataset_file_is_named(tmp_path, capsys):
+    from fsam_ds.train import UsageError, build_parser, main, prepare_data, validate
+
+    config = write_config(tmp_path / "ds.json")
+    empty = tmp_path / "empty.txt"
+    empty.write_text("")
+    argv = ["--deepspeed_config", str(config), "--save-dir", str(tmp_path / "run"), "--dataset", str(empty)]
+    with pytest.raises(UsageError, match=r"^--dataset '.*empty\.txt': the file is empty"):
+        validate(build_parser().parse_args(argv))
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--dataset" in err and "empty.txt" in err
+    # blank lines only: found when the texts are read (the same path every rank takes)
+    blank = tmp_path / "blank.txt"
+    blank.write_text("\n  \n\n")
+    with pytest.raises(ValueError) as info:
+        prepare_data(str(blank), None, "tiny", True, 32)
+    msg = str(info.value)
+    assert msg.startswith(f"--dataset {str(blank)!r}: ") and "no text to train on" in msg and "\n" not in msg
+    # the same for a folder of blank files
+    folder = tmp_path / "texts"
+    folder.mkdir()
+    (folder / "a.txt").write_text(" \n")
+    with pytest.raises(ValueError, match=r"^--dataset '.*texts': no text to train on"):
+        prepare_data(str(folder), None, "tiny", True, 32)
+
+
+def test_main_destroys_the_process_group_it_started(tmp_path):
+    """fsam-train as a command ends with no process group left (what Megatron's trainer does),
+    whatever its exit status; an in-process call with an argv list keeps it for the caller (who
+    may use the engine), and a group that was there before is left alone. One process."""
+    code = f"""
+import torch.distributed as dist
+import fsam_ds.train as t
+def fake(rc, name):
+    def run(argv):
+        dist.init_process_group("gloo", init_method="file://{tmp_path}/pg" + name, rank=0, world_size=1)
+        return rc
+    return run
+out = []
+for rc in (0, 2):  # as the command: argv None
+    t._main = fake(rc, str(rc))
+    out.append((t.main(), dist.is_initialized()))
+t._main = fake(0, "inproc")  # in process: the caller's
+out.append((t.main(["--x"]), dist.is_initialized()))
+dist.destroy_process_group()
+t._main = fake(0, "asked")
+out.append((t.main(["--x"], destroy_process_group=True), dist.is_initialized()))
+dist.init_process_group("gloo", init_method="file://{tmp_path}/pg_outer", rank=0, world_size=1)
+t._main = lambda argv: 0
+out.append((t.main(), dist.is_initialized()))
+print("RESULT", out)
+"""
+    env = {k: v for k, v in os.environ.items() if k not in DIST_ENV}
+    proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "RESULT [(0, False), (2, False), (0, True), (0, False), (0, True)]" in proc.stdout, proc.stdout + proc.stderr[-2000:]
