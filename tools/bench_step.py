@@ -13,17 +13,25 @@ each takes one optimizer step in turn, ``--warmup`` untimed rounds and ``--steps
 a drift of the machine's load hits every variant alike (``--sequential``: one variant after the
 other). The table gives the median step time, its spread (min-max), the ratio to AdamW's median,
 and the peak memory, measured in a separate pass before the timing where each variant is built
-alone and takes ``max(warmup, 1) + 1`` steps (``--sequential``: over the variant's own timed run):
+alone and takes ``max(warmup, 1) + 1`` steps (``--sequential --mmap-threshold-for all``: over the
+variant's own timed run):
 
 * GPU: ``torch.cuda.max_memory_allocated`` (reset before each variant is built);
 * CPU: the peak resident set of each rank (``VmHWM``, reset before each variant through
   ``/proc/self/clear_refs``; without that file the process's monotone ``ru_maxrss``), and the
   variant's own share: that peak less the resident set just before the variant was built. The
-  worker runs with glibc's mmap threshold fixed (``MALLOC_MMAP_THRESHOLD_``) so freed tensors
-  leave the resident set and variants do not inherit each other's heap.
+  memory pass runs in its own worker process with glibc's mmap threshold fixed
+  (``MALLOC_MMAP_THRESHOLD_``, ``--malloc-mmap-threshold``, default 131072 bytes) so freed tensors
+  leave the resident set and variants do not inherit each other's heap. The timing runs in a second
+  worker process without it (``--mmap-threshold-for all``: one worker with it for both, as before):
+  with every allocation above 128 KiB an mmap/munmap pair, the CPU step times roughly double
+  (AdamW on the 2m preset: 0.16 s -> 0.31 s here) and the ratios to AdamW shift a little.
 
 The workers are separate processes (one, or ``--world-size`` ranks started by the ``deepspeed``
-launcher); this process only collects their JSON, prints the table and writes ``--json``.
+launcher; one set for the memory pass and one for the timing); this process only collects their
+JSON, prints the table and writes ``--json`` (schema ``fsam-bench/2``: the arguments, the setting,
+the memory resolution, the mmap threshold of each pass and, per variant, every timed step of rank 0
+in ``times_s``, round by round; ``tools.targets`` renders the targets table from it).
 """
 from __future__ import annotations
 
@@ -42,6 +50,8 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 PROG = "fsam-bench"
+SCHEMA = "fsam-bench/2"
+MMAP_THRESHOLD = 131072  # bytes: glibc's default threshold, fixed (no dynamic growth) for the memory pass
 REPO = Path(__file__).resolve().parents[1]
 METHODS = ("AdamW", "SAM", "PreconditionedSAM", "FunctionalSAM", "PreconditionedFunctionalSAM")
 CACHES = ("device", "host", "recompute")
@@ -237,6 +247,7 @@ def _memory(vname: str, a, rank: int) -> Dict[str, Any]:
     for _ in range(max(a.warmup, 1) + 1):
         _step(item, False)
     out = probe.read()
+    out["parameters"] = item["parameters"]
     del item
     _free()
     return out
@@ -266,7 +277,13 @@ def worker(a) -> int:
     _free()
     memory = {}
     rows = []
-    if a.sequential:  # one build per variant: memory over its warm-up and timed steps
+    if a.phase == "memory":  # the memory pass alone (its own process: the mmap threshold is fixed here)
+        for vname in a.variants:
+            memory[vname] = _memory(vname, a, rank)
+            say(f"memory {vname}: peak {memory[vname]['peak_bytes'] / 2**20:.1f} MiB")
+        rows = [{"variant": v, **parse_variant(v), "parameters": memory[v].pop("parameters"), "times_s": [],
+                 "reused": []} for v in a.variants]
+    elif a.sequential:  # one build per variant: memory over its warm-up and timed steps
         for vname in a.variants:
             probe = _PeakProbe().start()
             item = _build(vname, a, rank)
@@ -282,6 +299,7 @@ def worker(a) -> int:
         if not a.no_memory:
             for vname in a.variants:
                 memory[vname] = _memory(vname, a, rank)
+                memory[vname].pop("parameters")
                 say(f"memory {vname}: peak {memory[vname]['peak_bytes'] / 2**20:.1f} MiB")
         # every engine alive at once, one step of each in turn: drift of the machine's load hits
         # every variant alike
@@ -398,6 +416,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sequential", action="store_true", help="time one variant after the other (default: "
                    "every engine built first, then one step of each in turn)")
     p.add_argument("--no-memory", action="store_true", help="skip the per-variant memory pass")
+    p.add_argument("--malloc-mmap-threshold", type=int, default=MMAP_THRESHOLD, metavar="BYTES",
+                   help=f"glibc's MALLOC_MMAP_THRESHOLD_ for the memory pass (default {MMAP_THRESHOLD}; 0: leave "
+                   "glibc's dynamic threshold); a value already in the environment is kept for every pass")
+    p.add_argument("--mmap-threshold-for", choices=("memory", "all"), default="memory",
+                   help="'memory' (default): the memory pass runs in its own worker with the threshold and the "
+                   "timing in one without; 'all': one worker with the threshold for both (slower CPU steps)")
+    p.add_argument("--memory-resolution-mib", type=float, default=None, help="the resolution of one memory reading "
+                   "written to --json for tools.targets (default: 15 MiB for the CPU resident set, 0 on a GPU)")
     p.add_argument("--every", default="2,4", help="ascent_every values to bench (comma-separated)")
     p.add_argument("--variants", "--methods", dest="variants", default=None, help="comma-separated, e.g. AdamW,FunctionalSAM+recompute,"
                    "PreconditionedFunctionalSAM+every2 (default: every method, cache mode and --every)")
@@ -407,6 +433,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", default=None, help="write the results here")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--worker-out", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--phase", choices=("both", "memory", "time"), default="both", help=argparse.SUPPRESS)
     p.add_argument("--local_rank", "--local-rank", type=int, default=0, help=argparse.SUPPRESS)
     return p
 
@@ -453,41 +480,63 @@ def main(argv: Optional[List[str]] = None) -> int:
         if not torch.cuda.is_available():
             return _error("--gpu: no CUDA device is visible; accepted: run it on a machine with a GPU, or leave "
                           "--gpu out")
-    tmp = Path(tempfile.mkdtemp(prefix="fsam-bench-"))
+    if a.malloc_mmap_threshold < 0:
+        return _error(f"--malloc-mmap-threshold must be >= 0, got {a.malloc_mmap_threshold}")
     common = ["--preset", a.preset, "--micro-batch", str(a.micro_batch), "--seq-len", str(a.seq_len),
               "--gas", str(a.gas), "--zero-stage", str(a.zero_stage), "--dtype", a.dtype, "--steps", str(a.steps),
-              "--warmup", str(a.warmup), "--variants", ",".join(variants),
-              "--worker", "--worker-out", str(tmp)] + (["--sequential"] if a.sequential else []) \
-        + (["--no-memory"] if a.no_memory else [])
+              "--warmup", str(a.warmup), "--variants", ",".join(variants), "--worker"] \
+        + (["--sequential"] if a.sequential else [])
     # the worker starts its own process group: a caller's (e.g. a one-rank job in this process,
     # whose store still listens on MASTER_PORT) must not leak into it
     dist_env = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
                 "CROSS_RANK", "CROSS_SIZE", "GROUP_RANK", "ROLE_RANK", "TORCHELASTIC_RUN_ID")
     env = {k: v for k, v in os.environ.items() if k not in dist_env}
     env.update(PYTHONUNBUFFERED="1", TOKENIZERS_PARALLELISM="false")
-    env.setdefault("MALLOC_MMAP_THRESHOLD_", "131072")  # freed tensors leave the resident set
     env.setdefault("TORCH_EXTENSIONS_DIR", str(Path(sys.prefix) / "torch_extensions"))
     env["PYTHONPATH"] = os.pathsep.join([str(REPO)] + [x for x in env.get("PYTHONPATH", "").split(os.pathsep) if x])
-    if a.world_size == 1:
-        cmd = [sys.executable, "-m", "tools.bench_step"] + common
+    mem_env = dict(env)
+    if a.malloc_mmap_threshold:
+        mem_env.setdefault("MALLOC_MMAP_THRESHOLD_", str(a.malloc_mmap_threshold))  # freed tensors leave the RSS
+    if a.no_memory:
+        phases = [("time", mem_env if a.mmap_threshold_for == "all" else env)]
+    elif a.mmap_threshold_for == "all":
+        phases = [("both", mem_env)]
     else:
-        launcher = shutil.which("deepspeed")
-        if launcher is None:
-            return _error("--world-size > 1 needs the deepspeed launcher on PATH")
-        cmd = [launcher, "--num_gpus", str(a.world_size), "--master_port", str(_free_port()),
-               str(REPO / "tools" / "bench_step.py")] + common
+        phases = [("memory", mem_env), ("time", env)]
     machine = _machine()
     t0 = time.time()
-    proc = subprocess.run(cmd, cwd=str(REPO), env=env, capture_output=True, text=True)
+    results: Dict[str, List[dict]] = {}
+    for phase, penv in phases:
+        tmp = Path(tempfile.mkdtemp(prefix="fsam-bench-"))
+        args = common + ["--worker-out", str(tmp), "--phase", phase] + (["--no-memory"] if phase == "time" else [])
+        if a.world_size == 1:
+            cmd = [sys.executable, "-m", "tools.bench_step"] + args
+        else:
+            launcher = shutil.which("deepspeed")
+            if launcher is None:
+                return _error("--world-size > 1 needs the deepspeed launcher on PATH")
+            cmd = [launcher, "--num_gpus", str(a.world_size), "--master_port", str(_free_port()),
+                   str(REPO / "tools" / "bench_step.py")] + args
+        proc = subprocess.run(cmd, cwd=str(REPO), env=penv, capture_output=True, text=True)
+        if proc.returncode != 0:
+            tail = (proc.stdout + proc.stderr).strip().splitlines()[-15:]
+            print("\n".join(tail), file=sys.stderr)
+            shutil.rmtree(tmp, ignore_errors=True)
+            return _error(f"the benchmark worker ({phase} pass) failed with exit status {proc.returncode}")
+        results[phase] = [json.loads(p.read_text()) for p in sorted(tmp.glob("rank*.json"))]
+        shutil.rmtree(tmp, ignore_errors=True)
+        if len(results[phase]) != a.world_size:
+            return _error(f"expected {a.world_size} rank results, found {len(results[phase])}")
     wall = time.time() - t0
-    if proc.returncode != 0:
-        tail = (proc.stdout + proc.stderr).strip().splitlines()[-15:]
-        print("\n".join(tail), file=sys.stderr)
-        return _error(f"the benchmark worker failed with exit status {proc.returncode}")
-    ranks = [json.loads(p.read_text()) for p in sorted(tmp.glob("rank*.json"))]
-    shutil.rmtree(tmp, ignore_errors=True)
-    if len(ranks) != a.world_size:
-        return _error(f"expected {a.world_size} rank results, found {len(ranks)}")
+    ranks = results.get("time") or results["both"]
+    if "memory" in results:  # the memory pass's readings into the timing rows
+        mem = {(rk["rank"], row["variant"]): row for rk in results["memory"] for row in rk["rows"]}
+        for rk in ranks:
+            for row in rk["rows"]:
+                m = mem.get((rk["rank"], row["variant"]), {})
+                row["peak_bytes"], row["own_bytes"] = m.get("peak_bytes"), m.get("own_bytes")
+    mmap = {"memory_pass": None if a.no_memory else mem_env.get("MALLOC_MMAP_THRESHOLD_"),
+            "timing_pass": (mem_env if a.mmap_threshold_for == "all" else env).get("MALLOC_MMAP_THRESHOLD_")}
     rows = summarise(ranks)
     dev = ranks[0]["device"]
     header = (f"{a.preset} ({rows[0]['parameters']:,} parameters) | {a.dtype} | ZeRO {a.zero_stage} | "
@@ -496,8 +545,20 @@ def main(argv: Optional[List[str]] = None) -> int:
               f"{dev if dev != 'cpu' else machine}, {ranks[0]['threads']} thread(s)/rank | {wall:.0f} s")
     print(table(rows, header, dev != "cpu"))
     if a.json:
-        Path(a.json).write_text(json.dumps({"args": {k: v for k, v in vars(a).items() if k not in ("worker",)},
+        res_mib = a.memory_resolution_mib if a.memory_resolution_mib is not None else (15.0 if dev == "cpu" else 0.0)
+        try:
+            load_end = list(os.getloadavg())
+        except OSError:
+            load_end = None
+        setting = {k: getattr(a, k) for k in ("preset", "zero_stage", "world_size", "dtype", "micro_batch", "seq_len",
+                                              "gas", "warmup", "steps", "sequential")}
+        Path(a.json).write_text(json.dumps({"schema": SCHEMA, "setting": setting,
+                                            "args": {k: v for k, v in vars(a).items() if k not in ("worker",)},
                                             "variants": variants, "device": dev, "machine": machine,
+                                            "load_average_end": load_end, "malloc_mmap_threshold": mmap,
+                                            "memory_resolution_bytes": int(res_mib * 2 ** 20),
+                                            "memory_measure": "own resident set (peak RSS less RSS before build)"
+                                            if dev == "cpu" else "torch.cuda.max_memory_allocated",
                                             "wall_s": wall, "rows": rows}, indent=1) + "\n")
     return 0
 
