@@ -55,6 +55,16 @@ def lora_model():
                                                     lora_dropout=0.0, init_lora_weights="gaussian"))
 
 
+def cpu_state():
+    """On a CPU machine Accelerate counts the DeepSpeed ranks only with an explicit gloo backend
+    (on GPUs it picks nccl itself): the process state is set up once, before the Trainer."""
+    from accelerate.state import PartialState
+
+    os.environ["ACCELERATE_USE_DEEPSPEED"] = "true"
+    state = PartialState(backend="gloo")
+    assert state.num_processes == int(os.environ["WORLD_SIZE"])
+
+
 def reset_accelerate():
     from accelerate.state import AcceleratorState, GradientState
 
@@ -76,7 +86,8 @@ def trainer_case(out: Path, name: str, method: str, stage: int, world: int, step
         weight_decay=0.0, max_grad_norm=1.0, lr_scheduler_type="constant", warmup_steps=0,
         train_sampling_strategy="sequential", logging_steps=1, report_to="none", disable_tqdm=True,
         save_strategy="steps" if save_steps else "no", save_steps=save_steps or 500, save_only_model=False,
-        deepspeed=ds_json(method, stage), seed=7, dataloader_num_workers=0, use_cpu=True)
+        deepspeed=ds_json(method, stage), seed=7, dataloader_num_workers=0,
+        accelerator_config={"use_configured_state": True})
     trainer = FSAMTrainer(model=model, args=args, train_dataset=ReferenceOrder(world, steps=STEPS))
     trainer.train(resume_from_checkpoint=resume)
     logs = [e for e in trainer.state.log_history if "loss" in e]
@@ -94,7 +105,7 @@ def trainer_case(out: Path, name: str, method: str, stage: int, world: int, step
 
 def accelerate_case(out: Path, name: str, method: str, stage: int, world: int):
     """A user's own Accelerate loop, unchanged but for FSAMAccelerator in place of Accelerator."""
-    from accelerate.utils import DeepSpeedPlugin, DummyOptim
+    from accelerate.utils import DeepSpeedPlugin, DummyOptim, InitProcessGroupKwargs
 
     from fsam_ds.hf import FSAMAccelerator
 
@@ -102,7 +113,8 @@ def accelerate_case(out: Path, name: str, method: str, stage: int, world: int):
     cfg = ds_json(method, stage)
     cfg.update(train_micro_batch_size_per_gpu=MBS, gradient_accumulation_steps=GAS, gradient_clipping=1.0)
     cfg["optimizer"]["params"].update(lr=LR, betas=[0.9, 0.999], eps=1e-8, weight_decay=0.0)
-    accelerator = FSAMAccelerator(deepspeed_plugin=DeepSpeedPlugin(hf_ds_config=cfg), cpu=True)
+    accelerator = FSAMAccelerator(deepspeed_plugin=DeepSpeedPlugin(hf_ds_config=cfg),
+                                  kwargs_handlers=[InitProcessGroupKwargs(backend="gloo")])
     model = tiny_llama(0)
     loader = torch.utils.data.DataLoader(ReferenceOrder(world), batch_size=MBS, shuffle=False)
     model, optimizer, loader = accelerator.prepare(model, DummyOptim(model.parameters()), loader)
@@ -129,6 +141,7 @@ def main():
     args = ap.parse_args()
     out = Path(args.out)
     world = int(os.environ["WORLD_SIZE"])
+    cpu_state()
     trainer_case(out, "trainer-pfsam-z2", "PreconditionedFunctionalSAM", 2, world, save_steps=2)
     trainer_case(out, "trainer-pfsam-z2-resumed", "PreconditionedFunctionalSAM", 2, world,
                  resume=str(out / "trainer-pfsam-z2" / "checkpoint-2"))

@@ -64,7 +64,7 @@ def test_trainer_matches_reference(hf_run, name, method):
 def test_trainer_resume_repeats_the_uninterrupted_losses(hf_run):
     full, full_ranks = _load(hf_run, "trainer-pfsam-z2")
     resumed, resumed_ranks = _load(hf_run, "trainer-pfsam-z2-resumed")
-    tail = [e for e in resumed_ranks[0]["logs"]]
+    tail = [e for e in resumed_ranks[0]["logs"] if e["step"] > 2]  # steps 1-2 come from the checkpoint
     assert [e["step"] for e in tail] == [3, 4]
     assert [e["loss"] for e in tail] == pytest.approx([e["loss"] for e in full_ranks[0]["logs"][2:]], rel=1e-6)
     assert weight_distance(full, resumed) < 1e-6
@@ -114,3 +114,34 @@ def test_plain_trainer_with_a_sam_type_is_never_adamw():
     assert sam.method == "PreconditionedFunctionalSAM" and sam.rho == 0.1
     assert cfg.config["optimizer"] == {"type": "AdamW", "params": {"lr": "auto"}}
     assert sam_config_of(cfg) is sam  # taken once
+
+
+def test_lightning_deepspeed_strategy_is_refused_off_cuda():
+    """Lightning's DeepSpeedStrategy runs only on CUDA: on this CPU the fit is refused before any
+    step (never a plain AdamW step); the strategy has taken the method out of the config."""
+    import lightning.pytorch as pl
+
+    from fsam_ds.lightning import FSAMDeepSpeedStrategy
+
+    class Tiny(pl.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.model = torch.nn.Linear(4, 4)
+
+        def training_step(self, batch, batch_idx):
+            return self.model(batch).square().mean()
+
+        def configure_optimizers(self):
+            return None  # the DeepSpeed config's optimizer section
+
+    strategy = FSAMDeepSpeedStrategy(config={"train_micro_batch_size_per_gpu": 1, "optimizer": {
+        "type": "FunctionalSAM", "params": {"lr": 1e-3, "rho": 0.1}}})
+    assert strategy.fsam_sam.method == "FunctionalSAM"
+    assert strategy.config["optimizer"] == {"type": "AdamW", "params": {"lr": 1e-3}}
+    module = Tiny()
+    before = module.model.weight.detach().clone()
+    trainer = pl.Trainer(accelerator="cpu", devices=1, strategy=strategy, max_steps=1, logger=False,
+                         enable_checkpointing=False, enable_progress_bar=False)
+    with pytest.raises(RuntimeError, match="only supported on CUDA"):
+        trainer.fit(module, torch.utils.data.DataLoader(torch.randn(4, 4), batch_size=1))
+    assert torch.equal(module.model.weight, before)
