@@ -13,3 +13,15 @@ os.environ.setdefault("TORCH_EXTENSIONS_DIR",
 # Optional parts (megatron-core, corpora): skipped locally when absent, failures under CI=true or
 # FSAM_REQUIRE_OPTIONAL=1. Tests import the helpers from tests/optional.py.
 from optional import data_file, missing, optional_required, require_module  # noqa: E402,F401
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def _restore_functional_linear():
+    """A ZeRO-3 engine built in this process replaces torch.nn.functional.linear with DeepSpeed's
+    wrapper for the rest of the process; every test starts and ends with torch's own."""
+    linear = torch.nn.functional.linear
+    yield
+    torch.nn.functional.linear = linear
