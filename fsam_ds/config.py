@@ -220,6 +220,11 @@ def _check_sam_compatibility(ds_config: Mapping[str, Any]) -> None:
                                   "in this version; accepted: \"none\" (or leave the section out)")
     if _enabled(ds_config, "fp16") and _enabled(ds_config, "bf16"):
         raise FSAMConfigError("fp16.enabled and bf16.enabled are both true; accepted: at most one of them")
+    if _enabled(ds_config, "fp16") and stage == 0:
+        raise FSAMConfigError("fp16.enabled with zero_optimization.stage 0 is not supported with the SAM types: "
+                              "DeepSpeed's stage-0 fp16 path does not scale the loss in engine.backward while its "
+                              "FP16_Optimizer divides the gradient by the loss scale; accepted: bf16, or fp16 with "
+                              "zero_optimization.stage 1, 2 or 3")
     if ds_config.get("managed_gradient_accumulation", True) is False:
         raise FSAMConfigError("managed_gradient_accumulation: false is not supported with the SAM types (the ascent "
                               "needs the reduced gradient before the step); accepted: true or leave it out")

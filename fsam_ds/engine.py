@@ -87,14 +87,23 @@ def _model_inputs(batch: Mapping[str, Any]) -> Dict[str, Any]:
     return {k: v for k, v in batch.items() if k != "labels"}
 
 
+def finite_or_nan(loss: torch.Tensor) -> torch.Tensor:
+    """1 where ``loss`` is finite, NaN where it is not (no host sync). Multiplying what is
+    backpropagated by it turns a non-finite loss whose gradients are finite (``loss + inf``) into
+    non-finite gradients, so the step is skipped by the same overflow path as a non-finite
+    gradient; times 1 it changes nothing, bit for bit."""
+    loss = loss.detach()
+    return torch.where(torch.isfinite(loss), torch.ones_like(loss), torch.full_like(loss, float("nan")))
+
+
 def logit_grad(loss_fn: LossFn, logits: torch.Tensor, batch: Mapping[str, Any]):
     """``(loss, g_F)``: the loss and its gradient with respect to ``logits`` by autograd on a
-    detached copy (no graph through the model)."""
+    detached copy (no graph through the model); ``g_F`` is NaN where the loss is not finite."""
     leaf = logits.detach().requires_grad_(True)
     with torch.enable_grad():
         loss = loss_fn(leaf, batch)
         (g_f,) = torch.autograd.grad(loss, leaf)
-    return loss, g_f
+    return loss, g_f * finite_or_nan(loss).to(g_f.dtype)
 
 
 class LogitGradCache:
@@ -374,6 +383,12 @@ class FSAMEngine:
 
     def _forward_logits(self, batch):
         outputs = self._engine(**_model_inputs(batch))
+        if getattr(outputs, "aux_loss", None) is not None:
+            raise FSAMConfigError(
+                f"optimizer.type {self.sam.method}: the model's output carries an aux_loss (a MoE router loss) that "
+                "train_batch, which builds the loss from the logits, would drop; run the model without it "
+                "(output_router_logits=False), or train in loop mode and backward outputs.loss (AdamW, SAM, "
+                "PreconditionedSAM)")
         logits = logits_of(outputs)
         if logits is None and self.sam.functional:
             raise FSAMConfigError(f"optimizer.type {self.sam.method} needs a model whose forward returns logits "
@@ -427,7 +442,7 @@ class FSAMEngine:
                 self._ds_backward(functional_surrogate(logits, g_f))
             else:
                 loss = self._loss(outputs, logits, batch)
-                self._ds_backward(loss)
+                self._ds_backward(loss * finite_or_nan(loss) if self.sam.is_sam else loss)
             losses.append(loss.detach().float())
         if recompute:
             logit_grads.capturing = False

@@ -352,7 +352,10 @@ class LoopMode:
             value = loss.detach().float()
             r.value = value if scale_wrt_gas else value * gas
         self._scale_wrt_gas = scale_wrt_gas
-        out = self.ds_backward(loss, retain_graph=retain_graph, scale_wrt_gas=scale_wrt_gas)
+        from .engine import finite_or_nan
+
+        # a non-finite loss with finite gradients (loss + inf) skips the step like a non-finite gradient
+        out = self.ds_backward(loss * finite_or_nan(loss), retain_graph=retain_graph, scale_wrt_gas=scale_wrt_gas)
         for r in reached:
             if (r.pass2 == "source" and r.loss_grad is None) or (sam.functional and r.handles):
                 raise LoopModeError("engine.backward(loss): no gradient reached the "

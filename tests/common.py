@@ -51,9 +51,31 @@ def inject_inf(engine, rank: int, faults, gas: int) -> None:
     engine.module.lm_head.register_forward_pre_hook(hook)
 
 
+def inf_loss(holder: list, rank: int, faults, gas: int):
+    """The default loss, plus infinity for the first micro-batch of pass ``p`` of step ``s`` on
+    rank ``r`` for each ``(s, p, r)`` in ``faults``: a loss that is infinite while its gradient
+    with respect to the logits stays finite (``holder[0]`` is the engine)."""
+    from fsam_ds.engine import default_loss
+
+    seen = {"step": None, "n": 0}
+
+    def loss_fn(logits, batch):
+        step = int(holder[0].global_steps)
+        if seen["step"] != step:
+            seen.update(step=step, n=0)
+        n = seen["n"]
+        seen["n"] += 1
+        loss = default_loss(logits, batch)
+        if n % gas == 0 and (step, n // gas + 1, rank) in faults:
+            loss = loss + float("inf")
+        return loss
+    return loss_fn
+
+
 def engine_run(method: str, rho: float = RHO, steps: int = STEPS, gas: int = GAS, world: int = 1, rank: int = 0,
                config: Optional[dict] = None, dtype=torch.float32, before_step=None, force_pass2: bool = False,
-               check_restore: bool = False, data_steps=None, faults=(), loss_fn=None, loop: Optional[str] = None):
+               check_restore: bool = False, data_steps=None, faults=(), loss_fn=None, loop: Optional[str] = None,
+               loss_faults=()):
     """Train the tiny model with fsam_ds on this rank's share of the reference data.
 
     Returns (fp32 state dict, per-step losses, per-step metrics). ``before_step(engine)`` is
@@ -61,7 +83,7 @@ def engine_run(method: str, rho: float = RHO, steps: int = STEPS, gas: int = GAS
     ``check_restore`` each step's metrics get ``restored``: whether this rank's weights right
     before the optimizer step were bit-identical to those at the start of the step, and
     ``unchanged``: whether they still are after it. ``data_steps`` picks which reference steps'
-    data to train on (default ``range(steps)``); ``faults`` goes to :func:`inject_inf`.
+    data to train on (default ``range(steps)``); ``faults`` goes to :func:`inject_inf`, ``loss_faults`` to :func:`inf_loss`.
 
     ``loop`` trains through loop mode instead of ``train_batch``: per micro-batch
     ``engine(...)``, ``engine.backward(loss)``, ``engine.step()``, with the loss
@@ -80,7 +102,11 @@ def engine_run(method: str, rho: float = RHO, steps: int = STEPS, gas: int = GAS
     cfg = config or ds_config(method, rho, gas)
     if loop == "logits" and loss_fn is None and method in ("SAM", "PreconditionedSAM"):
         from fsam_ds.engine import default_loss as loss_fn
+    holder: list = []
+    if loss_faults:
+        loss_fn = inf_loss(holder, rank, set(loss_faults), gas)
     engine, *_ = fsam_ds.initialize(model=model, config=cfg, loss_fn=loss_fn)
+    holder.append(engine)
     if faults:
         inject_inf(engine, rank, set(faults), gas)
     if force_pass2:

@@ -47,10 +47,19 @@ CASES = {
                   for layout in ({"stage": 0}, {"stage": 0, "bf16": 1}, {"stage": 1, "bf16": 1},
                                  {"stage": 2, "bf16": 1}, {"stage": 3})
                   for run in ("faults", "ref")]
-    + [("SAM", {"stage": 0, "run": "blowup"}), ("PreconditionedFunctionalSAM", {"stage": 3, "run": "blowup"})],
+    + [("SAM", {"stage": 0, "run": "blowup"}), ("PreconditionedFunctionalSAM", {"stage": 3, "run": "blowup"})]
+    # a loss that is infinite while its gradients are finite (loss_fn's loss + inf) on rank 1 in pass 1
+    # of step 1 (and, for SAM, whose pass 2 recomputes the loss, on rank 0 in pass 2 of step 3)
+    + [("PreconditionedFunctionalSAM", dict(layout, run=run))
+       for layout in ({"stage": 0}, {"stage": 0, "bf16": 1}, {"stage": 1, "bf16": 1}, {"stage": 2, "bf16": 1},
+                      {"stage": 3}) for run in ("lossinf", "ref1")]
+    + [("SAM", {"stage": 0, "run": run}) for run in ("lossinf2", "ref")],
 }
 FAULTS = ((1, 1, 1), (3, 2, 0))
-RUNS = {"faults": dict(steps=5, faults=FAULTS), "ref": dict(steps=3, data_steps=[0, 2, 4]), "blowup": dict(steps=2)}
+LOSS_FAULTS = ((1, 1, 1),)
+RUNS = {"faults": dict(steps=5, faults=FAULTS), "ref": dict(steps=3, data_steps=[0, 2, 4]), "blowup": dict(steps=2),
+        "lossinf": dict(steps=5, loss_faults=LOSS_FAULTS), "ref1": dict(steps=4, data_steps=[0, 2, 3, 4]),
+        "lossinf2": dict(steps=5, loss_faults=FAULTS)}
 
 
 def case_config(method, opts):

@@ -67,6 +67,8 @@ BAD = [
     (lambda c: c.update(zero_optimization={"stage": 5}), "zero_optimization.stage must be one of 0, 1, 2, 3"),
     (lambda c: c.update(fp16={"enabled": True}, bf16={"enabled": True}), "fp16.enabled and bf16.enabled"),
     (lambda c: c.update(gradient_accumulation_steps=0), "gradient_accumulation_steps must be an integer >= 1"),
+    # DeepSpeed's stage-0 fp16 path is unsound (the loss is not scaled, the gradient is unscaled)
+    (lambda c: c.update(fp16={"enabled": True}), "fp16.enabled with zero_optimization.stage 0 is not supported"),
     (lambda c: c["optimizer"].update(params=[1]), "optimizer.params must be an object"),
 ]
 

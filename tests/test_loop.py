@@ -226,3 +226,31 @@ def test_parallel_settings_the_norms_do_not_know_are_refused(section, match):
 def test_mpu_is_refused():
     with pytest.raises(FSAMConfigError, match="mpu"):
         fsam_ds.initialize(model=tiny_llama(0), config=ds_config("SAM"), mpu=object())
+
+
+def test_an_infinite_loss_of_the_loops_own_skips_the_step():
+    """A loss that is infinite while its gradients are finite (``loss + inf``) is skipped in loop
+    mode too (two ranks and every layout: tests/test_nonfinite.py, through train_batch)."""
+    method = "PreconditionedFunctionalSAM"
+    engine = build(method)
+    before = full_state(engine)
+    it = data(steps=1)
+    for _ in range(GAS):
+        ids = next(it)["input_ids"]
+        out = engine(input_ids=ids)
+        engine.backward(fsam_ds.causal_lm_loss(out.logits, ids) + float("inf"))
+        engine.step()
+    assert engine.last_metrics["skipped"] and engine.last_metrics["eps_norm"] == 0.0
+    assert all(torch.equal(before[k], v) for k, v in full_state(engine).items())
+
+
+def test_an_aux_loss_train_batch_would_drop_is_refused():
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    cfg = MixtralConfig(vocab_size=256, hidden_size=32, intermediate_size=32, num_hidden_layers=1,
+                        num_attention_heads=4, num_key_value_heads=2, num_local_experts=2, num_experts_per_tok=1,
+                        output_router_logits=True)
+    torch.manual_seed(0)
+    engine, *_ = fsam_ds.initialize(model=MixtralForCausalLM(cfg), config=ds_config("SAM"))
+    with pytest.raises(FSAMConfigError, match="aux_loss"):
+        engine.train_batch(data())

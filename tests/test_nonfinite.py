@@ -66,3 +66,27 @@ def test_a_rho_that_blows_up_pass_2_is_skipped(nonfinite_run, method, opts):
     init = tiny_llama(0).state_dict()
     for k, v in state.items():
         assert torch.equal(v, init[k].float()), k
+
+
+LOSS_CASES = [(m, o) for m, o in CASES["nonfinite"] if o["run"] in ("lossinf", "lossinf2")]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method,opts", LOSS_CASES, ids=lambda x: x if isinstance(x, str) else _ids([x])[0])
+def test_an_infinite_loss_with_finite_gradients_skips_the_step(nonfinite_run, method, opts):
+    """loss_fn's loss + inf has finite gradients, so DeepSpeed's own check would let the update
+    through; the engine turns it into non-finite gradients (on every rank alike, at every layout)
+    and the step is skipped exactly as for a non-finite gradient."""
+    state, ranks = load_case(nonfinite_run, method, opts)
+    ref = "ref1" if opts["run"] == "lossinf" else "ref"
+    ref_state, ref_ranks = load_case(nonfinite_run, method, dict(opts, run=ref))
+    skipped = [1] if opts["run"] == "lossinf" else SKIPPED
+    for r, rr in zip(ranks, ref_ranks):
+        ms = r["metrics"]
+        assert [i for i, m in enumerate(ms) if m["skipped"]] == skipped
+        assert all(ms[i]["unchanged"] is True for i in skipped)
+        kept = [m for i, m in enumerate(ms) if i not in skipped]
+        assert [m["lr"] for m in kept] == [m["lr"] for m in rr["metrics"]]
+        assert [m["rho"] for m in kept] == [m["rho"] for m in rr["metrics"]]
+    for k in ref_state:
+        assert torch.equal(state[k], ref_state[k]), k
