@@ -5,7 +5,8 @@ A standard DeepSpeed config selects the method with one word::
     "optimizer": {"type": "PreconditionedFunctionalSAM",
                   "params": {"lr": 3e-4, "betas": [0.9, 0.95], "eps": 1e-8, "weight_decay": 0.1,
                              "rho": 0.1, "precondition_norm": "perturbation",
-                             "rho_warmup_steps": 0, "logit_grad_cache": "device", "ascent_every": 1}}
+                             "rho_warmup_steps": 0, "logit_grad_cache": "device", "ascent_every": 1,
+                             "ascent_direction": "gradient"}}
 
 :func:`parse_config` returns the config DeepSpeed itself is given (the same section with
 ``"type": "AdamW"`` and the SAM keys removed, so ZeRO, loss scaling, clipping and schedulers behave
@@ -29,16 +30,19 @@ from .method import PRECONDITION_NORMS
 METHODS = ("AdamW", "SAM", "PreconditionedSAM", "FunctionalSAM", "PreconditionedFunctionalSAM")
 SAM_METHODS = METHODS[1:]
 LOGIT_GRAD_CACHES = ("device", "host", "recompute")
+# where the ascent direction comes from: this step's pass-1 gradient (exact), or AdamW's first moment
+# (no pass-1 backward; see SAMConfig.ascent_direction)
+ASCENT_DIRECTIONS = ("gradient", "momentum")
 SUPPORTED_ZERO_STAGES = (0, 1, 2, 3)
 
 # AdamW parameters DeepSpeed's own Adam accepts, and the SAM keys on top of them.
 ADAMW_KEYS = ("lr", "betas", "eps", "weight_decay", "bias_correction", "torch_adam", "adam_w_mode",
               "fp32_optimizer_states")
-SAM_KEYS = ("rho", "precondition_norm", "rho_warmup_steps", "logit_grad_cache", "ascent_every")
+SAM_KEYS = ("rho", "precondition_norm", "rho_warmup_steps", "logit_grad_cache", "ascent_every", "ascent_direction")
 # accepted for every type, AdamW included; never handed to DeepSpeed
 DIAGNOSTIC_KEYS = ("sharpness_every",)
 SAM_DEFAULTS = {"rho": 0.05, "precondition_norm": "perturbation", "rho_warmup_steps": 0,
-                "logit_grad_cache": "device", "ascent_every": 1}
+                "logit_grad_cache": "device", "ascent_every": 1, "ascent_direction": "gradient"}
 
 
 class FSAMConfigError(ValueError):
@@ -57,6 +61,10 @@ class SAMConfig:
     # recompute the ascent direction every k optimizer steps and reuse it (rescaled to the current
     # rho) in between; 1 = exact
     ascent_every: int = 1
+    # "gradient": eps from this step's pass-1 gradient; "momentum": from AdamW's first moment m
+    # (eps = rho M^-1 m / ||M^-1 m|| preconditioned, rho m / ||m|| otherwise), so SAM has no pass 1
+    # and FunctionalSAM's pass 1 is a forward at theta for g_F; exact until AdamW's first update
+    ascent_direction: str = "gradient"
     sharpness_every: int = 0  # sharpness diagnostics every N optimizer steps (0: off)
 
     @property
@@ -140,8 +148,16 @@ def _sam_config(method: str, params: Mapping[str, Any]) -> SAMConfig:
     every = values["ascent_every"]
     if not isinstance(every, int) or isinstance(every, bool) or every < 1:
         raise FSAMConfigError(f"optimizer.params.ascent_every must be an integer >= 1 (1: exact), got {every!r}")
+    direction = values["ascent_direction"]
+    if not isinstance(direction, str) or direction not in ASCENT_DIRECTIONS:
+        raise FSAMConfigError(f"optimizer.params.ascent_direction {direction!r} is not supported; accepted: "
+                              f"{', '.join(ASCENT_DIRECTIONS)}")
+    if direction == "momentum" and every > 1:
+        raise FSAMConfigError('optimizer.params.ascent_direction "momentum" with ascent_every > 1 is not supported '
+                              f"(got ascent_every {every}); accepted: ascent_every 1 with \"momentum\", or "
+                              'ascent_direction "gradient"')
     return SAMConfig(method=method, rho=float(rho), precondition_norm=norm, rho_warmup_steps=warm,
-                     logit_grad_cache=cache, ascent_every=every)
+                     logit_grad_cache=cache, ascent_every=every, ascent_direction=direction)
 
 
 def parse_config(config: Union[str, os.PathLike, Mapping[str, Any]]) -> Tuple[dict, SAMConfig]:

@@ -34,6 +34,18 @@ entirely and FunctionalSAM runs pass 1 as a forward at theta (no backward), taki
 autograd on the detached logits. The reused direction is held per rank in the layout the rank
 holds and is part of :meth:`FSAMEngine.state_dict`.
 
+``optimizer.params.ascent_direction: "momentum"`` takes ``eps`` from AdamW's first moment ``m``
+instead of this step's gradient (``rho M^-1 m / ||M^-1 m||`` for the preconditioned types,
+``rho m / ||m||`` for the others), so no pass-1 backward is needed: SAM skips pass 1 and
+FunctionalSAM's pass 1 is a forward at theta for g_F, as on ``ascent_every``'s reusing steps. Until
+AdamW's first update (no ``m`` yet) the step is exact. ``m`` is DeepSpeed's optimizer state, so its
+checkpoints carry it. ``train_batch`` only: loop mode refuses it (a loop's own backward is pass 1).
+
+``last_metrics`` of the SAM types has ``eps_share_embed`` and ``eps_share_output``: the share of
+``||eps||^2`` on the input-embedding matrix and on the output layer (``get_input_embeddings()``,
+``get_output_embeddings()``; the same for tied weights; None without a perturbation or such a
+module), summed in the norms' own all-reduce.
+
 Everything else (``module``, ``save_checkpoint``, ``load_checkpoint``, ``get_lr``, ...) is the
 wrapped DeepSpeedEngine's own.
 """
@@ -131,33 +143,71 @@ class LogitGradCache:
         return sum(t.numel() * t.element_size() for t in self._items.values() if isinstance(t, torch.Tensor))
 
 
+class CudaCopyOps:
+    """The CUDA operations :class:`HostLogitGradCache` uses, in one place so that a test can put
+    recording fakes in their stead (no GPU needed to check the order of copies, events and waits)."""
+
+    @staticmethod
+    def on_device(t: torch.Tensor) -> bool:
+        return t.device.type == "cuda"
+
+    @staticmethod
+    def new_stream():
+        return torch.cuda.Stream()
+
+    @staticmethod
+    def new_event():
+        return torch.cuda.Event()
+
+    @staticmethod
+    def current_stream(device):
+        return torch.cuda.current_stream(device)
+
+    @staticmethod
+    def use_stream(stream):
+        return torch.cuda.stream(stream)
+
+    @staticmethod
+    def pinned_empty(like: torch.Tensor) -> torch.Tensor:
+        return torch.empty(like.shape, dtype=like.dtype, pin_memory=True)
+
+    @staticmethod
+    def record_stream(t: torch.Tensor, stream) -> None:
+        t.record_stream(stream)
+
+
 class HostLogitGradCache(LogitGradCache):
     """``"host"``: each ``g_F`` goes to pinned host memory on a side CUDA stream (overlapping the
     rest of pass 1), and comes back on the same stream one micro-batch ahead of its use in pass 2.
-    On a CPU device the tensors already live in host memory and are kept as they are."""
+    Each copy back records an event on the side stream right after it; the compute stream waits on
+    the event of the copy it needs (not on the whole side stream, which by then also holds the next
+    micro-batch's copy). On a CPU device the tensors already live in host memory and are kept as
+    they are."""
 
     mode = "host"
 
-    def __init__(self):
+    def __init__(self, ops=CudaCopyOps):
         super().__init__()
+        self._ops = ops
         self._stream = None
-        self._on_device: Dict[int, torch.Tensor] = {}
+        self._on_device: Dict[int, Any] = {}  # i -> (device tensor, event recorded after its copy)
 
     def _copy_stream(self):
         if self._stream is None:
-            self._stream = torch.cuda.Stream()
+            self._stream = self._ops.new_stream()
         return self._stream
 
     def put(self, i, g_f):
-        if g_f.device.type != "cuda":
+        ops = self._ops
+        if not ops.on_device(g_f):
             self._items[i] = g_f
             return
         stream = self._copy_stream()
-        host = torch.empty(g_f.shape, dtype=g_f.dtype, pin_memory=True)
-        stream.wait_stream(torch.cuda.current_stream(g_f.device))
-        with torch.cuda.stream(stream):
+        host = ops.pinned_empty(g_f)
+        stream.wait_stream(ops.current_stream(g_f.device))
+        with ops.use_stream(stream):
             host.copy_(g_f, non_blocking=True)
-        g_f.record_stream(stream)  # the caching allocator keeps it until the copy has run
+        ops.record_stream(g_f, stream)  # the caching allocator keeps it until the copy has run
         self._items[i] = (host, g_f.device)
 
     def _fetch(self, i):
@@ -165,9 +215,13 @@ class HostLogitGradCache(LogitGradCache):
         if not isinstance(item, tuple) or i in self._on_device:
             return
         host, device = item
+        ops = self._ops
         stream = self._copy_stream()
-        with torch.cuda.stream(stream):
-            self._on_device[i] = host.to(device, non_blocking=True)
+        with ops.use_stream(stream):
+            t = host.to(device, non_blocking=True)
+        done = ops.new_event()
+        done.record(stream)  # after this copy only: the next one is queued behind it
+        self._on_device[i] = (t, done)
 
     def get(self, i, batch):
         item = self._items.get(i)
@@ -175,10 +229,10 @@ class HostLogitGradCache(LogitGradCache):
             return self._items.pop(i)
         self._fetch(i)
         self._fetch(i + 1)  # the next micro-batch's copy overlaps this one's pass 2
-        g_f = self._on_device.pop(i)
-        current = torch.cuda.current_stream(g_f.device)
-        current.wait_stream(self._stream)
-        g_f.record_stream(current)
+        g_f, done = self._on_device.pop(i)
+        current = self._ops.current_stream(g_f.device)
+        current.wait_event(done)
+        self._ops.record_stream(g_f, current)
         self._items.pop(i)
         return g_f
 
@@ -273,6 +327,34 @@ def _no_update(*args, **kwargs):
     return None
 
 
+# last_metrics keys of the share of ||eps||^2 on the input-embedding matrix and on the output layer
+SHARE_KEYS = ("eps_share_embed", "eps_share_output")
+
+
+def share_params(module: torch.nn.Module) -> Dict[str, list]:
+    """The trainable parameters of the input embedding (``get_input_embeddings()``, its weight)
+    and of the output layer (:func:`fsam_ds.loop.output_layer`) by :data:`SHARE_KEYS`; empty when
+    the model names neither."""
+    from .loop import output_layer
+
+    embed = None
+    for m in module.modules():
+        get = getattr(m, "get_input_embeddings", None)
+        if callable(get):
+            try:
+                embed = get()
+            except (NotImplementedError, AttributeError):
+                continue
+            if isinstance(embed, torch.nn.Module):
+                break
+            embed = None
+    out = output_layer(module)
+    w = getattr(embed, "weight", None)
+    parts = {"eps_share_embed": [w] if isinstance(w, torch.nn.Parameter) and w.requires_grad else [],
+             "eps_share_output": [p for p in out.parameters() if p.requires_grad] if out is not None else []}
+    return parts if any(parts.values()) else {}
+
+
 class FSAMEngine:
     """A DeepSpeedEngine whose ``train_batch`` runs the configured method.
 
@@ -323,6 +405,9 @@ class FSAMEngine:
         self._eps_unit_norm: Optional[torch.Tensor] = None
         self._eps_unit_ok = False
         self._eps_step = -1
+        self._share_params = share_params(engine.module) if sam.is_sam else {}
+        self._step_shares = None  # shares of the step's ascent (see _note_ascent)
+        self._eps_unit_shares = None
         self._loop = None
         if sam.is_sam:
             from .loop import LoopMode
@@ -492,12 +577,30 @@ class FSAMEngine:
         advance it, as it does not advance DeepSpeed's LR scheduler)."""
         return rho_at(self.adam_steps_taken(), self.sam.rho, self.sam.rho_warmup_steps)
 
-    def compute_ascent(self, rho: float) -> Ascent:
-        """The ascent from the current (pass-1) gradients of this rank."""
+    def compute_ascent(self, rho: float, momentum: bool = False) -> Ascent:
+        """The ascent from the current (pass-1) gradients of this rank, or with ``momentum`` from
+        AdamW's first moment (``ascent_direction: "momentum"``; after AdamW's first update)."""
         view = self.view
-        denoms = view.denominators(self.adam_steps_taken()) if self.sam.preconditioned else None
-        return ascent_direction(view.grads(), rho, denoms, self.sam.precondition_norm,
-                                group=view.norm_group, grad_scale=view.grad_scale)
+        updates = self.adam_steps_taken()
+        denoms = view.denominators(updates) if self.sam.preconditioned else None
+        if momentum:
+            tensors, scale = view.first_moments(updates), 1.0
+            if tensors is None:
+                raise RuntimeError("ascent_direction \"momentum\" before AdamW's first update: there is no first moment")
+        else:
+            tensors, scale = view.grads(), view.grad_scale
+        regions = [view.region(self._share_params[k]) for k in SHARE_KEYS] if self._share_params else None
+        return ascent_direction(tensors, rho, denoms, self.sam.precondition_norm,
+                                group=view.norm_group, grad_scale=scale, regions=regions)
+
+    def uses_momentum(self) -> bool:
+        """``ascent_direction: "momentum"``: whether this step's ascent comes from AdamW's first
+        moment (from AdamW's first update on; the steps before it are exact)."""
+        return self.sam.ascent_direction == "momentum" and self.adam_steps_taken() >= 1
+
+    def _note_ascent(self, ascent: Ascent) -> None:
+        """Keep the shares of the perturbation this step applies, for ``last_metrics``."""
+        self._step_shares = None if ascent.shares is None or ascent.is_zero else ascent.shares
 
     def _perturbed_pass(self, batches, ascent: Ascent, rng_states) -> list:
         """Pass 2 at theta + eps (``ascent``; none when it is zero) on the same micro-batches and
@@ -525,16 +628,32 @@ class FSAMEngine:
             losses, rng_states = self._backward_pass(batches, logit_grads=self.logit_grads,
                                                      keep_logit_grads=sam.functional)
             ascent, grad_norm = self._stored_ascent(rho)
+            self._note_ascent(ascent)
             if self._runs_pass2(ascent, grad_norm):
                 self._perturbed_pass(batches, ascent, rng_states)
             return grad_norm, ascent.eps_norm, losses, False
         ascent = self._reused_ascent(rho)
+        self._note_ascent(ascent)
         if sam.functional:
             losses, rng_states = self._forward_pass(batches, self.logit_grads)
             self._perturbed_pass(batches, ascent, rng_states)
         else:
             losses = self._perturbed_pass(batches, ascent, None)
         return None, ascent.eps_norm, losses, True
+
+    def _momentum_passes(self, batches, rho: float):
+        """``ascent_direction: "momentum"`` after AdamW's first update: eps from AdamW's first
+        moment, no pass-1 backward. SAM has no pass 1 (the returned losses are pass 2's, at
+        theta + eps), FunctionalSAM's pass 1 is a forward at theta for g_F (as on ascent_every's
+        reusing steps). Pass 2 always runs (it is the only backward). Returns (eps_norm, losses)."""
+        ascent = self.compute_ascent(rho, momentum=True)
+        self._note_ascent(ascent)
+        if self.sam.functional:
+            losses, rng_states = self._forward_pass(batches, self.logit_grads)
+            self._perturbed_pass(batches, ascent, rng_states)
+        else:
+            losses = self._perturbed_pass(batches, ascent, None)
+        return ascent.eps_norm, losses
 
     def reuses_ascent(self) -> bool:
         """``ascent_every: k > 1``: whether this step reuses the stored direction (every k-th
@@ -550,6 +669,7 @@ class FSAMEngine:
         unit = self.compute_ascent(1.0)
         self._eps_unit = unit.perturbations()  # new fp32 tensors: theta's own layout on this rank
         self._eps_unit_norm = unit.eps_norm
+        self._eps_unit_shares = unit.shares
         self._eps_unit_ok = not unit.is_zero
         self._eps_step = int(self._engine.global_steps)
         return self._reused_ascent(rho), unit.grad_norm
@@ -586,7 +706,7 @@ class FSAMEngine:
         ok = self._eps_unit_ok and rho > 0
         coef = torch.tensor(float(rho) if ok else 0.0, dtype=torch.float32, device=self._eps_unit_norm.device)
         return Ascent(directions=self._eps_unit, coef=coef, grad_norm=None,
-                      eps_norm=self._eps_unit_norm * coef)
+                      eps_norm=self._eps_unit_norm * coef, shares=self._eps_unit_shares)
 
     # ---- checkpointing ----------------------------------------------------------------------
     def state_dict(self) -> Dict[str, Any]:
@@ -599,7 +719,9 @@ class FSAMEngine:
                                  "eps_step": self._eps_step, "eps_unit": None}
         if self._eps_unit is not None:
             state.update(eps_unit=[t.detach().cpu().clone() for t in self._eps_unit],
-                         eps_unit_norm=float(self._eps_unit_norm), eps_unit_ok=bool(self._eps_unit_ok))
+                         eps_unit_norm=float(self._eps_unit_norm), eps_unit_ok=bool(self._eps_unit_ok),
+                         eps_unit_shares=(None if self._eps_unit_shares is None
+                                          else [float(x) for x in self._eps_unit_shares]))
         return state
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -608,6 +730,7 @@ class FSAMEngine:
         eps = state.get("eps_unit")
         if eps is None:
             self._eps_unit, self._eps_unit_norm, self._eps_unit_ok, self._eps_step = None, None, False, -1
+            self._eps_unit_shares = None
             return
         shapes = [tuple(s) for s in self.view.local_shapes()]
         if [tuple(t.shape) for t in eps] != shapes:
@@ -618,6 +741,8 @@ class FSAMEngine:
         self._eps_unit_norm = torch.tensor(float(state["eps_unit_norm"]), dtype=torch.float32, device=dev)
         self._eps_unit_ok = bool(state["eps_unit_ok"])
         self._eps_step = int(state.get("eps_step", -1))
+        shares = state.get("eps_unit_shares")
+        self._eps_unit_shares = None if shares is None else torch.tensor(shares, dtype=torch.float32, device=dev)
 
     # ---- the step ----------------------------------------------------------------------------
     def train_batch(self, data_iter: Optional[Iterator] = None) -> torch.Tensor:
@@ -654,16 +779,21 @@ class FSAMEngine:
         rho = self.current_rho() if sam.is_sam else 0.0
 
         cache = self.logit_grads
-        reused = False
+        reused = momentum = False
+        self._step_shares = None
         try:
             if sam.is_sam and sam.ascent_every > 1:
                 grad_norm, eps_norm, losses, reused = self._inexact_passes(batches, rho)
+            elif sam.is_sam and self.uses_momentum():
+                momentum, grad_norm = True, None
+                eps_norm, losses = self._momentum_passes(batches, rho)
             else:
                 losses, rng_states = self._backward_pass(batches, logit_grads=cache, keep_logit_grads=sam.functional)
                 grad_norm = eps_norm = None
                 if sam.is_sam:
                     ascent = self.compute_ascent(rho)
                     grad_norm, eps_norm = ascent.grad_norm, ascent.eps_norm
+                    self._note_ascent(ascent)
                     if self._runs_pass2(ascent, grad_norm):
                         self._perturbed_pass(batches, ascent, rng_states)
                     del ascent
@@ -674,7 +804,8 @@ class FSAMEngine:
             if cache is not None:
                 cache.clear()
         eng.micro_steps += gas - 1  # DeepSpeed counts micro-batches; step() adds the last one
-        self._finish_step(t0, losses, grad_norm, eps_norm, rho, reused, skipped_before, batches[0])
+        self._finish_step(t0, losses, grad_norm, eps_norm, rho, reused, skipped_before, batches[0],
+                          momentum=momentum)
         return self.last_metrics_loss
 
     def _loop_update(self, loop, lr_kwargs=None) -> None:
@@ -686,6 +817,7 @@ class FSAMEngine:
         rho = self.current_rho()
         boundary = eng._is_gradient_accumulation_boundary
         reused = self.reuses_ascent()
+        self._step_shares = None
         try:
             if reused:
                 ascent, grad_norm = self._reused_ascent(rho), None
@@ -695,6 +827,7 @@ class FSAMEngine:
                 ascent = self.compute_ascent(rho)
                 grad_norm = ascent.grad_norm
             eps_norm = ascent.eps_norm
+            self._note_ascent(ascent)
             if reused or self._runs_pass2(ascent, grad_norm):
                 loop.perturbed_pass(ascent)
             del ascent
@@ -706,7 +839,7 @@ class FSAMEngine:
                           loop.records[0].batch(), lr_kwargs=lr_kwargs, boundary=boundary)
 
     def _finish_step(self, t0, losses, grad_norm, eps_norm, rho, reused, skipped_before, first_batch,
-                     lr_kwargs=None, boundary=None) -> None:
+                     lr_kwargs=None, boundary=None, momentum: bool = False) -> None:
         """DeepSpeed's step (or its overflow path) after the restore, then the step's metrics."""
         eng, sam = self._engine, self.sam
         lr = float(eng.get_lr()[0])  # the learning rate this step uses
@@ -716,7 +849,7 @@ class FSAMEngine:
             self._ds_step(lr_kwargs)
         # hand the accumulation boundary back to whoever set it (DeepSpeed's own micro-step counting)
         eng._is_gradient_accumulation_boundary = boundary
-        if grad_norm is None and not reused:  # AdamW under ZeRO: the norm DeepSpeed's step computed anyway
+        if grad_norm is None and not (reused or momentum):  # AdamW under ZeRO: the norm DeepSpeed's step computed anyway
             grad_norm = eng.get_global_grad_norm()
         loss = self._mean_loss(losses)
         self.last_metrics_loss = loss
@@ -732,6 +865,14 @@ class FSAMEngine:
         }
         if sam.ascent_every > 1:
             self.last_metrics["ascent_reused"] = reused
+        if sam.ascent_direction == "momentum":
+            self.last_metrics["ascent_momentum"] = momentum
+        if sam.is_sam:
+            shares, self._step_shares = self._step_shares, None
+            values = shares.tolist() if shares is not None else [None] * len(SHARE_KEYS)
+            have = self._share_params
+            for key, value in zip(SHARE_KEYS, values):
+                self.last_metrics[key] = (float(value) if have and value is not None and value == value else None)
         self._write_monitor({k: self.last_metrics[k] for k in ("grad_norm", "eps_norm", "rho")})
         if sam.sharpness_every and int(eng.global_steps) % sam.sharpness_every == 0:
             self._record_sharpness(first_batch)

@@ -53,6 +53,10 @@ def attach_engine(ds_engine, sam: SAMConfig, loss_fn=None):
         raise FSAMConfigError(f"optimizer.type {sam.method} runs on a DeepSpeed engine; got {type(ds_engine).__name__}. "
                               "Give the Trainer / Accelerate the DeepSpeed config (TrainingArguments(deepspeed=...) "
                               "or a DeepSpeedPlugin)")
+    if sam.is_sam and sam.ascent_direction != "gradient":
+        from .loop import momentum_refusal
+
+        raise FSAMConfigError(momentum_refusal(sam))
     fsam = getattr(ds_engine, "_fsam_engine", None)
     if fsam is None:
         fsam = FSAMEngine(ds_engine, sam, loss_fn)

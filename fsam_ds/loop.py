@@ -21,7 +21,8 @@ on the :class:`deepspeed.DeepSpeedEngine` instance itself (forward hooks, and it
 Everything the method cannot follow is refused with one error before it changes anything: a
 ``step()`` at the boundary with no recorded forward, a backward of a loss that did not come from
 this step's forwards, a forward left without its backward, a SAM loss the engine cannot recompute,
-a FunctionalSAM loss that reaches the weights other than through the logits.
+a FunctionalSAM loss that reaches the weights other than through the logits,
+``ascent_direction: "momentum"`` (whose only point, no pass-1 backward, a loop cannot give).
 """
 from __future__ import annotations
 
@@ -141,6 +142,13 @@ def reached_nodes(root, stops: Mapping[Any, Any]):
     return reached, leak
 
 
+def momentum_refusal(sam) -> str:
+    """The one-line refusal of ``ascent_direction: "momentum"`` outside ``train_batch``."""
+    return (f'optimizer.params.ascent_direction "{sam.ascent_direction}" runs only in engine.train_batch: it saves '
+            "the pass-1 backward, and in your own loop (engine.backward / engine.step, the Hugging Face Trainer, "
+            'Accelerate, Lightning) that backward is the loop\'s own and always runs; accepted there: "gradient"')
+
+
 class LoopMode:
     """Loop mode of one :class:`~fsam_ds.engine.FSAMEngine` (see the module docstring)."""
 
@@ -178,6 +186,8 @@ class LoopMode:
             return None
         if self.mode != RECORD or not torch.is_grad_enabled() or not self.ds.module.training:
             return None
+        if self.sam.ascent_direction != "gradient":
+            raise FSAMConfigError(momentum_refusal(self.sam))
         if self._open is not None:
             raise LoopModeError("engine forward called inside another recorded forward")
         if not self.records:

@@ -14,11 +14,15 @@ Notation (see the README's "The method" section):
 * preconditioned, "gradient" normalisation:               ``eps = rho * M^-1 (g / ||g||)``.
 
 A zero or non-finite ``||g||`` (or ``||M^-1 g||``) gives a zero perturbation, never NaN.
+
+``ascent_direction(..., regions=...)`` also returns the share of ``||eps||^2`` that falls on given
+parts of the model (e.g. the input-embedding rows and the output layer), summed in the same
+all-reduce as the norms.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Iterable, Optional, Sequence, Union
+from typing import Iterable, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.distributed as dist
@@ -26,6 +30,9 @@ import torch.distributed as dist
 PRECONDITION_NORMS = ("perturbation", "gradient")
 
 Group = Union[None, "dist.ProcessGroup", Sequence["dist.ProcessGroup"]]
+# a part of the model as this rank holds it: (index of a local tensor, first element of its flattened
+# form, number of elements or None for the rest of the tensor) per piece
+Region = Sequence[Tuple[int, int, Optional[int]]]
 
 
 def _groups(group: Group) -> list:
@@ -102,12 +109,15 @@ class Ascent:
     ``coef`` is a 0-dim tensor: the perturbation is ``eps_i = coef * d_i`` with ``d_i`` the
     (unscaled, optionally preconditioned) direction returned alongside. ``grad_norm`` is the
     global ``||g||`` and ``eps_norm`` the global ``||eps||``; both are 0-dim float32 tensors.
+    ``shares`` (with ``regions``) holds, per region, the global share of ``||eps||^2`` that falls on
+    it (a float32 vector, NaN where there is no perturbation direction).
     """
 
     directions: list
     coef: torch.Tensor
     grad_norm: torch.Tensor
     eps_norm: torch.Tensor
+    shares: Optional[torch.Tensor] = None
     _zero: Optional[bool] = field(default=None, init=False, repr=False)
 
     @property
@@ -130,7 +140,8 @@ class Ascent:
 def ascent_direction(grads: Sequence[torch.Tensor], rho: float,
                      denominators: Optional[Sequence[Optional[torch.Tensor]]] = None,
                      precondition_norm: str = "perturbation", group: Group = None,
-                     grad_scale: float = 1.0, weights: Optional[Sequence[float]] = None) -> Ascent:
+                     grad_scale: float = 1.0, weights: Optional[Sequence[float]] = None,
+                     regions: Optional[Sequence[Region]] = None) -> Ascent:
     """The SAM ascent step from the local gradient tensors of this rank.
 
     Args:
@@ -143,8 +154,10 @@ def ascent_direction(grads: Sequence[torch.Tensor], rho: float,
         grad_scale: the gradients are ``grad_scale`` times the true gradient (fp16 loss scaling);
             the result is computed from the unscaled gradient.
         weights: optional per-tensor multiplicity weights for the sums of squares.
+        regions: optional parts of the model (see :data:`Region`, in this rank's tensors); the
+            result's ``shares`` is then ``||eps_region||^2 / ||eps||^2`` per region.
 
-    One all-reduce of a 2-vector per group, whatever the method.
+    One all-reduce of a (2 + number of regions)-vector per group, whatever the method.
     """
     if precondition_norm not in PRECONDITION_NORMS:
         raise ValueError(f"precondition_norm must be one of {PRECONDITION_NORMS}, got {precondition_norm!r}")
@@ -160,11 +173,14 @@ def ascent_direction(grads: Sequence[torch.Tensor], rho: float,
     else:
         dirs = list(g32)
 
+    regions = list(regions) if regions is not None else []
     if g32:
         g_sq = local_sq_sum(g32, weights)
-        sums = torch.stack([g_sq, local_sq_sum(dirs, weights) if preconditioned else torch.zeros_like(g_sq)])
+        parts = [g_sq, local_sq_sum(dirs, weights) if preconditioned else torch.zeros_like(g_sq)]
+        parts += [_region_sq(dirs, r, weights).to(g_sq.device) for r in regions]
+        sums = torch.stack(parts)
     else:  # this rank holds nothing (possible for tiny models under sharding)
-        sums = torch.zeros(2, dtype=torch.float32, device=_comm_device(group))
+        sums = torch.zeros(2 + len(regions), dtype=torch.float32, device=_comm_device(group))
     sums = all_reduce_sum(sums, group)
     g_norm = sums[0].sqrt()
     d_norm = sums[1].sqrt() if preconditioned else g_norm
@@ -181,7 +197,26 @@ def ascent_direction(grads: Sequence[torch.Tensor], rho: float,
     eps_norm = torch.where(ok, eps_norm, zero)
     if rho == 0:
         eps_norm = zero
-    return Ascent(directions=dirs, coef=coef, grad_norm=g_norm, eps_norm=eps_norm)
+    shares = None
+    if regions:
+        d_sq = sums[1] if preconditioned else sums[0]
+        shares = torch.where(ok, sums[2:] / torch.where(ok, d_sq, torch.ones_like(d_sq)),
+                             torch.full_like(sums[2:], float("nan")))
+    return Ascent(directions=dirs, coef=coef, grad_norm=g_norm, eps_norm=eps_norm, shares=shares)
+
+
+def _region_sq(dirs: Sequence[torch.Tensor], region: Region, weights: Optional[Sequence[float]]) -> torch.Tensor:
+    """This rank's sum of squares of ``dirs`` over ``region`` (float32)."""
+    pieces, w = [], []
+    for index, start, numel in region:
+        flat = dirs[index].reshape(-1)
+        stop = flat.numel() if numel is None else start + numel
+        pieces.append(flat[start:stop])
+        w.append(1.0 if weights is None else weights[index])
+    if not pieces:
+        dev = dirs[0].device if dirs else torch.device("cpu")
+        return torch.zeros((), dtype=torch.float32, device=dev)
+    return local_sq_sum(pieces, w if weights is not None else None)
 
 
 def functional_surrogate(logits: torch.Tensor, logit_grad: torch.Tensor) -> torch.Tensor:

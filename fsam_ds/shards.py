@@ -14,7 +14,11 @@ Every adapter answers the same questions for the engine:
 * ``perturb(ascent)``: write ``theta + eps`` into the weights the forward reads;
 * ``restore()``: put ``theta`` back bit-exactly (from the fp32 master where one exists, else from
   a saved copy of the local slice);
-* ``zero_grad()``: clear the pass-1 gradients before pass 2.
+* ``zero_grad()``: clear the pass-1 gradients before pass 2;
+* ``first_moments(updates)``: AdamW's ``exp_avg`` for the same slices (``"ascent_direction":
+  "momentum"``; ``None`` before the first update);
+* ``region(params)``: where the given module parameters lie in the tensors ``grads()`` returns
+  (a :data:`fsam_ds.method.Region`: the pieces this rank holds; empty if it holds none).
 
 Checked against DeepSpeed 0.19.8.
 """
@@ -25,7 +29,7 @@ from typing import List, Optional
 import torch
 from torch._utils import _unflatten_dense_tensors
 
-from .method import Ascent, adam_denominator, adam_denominators
+from .method import Ascent, Region, adam_denominator, adam_denominators
 
 
 def loss_scale_of(engine) -> float:
@@ -50,6 +54,17 @@ def _group_hparams(group) -> tuple:
 def _missing_moments(layout: str, updates: int) -> RuntimeError:
     return RuntimeError(f"{layout}: the optimizer has applied {updates} update(s) but holds no exp_avg_sq; the "
                         "preconditioned SAM types need AdamW's second moment (optimizer Adam/AdamW)")
+
+
+def _missing_first_moments(layout: str, updates: int) -> RuntimeError:
+    return RuntimeError(f"{layout}: the optimizer has applied {updates} update(s) but holds no exp_avg; "
+                        '"ascent_direction": "momentum" needs AdamW\'s first moment (optimizer Adam/AdamW)')
+
+
+def _whole_tensors(params, wanted) -> Region:
+    """Region of ``wanted`` among per-parameter local tensors (``params`` in ``grads()`` order)."""
+    ids = {id(p) for p in wanted}
+    return [(i, 0, None) for i, p in enumerate(params) if id(p) in ids]
 
 
 def _denominators(vs, hparams, step) -> List[torch.Tensor]:
@@ -107,6 +122,12 @@ class RankView:
         raise NotImplementedError
 
     def zero_grad(self) -> None:
+        raise NotImplementedError
+
+    def first_moments(self, updates: int) -> Optional[List[torch.Tensor]]:
+        raise NotImplementedError
+
+    def region(self, params) -> Region:
         raise NotImplementedError
 
 
@@ -167,6 +188,19 @@ class PlainView(RankView):
         torch._foreach_copy_([p.data for p in self.params], self._saved)
         self._saved = None
 
+    def first_moments(self, updates):
+        if updates < 1:
+            return None
+        state = self.engine.optimizer.state
+        ms = [state.get(p, {}).get("exp_avg") for p in self.params]
+        if all(m is None for m in ms):
+            raise _missing_first_moments("ZeRO stage 0", updates)
+        # a parameter AdamW has never updated has no first moment: no ascent along it
+        return [m if m is not None else torch.zeros_like(p, dtype=torch.float32) for m, p in zip(ms, self.params)]
+
+    def region(self, params):
+        return _whole_tensors(self.params, params)
+
     def saved_copy(self, param):
         """A callable giving ``param`` at theta while the weights are perturbed (the copy
         ``perturb`` saved; the parameter itself when unperturbed), or None if not held here."""
@@ -217,6 +251,20 @@ class MixedPrecisionView(RankView):
             t = int(st.get("step", updates))
             out.extend(_unflatten_dense_tensors(adam_denominator(v, beta2, eps, t, bc), lp))
         return out
+
+    def first_moments(self, updates):
+        if updates < 1:
+            return None
+        out = []
+        for flat, lp in zip(self.masters, self.lp_groups):
+            m = self.inner.state.get(flat, {}).get("exp_avg")
+            if m is None:
+                raise _missing_first_moments("ZeRO stage 0 mixed precision", updates)
+            out.extend(_unflatten_dense_tensors(m, lp))
+        return out
+
+    def region(self, params):
+        return _whole_tensors([p for lp in self.lp_groups for p in lp], params)
 
     def _lp_params(self):
         return [p.data for lp in self.lp_groups for p in lp]
@@ -296,6 +344,28 @@ class PartitionedView(RankView):
             out.append(adam_denominator(v, beta2, eps, int(st.get("step", updates)), bc))
         return out
 
+    def first_moments(self, updates):
+        if updates < 1:
+            return None
+        out = []
+        for master in self.masters:
+            m = self.opt.optimizer.state.get(master, {}).get("exp_avg")
+            if m is None:
+                raise _missing_first_moments(f"ZeRO stage {self.engine.zero_optimization_stage()}", updates)
+            out.append(m)
+        return out
+
+    def region(self, params):
+        # DeepSpeed's own map from each parameter to its fragment of this rank's flat partition
+        # (the one its universal checkpoints use); None where this rank holds none of it
+        out = []
+        for p in params:
+            frag = getattr(p, "_hp_mapping", None)
+            if frag is not None:
+                addr = frag.get_hp_fragment_address()
+                out.append((frag.param_group_index, addr.start, addr.numel))
+        return out
+
     @torch.no_grad()
     def _spread(self, flat_partitions):
         import torch.distributed as dist
@@ -364,6 +434,19 @@ class Zero3View(RankView):
         if any(v is None for v in vs):
             raise _missing_moments("ZeRO stage 3", updates)
         return _denominators(vs, self.hparams, updates)
+
+    def first_moments(self, updates):
+        from deepspeed.utils import safe_get_local_optimizer_state
+
+        if updates < 1:
+            return None
+        ms = [safe_get_local_optimizer_state(p, "exp_avg") for p in self.params]
+        if any(m is None for m in ms):
+            raise _missing_first_moments("ZeRO stage 3", updates)
+        return ms
+
+    def region(self, params):
+        return _whole_tensors(self.params, params)
 
     def _release_gathered(self):
         self.opt._partition_all_parameters()

@@ -24,7 +24,10 @@ The script reads top to bottom:
    ``--save-every`` steps; a last evaluation and checkpoint at the end.
 
 ``metrics.jsonl`` holds one JSON object per line: per step ``{"step", "loss", "grad_norm",
-"eps_norm", "rho", "lr", "tokens_per_s", "method", "skipped", "step_time"}`` plus, every
+"eps_norm", "rho", "lr", "tokens_per_s", "method", "skipped", "step_time"}`` plus, for the SAM
+types, ``eps_share_embed`` and ``eps_share_output`` (the share of ``||eps||^2`` on the input
+embedding and on the output layer), ``ascent_reused`` / ``ascent_momentum`` with the sub-2x
+modes, and, every
 ``optimizer.params.sharpness_every`` steps, the sharpness diagnostics (``tau_logit``, ``tau_func``,
 ``tau_cross``, ``lambda_max``, ...; see :mod:`fsam_ds.sharpness`) (``loss`` is the
 pass-1 loss at the unperturbed weights, averaged over micro-batches and ranks), and per
@@ -50,6 +53,9 @@ PROG = "fsam-train"
 METRICS_FILE = "metrics.jsonl"
 # written to metrics.jsonl on the steps with sharpness diagnostics (optimizer.params.sharpness_every);
 # fsam_ds.sharpness.TRAINING_KEYS
+# written to metrics.jsonl when the step has them (the SAM types; ascent_every > 1; ascent_direction
+# "momentum"): fsam_ds.engine.SHARE_KEYS and the sub-2x modes' flags
+STEP_KEYS = ("eps_share_embed", "eps_share_output", "ascent_reused", "ascent_momentum")
 SHARPNESS_KEYS = ("tau_logit", "tau_func", "tau_cross", "hvp_sq_norm", "logit_fraction", "curv_hessian",
                   "curv_gn", "lambda_max", "lambda_max_iters", "lambda_max_residual", "sharpness_time")
 # inside every checkpoint tag folder: the model's Hugging Face config, generation config and
@@ -676,7 +682,7 @@ def _main(argv: Optional[List[str]] = None) -> int:
             metrics.write({"step": step, "loss": m["loss"], "grad_norm": m["grad_norm"], "eps_norm": m["eps_norm"],
                            "rho": m["rho"], "lr": m["lr"], "tokens_per_s": tokens_per_s, "method": m["method"],
                            "skipped": m["skipped"], "step_time": m["step_time"],
-                           **{k: m[k] for k in SHARPNESS_KEYS if k in m}})
+                           **{k: m[k] for k in STEP_KEYS + SHARPNESS_KEYS if k in m}})
             bar.update(1)
             bar.set_postfix(loss=f"{m['loss']:.4f}", refresh=False)
             if step % args.log_every == 0 or step == args.steps:

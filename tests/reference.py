@@ -63,13 +63,22 @@ def reference_train(model, steps: int, world: int, gas: int, method: str, rho: f
                     betas=(0.9, 0.999), eps: float = 1e-8, weight_decay: float = 0.0, clip: float = 1.0,
                     precondition_norm: str = "perturbation", rho_warmup_steps: int = 0,
                     lr_at: Optional[Callable[[int], float]] = None, batch_kw: Optional[dict] = None,
-                    ascent_every: int = 1, loss: Optional[Callable] = None):
+                    ascent_every: int = 1, loss: Optional[Callable] = None, ascent_direction: str = "gradient",
+                    trace: Optional[list] = None):
     """Train ``model`` in place; returns the per-step mean pass-1 losses.
 
     ``ascent_every = k > 1``: the ascent direction (at rho = 1) is computed at steps 0, k, 2k, ...
     and reused, times the step's rho, in between; at the reusing steps SAM has no pass 1 (its
     recorded loss is the pass-2 loss at theta + eps) and FunctionalSAM's pass 1 is a forward at
     theta for g_F only. ``loss(logits, input_ids)`` replaces the mean next-token cross-entropy.
+
+    ``ascent_direction="momentum"``: from the second step on (once AdamW holds a first moment) the
+    ascent is built from AdamW's ``exp_avg`` (read from torch.optim.AdamW's state) in place of the
+    gradient, with the same preconditioner and normalisation; there is no pass-1 backward (SAM:
+    no pass 1, the recorded loss is pass 2's; FunctionalSAM: a forward at theta for g_F).
+
+    ``trace`` (a list) gets per step the share of ``||eps||^2`` on the input embedding and on the
+    output layer (``eps_share_embed``, ``eps_share_output``; None without a perturbation).
     """
     ce = loss or _ce
     batch_kw = batch_kw or {}
@@ -80,10 +89,15 @@ def reference_train(model, steps: int, world: int, gas: int, method: str, rho: f
     precond = method.startswith("Preconditioned")
     losses = []
     unit = None  # ascent_every > 1: the stored direction at rho = 1
+    embed_w, out_w = model.get_input_embeddings().weight, model.get_output_embeddings().weight
+    embed_names = [k for k in names if params[k] is embed_w]
+    out_names = [k for k in names if params[k] is out_w or k.startswith("lm_head.")]
     for step in range(steps):
         mbs = global_batch(step, world, gas, **batch_kw)
         n = len(mbs)
         reuse = method != "AdamW" and ascent_every > 1 and unit is not None and step % ascent_every != 0
+        from_m = method != "AdamW" and ascent_direction == "momentum" and len(opt.state) > 0
+        reuse = reuse or from_m
         opt.zero_grad(set_to_none=False)
         for p in params.values():
             p.grad = torch.zeros_like(p)
@@ -105,12 +119,15 @@ def reference_train(model, steps: int, world: int, gas: int, method: str, rho: f
                 logits.backward(g_f / n)
         if step_losses:
             losses.append(sum(step_losses) / n)
-        if reuse:
+        if reuse and not from_m:
             r = rho * min(1.0, step / rho_warmup_steps) if rho_warmup_steps > 0 else rho
             pert = [r * u for u in unit]
         elif method != "AdamW":
             r = rho * min(1.0, step / rho_warmup_steps) if rho_warmup_steps > 0 else rho
-            g = [params[k].grad.detach().clone() for k in names]
+            if from_m:
+                g = [opt.state[params[k]]["exp_avg"].detach().clone() for k in names]
+            else:
+                g = [params[k].grad.detach().clone() for k in names]
             gnorm = torch.sqrt(sum((x.double() ** 2).sum() for x in g))
             if precond and step > 0:
                 d = []
@@ -130,6 +147,11 @@ def reference_train(model, steps: int, world: int, gas: int, method: str, rho: f
                 pert = [r * u for u in unit]
             else:
                 pert = [(scale * x).to(x.dtype) if ok else torch.zeros_like(x) for x in d]
+        if method != "AdamW" and trace is not None:
+            total = sum(float((e.double() ** 2).sum()) for e in pert)
+            part = {k: float((e.double() ** 2).sum()) for k, e in zip(names, pert)}
+            trace.append({"eps_share_embed": sum(part[k] for k in embed_names) / total if total > 0 else None,
+                          "eps_share_output": sum(part[k] for k in out_names) / total if total > 0 else None})
         if method != "AdamW":
             theta = {k: params[k].detach().clone() for k in names}
             perturbed = {k: theta[k] + e for k, e in zip(names, pert)}
