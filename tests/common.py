@@ -180,11 +180,36 @@ _REFERENCES: dict = {}
 def reference_state(method: str, rho: float = RHO, steps: int = STEPS, gas: int = GAS, world: int = 1,
                     **kw) -> (Dict[str, torch.Tensor], list):
     """The reference's final weights and losses (memoised: the reference is deterministic)."""
+    return _reference(method, rho, steps, gas, world, **kw)[:2]
+
+
+def reference_trace(method: str, rho: float = RHO, steps: int = STEPS, gas: int = GAS, world: int = 1,
+                    **kw) -> list:
+    """The reference's per-step shares of ``||eps||^2`` (``eps_share_embed``, ``eps_share_output``)
+    of the run :func:`reference_state` returns."""
+    return _reference(method, rho, steps, gas, world, **kw)[2]
+
+
+def _reference(method, rho, steps, gas, world, **kw):
     from reference import reference_train
 
     key = (method, rho, steps, gas, world, tuple(sorted(kw.items())))
     if key not in _REFERENCES:
         model = tiny_llama(0)
-        losses = reference_train(model, steps, world, gas, method, rho, lr=LR, **kw)
-        _REFERENCES[key] = ({k: v.detach().float().clone() for k, v in model.state_dict().items()}, losses)
+        trace: list = []
+        losses = reference_train(model, steps, world, gas, method, rho, lr=LR, trace=trace, **kw)
+        _REFERENCES[key] = ({k: v.detach().float().clone() for k, v in model.state_dict().items()}, losses, trace)
     return _REFERENCES[key]
+
+
+def assert_shares(metrics, trace, rel: float = 1e-4) -> None:
+    """The engine's ``eps_share_embed`` / ``eps_share_output`` per step equal the reference's."""
+    import pytest
+
+    assert len(metrics) == len(trace)
+    for m, t in zip(metrics, trace):
+        for key in ("eps_share_embed", "eps_share_output"):
+            if t[key] is None:
+                assert m[key] is None, (key, m[key])
+            else:
+                assert m[key] == pytest.approx(t[key], rel=rel, abs=1e-7), (key, m[key], t[key])

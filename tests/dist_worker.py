@@ -39,7 +39,11 @@ CASES = {
     "perf": [("PreconditionedFunctionalSAM", {"stage": 3, "persist": 0, "cache": c})
              for c in ("device", "host", "recompute")]
     + [("PreconditionedFunctionalSAM", {"stage": 3, "persist": 0, "every": 2}),
-       ("SAM", {"stage": 3, "persist": 0, "every": 2})],
+       ("SAM", {"stage": 3, "persist": 0, "every": 2})]
+    # ascent_direction "momentum" at ZeRO 0 and ZeRO 3 (every parameter partitioned)
+    + [("PreconditionedFunctionalSAM", {"stage": 0, "mom": 1}),
+       ("PreconditionedFunctionalSAM", {"stage": 3, "persist": 0, "mom": 1}),
+       ("SAM", {"stage": 3, "persist": 0, "mom": 1})],
     # tests/test_nonfinite.py: an infinite logit in pass 1 (step 1, rank 1) and in pass 2 (step 3,
     # rank 0) against the run that never saw those two steps' data; a rho that blows up pass 2.
     # ZeRO 0 fp32 is skipped by the engine itself, the others by DeepSpeed's own check
@@ -74,6 +78,8 @@ def case_config(method, opts):
         cfg["optimizer"]["params"]["logit_grad_cache"] = opts["cache"]
     if "every" in opts:
         cfg["optimizer"]["params"]["ascent_every"] = opts["every"]
+    if opts.get("mom"):
+        cfg["optimizer"]["params"]["ascent_direction"] = "momentum"
     if opts.get("bf16"):
         cfg["bf16"] = {"enabled": True}
     if opts.get("sched"):  # a warm-up of both the learning rate and rho

@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from common import LR, STEPS, ds_config, engine_run, reference_state
+from common import LR, STEPS, assert_shares, ds_config, engine_run, reference_state, reference_trace
 from reference import weight_distance
 
 SAM_TYPES = ["SAM", "PreconditionedSAM", "FunctionalSAM", "PreconditionedFunctionalSAM"]
@@ -30,6 +30,13 @@ def test_matches_reference_one_rank(method):
     if method != "AdamW":
         assert all(m["eps_norm"] == pytest.approx(0.05, rel=1e-6) for m in metrics)
         assert all(m["method"] == method and m["grad_norm"] > 0 for m in metrics)
+        # the share of ||eps||^2 on the input embedding and the output layer, against the reference's
+        assert_shares(metrics, reference_trace(method))
+        # it separates the methods: preconditioning moves the perturbation off the embedding here
+        other = SAM_TYPES[SAM_TYPES.index(method) ^ 1]
+        assert abs(metrics[-1]["eps_share_embed"] - reference_trace(other)[-1]["eps_share_embed"]) > 0.05
+    else:
+        assert "eps_share_embed" not in metrics[0]
 
 
 @pytest.mark.parametrize("method", ["PreconditionedSAM", "PreconditionedFunctionalSAM"])
@@ -55,6 +62,8 @@ def test_rho_warmup_matches_reference():
     assert [m["rho"] for m in metrics] == pytest.approx([0.0, 0.05 / 3, 0.1 / 3, 0.05])
     ref_state, _ = ref(method, rho_warmup_steps=3)
     assert weight_distance(state, ref_state) / UNIT < TOL
+    assert metrics[0]["eps_share_embed"] is None and metrics[0]["eps_share_output"] is None  # rho 0: no eps
+    assert_shares(metrics, reference_trace(method, rho_warmup_steps=3))
 
 
 def test_lr_scheduler_from_config():

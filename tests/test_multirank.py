@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from common import LR, STEPS, reference_state
+from common import LR, STEPS, assert_shares, reference_state, reference_trace
 from dist_worker import CASES, case_name
 from reference import weight_distance
 
@@ -94,6 +94,9 @@ def test_zero_stages_match_reference(zero_run, method, opts):
         # weights right before each optimizer step are bit-identical to theta, on both ranks
         assert all(m["restored"] is True for r in ranks for m in r["metrics"])
         assert all(m["eps_norm"] == pytest.approx(0.05, rel=1e-5) for m in ranks[0]["metrics"])
+        # the shares of ||eps||^2 (each rank's partitions, one all-reduce) against the reference
+        assert_shares(ranks[0]["metrics"], reference_trace(method, world=2))
+        assert [m["eps_share_embed"] for m in ranks[0]["metrics"]] == [m["eps_share_embed"] for m in ranks[1]["metrics"]]
 
 
 @pytest.mark.slow
@@ -133,6 +136,7 @@ def test_loop_mode_two_ranks(zero0_run, zero_run, method, opts):
         assert weight_distance(state, reference_state("AdamW", world=2, lr_at=_lr_at)[0]) / UNIT > 10 * TOL
         assert ranks[0]["losses"] == pytest.approx(ref_losses, rel=1e-5)
         assert [m["rho"] for m in ranks[0]["metrics"]] == pytest.approx([0.0, 0.05 / 3, 0.1 / 3, 0.05])
+        assert_shares(ranks[0]["metrics"], reference_trace(method, world=2, rho_warmup_steps=3, lr_at=_lr_at))
     else:
         same = {k: v for k, v in opts.items() if k != "loop"}
         batch_state, batch_ranks = _load(run, case_name(method, same))

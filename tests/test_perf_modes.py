@@ -1,5 +1,6 @@
-"""The memory-light logit-gradient caches and the sub-2x mode (``ascent_every``), one rank in this
-process; the two-rank ZeRO-3 checks run under the deepspeed launcher (suite "perf")."""
+"""The memory-light logit-gradient caches and the sub-2x modes (``ascent_every``, ``ascent_direction:
+"momentum"``), one rank in this process; the two-rank ZeRO-0/3 checks run under the deepspeed
+launcher (suite "perf")."""
 from __future__ import annotations
 
 import json
@@ -7,7 +8,7 @@ import json
 import pytest
 import torch
 
-from common import LR, STEPS, ds_config, engine_run, reference_state
+from common import LR, STEPS, assert_shares, ds_config, engine_run, reference_state, reference_trace
 from reference import micro_batch, tiny_llama, weight_distance
 
 TOL = 2e-3
@@ -186,6 +187,265 @@ def test_ascent_state_dict_resumes_exactly(tmp_path):
     json.dumps({k: v for k, v in state.items() if k != "eps_unit"})  # the scalars are plain JSON
 
 
+# ---- ascent_direction: "momentum" ------------------------------------------------------------
+
+@pytest.mark.parametrize("value", ["adam", None, 1, ["momentum"], "Momentum"])
+def test_bad_ascent_direction_is_refused(value):
+    from fsam_ds import FSAMConfigError, parse_config
+
+    with pytest.raises(FSAMConfigError, match=r"optimizer.params.ascent_direction .* accepted: gradient, momentum"):
+        parse_config(cfg_with("PreconditionedFunctionalSAM", ascent_direction=value))
+
+
+def test_ascent_direction_is_a_sam_key():
+    from fsam_ds import FSAMConfigError, parse_config
+
+    ds, sam = parse_config(cfg_with("PreconditionedSAM", ascent_direction="momentum"))
+    assert sam.ascent_direction == "momentum" and "ascent_direction" not in ds["optimizer"]["params"]
+    assert parse_config(cfg_with("SAM"))[1].ascent_direction == "gradient"
+    cfg = ds_config("AdamW")
+    cfg["optimizer"]["params"]["ascent_direction"] = "momentum"
+    with pytest.raises(FSAMConfigError, match="ascent_direction is not accepted for AdamW"):
+        parse_config(cfg)
+    with pytest.raises(FSAMConfigError, match=r'"momentum" with ascent_every > 1 is not supported.*accepted'):
+        parse_config(cfg_with("SAM", ascent_direction="momentum", ascent_every=2))
+
+
+def _momentum_checks(state, losses, metrics, method, steps, world=1):
+    unit = LR * steps
+    ref_state, ref_losses = reference_state(method, steps=steps, world=world, ascent_direction="momentum")
+    dist = weight_distance(state, ref_state) / unit
+    assert dist < TOL
+    assert losses == pytest.approx(ref_losses, rel=1e-5)
+    # the comparison can fail: the exact method and AdamW are far away
+    assert weight_distance(state, reference_state(method, steps=steps, world=world)[0]) / unit > 50 * TOL
+    assert weight_distance(state, reference_state("AdamW", steps=steps, world=world)[0]) / unit > 50 * TOL
+    # exact until AdamW's first update, then from the first moment: no pass-1 gradient norm
+    assert [m["ascent_momentum"] for m in metrics] == [False] + [True] * (steps - 1)
+    assert [m["grad_norm"] is None for m in metrics] == [False] + [True] * (steps - 1)
+    assert all(m["eps_norm"] == pytest.approx(0.05, rel=1e-5) for m in metrics)
+    assert_shares(metrics, reference_trace(method, steps=steps, world=world, ascent_direction="momentum"))
+    return dist
+
+
+@pytest.mark.parametrize("method", SAM_TYPES)
+def test_momentum_matches_reference(method):
+    steps = 5
+    state, losses, metrics = engine_run(method, steps=steps, config=cfg_with(method, ascent_direction="momentum"),
+                                        check_restore=True)
+    _momentum_checks(state, losses, metrics, method, steps)
+    assert all(m["restored"] is True for m in metrics)
+
+
+@pytest.mark.parametrize("method", ["SAM", "PreconditionedFunctionalSAM"])
+def test_momentum_zero3_one_rank(method):
+    cfg = cfg_with(method, ascent_direction="momentum")
+    cfg["zero_optimization"] = {"stage": 3, "stage3_param_persistence_threshold": 0}
+    state, losses, metrics = engine_run(method, config=cfg, check_restore=True)
+    _momentum_checks(state, losses, metrics, method, STEPS)
+    assert all(m["restored"] is True for m in metrics)
+
+
+def test_momentum_runs_no_pass1_backward():
+    """SAM: one backward pass per micro-batch (pass 2) after the first step; FunctionalSAM: one
+    forward at theta plus pass 2's forward and backward."""
+    import fsam_ds
+
+    counts = {}
+    for method in ("SAM", "FunctionalSAM"):
+        engine, *_ = fsam_ds.initialize(model=tiny_llama(0), config=cfg_with(method, ascent_direction="momentum"))
+        seen = {"fwd": 0, "bwd": 0}
+        engine.module.lm_head.register_forward_hook(lambda *a: seen.__setitem__("fwd", seen["fwd"] + 1))
+        real = engine._ds_backward
+
+        def backward(loss, **kw):
+            seen["bwd"] += 1
+            return real(loss, **kw)
+        engine._ds_backward = backward
+        it = iter([micro_batch(s, 0, i, 1, 2) for s in range(2) for i in range(2)])
+        per_step = []
+        for _ in range(2):
+            engine.train_batch(it)
+            per_step.append(dict(seen))
+            seen.update(fwd=0, bwd=0)
+        counts[method] = per_step
+    # step 1 exact (two passes of 2 micro-batches), step 2 from the first moment
+    assert counts["SAM"] == [{"fwd": 4, "bwd": 4}, {"fwd": 2, "bwd": 2}]
+    assert counts["FunctionalSAM"] == [{"fwd": 4, "bwd": 4}, {"fwd": 4, "bwd": 2}]
+
+
+def test_momentum_resumes_exactly(tmp_path):
+    """The first moment is DeepSpeed's optimizer state, so DeepSpeed's checkpoint alone resumes
+    the mode exactly (FSAMEngine.state_dict holds nothing for it)."""
+    import fsam_ds
+    from common import full_state
+
+    method = "PreconditionedFunctionalSAM"
+    data = [micro_batch(s, 0, i, 1, 2) for s in range(6) for i in range(2)]
+
+    def fresh():
+        engine, *_ = fsam_ds.initialize(model=tiny_llama(0), config=cfg_with(method, ascent_direction="momentum"))
+        return engine
+    whole = fresh()
+    it = iter(data)
+    for _ in range(6):
+        whole.train_batch(it)
+    first = fresh()
+    it = iter(data)
+    for _ in range(3):
+        first.train_batch(it)
+    assert first.state_dict()["eps_unit"] is None
+    first.save_checkpoint(str(tmp_path), tag="s3")
+    resumed = fresh()
+    resumed.load_checkpoint(str(tmp_path), tag="s3")
+    it = iter(data[6:])
+    for _ in range(3):
+        resumed.train_batch(it)
+    assert resumed.last_metrics["ascent_momentum"] is True
+    assert exact_equal(full_state(resumed), full_state(whole))
+    # the same checkpoint continued with the exact method lands elsewhere
+    exact, *_ = fsam_ds.initialize(model=tiny_llama(0), config=cfg_with(method))
+    exact.load_checkpoint(str(tmp_path), tag="s3")
+    it = iter(data[6:])
+    for _ in range(3):
+        exact.train_batch(it)
+    assert not exact_equal(full_state(exact), full_state(whole))
+
+
+def test_momentum_is_refused_in_loop_mode():
+    import fsam_ds
+    from fsam_ds import FSAMConfigError
+
+    msg = r'ascent_direction "momentum" runs only in engine.train_batch.*accepted there: "gradient"'
+    engine, *_ = fsam_ds.initialize(model=tiny_llama(0), config=cfg_with("SAM", ascent_direction="momentum"))
+    ids = micro_batch(0, 0, 0, 1, 2)["input_ids"]
+    before = [p.detach().clone() for p in engine.module.parameters()]
+    with pytest.raises(FSAMConfigError, match=msg):
+        engine(input_ids=ids, labels=ids)
+    assert all(torch.equal(a, p) for a, p in zip(before, engine.module.parameters()))
+    with torch.no_grad():  # an evaluation forward is not a step: allowed
+        engine(input_ids=ids)
+    engine.train_batch(iter([micro_batch(0, 0, i, 1, 2) for i in range(2)]))  # train_batch runs it
+    # attach (the Trainer's, Accelerate's and Lightning's door) refuses it before installing anything
+    import deepspeed
+    from fsam_ds import parse_config
+
+    ds_cfg, sam = parse_config(cfg_with("SAM", ascent_direction="momentum"))
+    ds_engine, *_ = deepspeed.initialize(model=tiny_llama(0), config=ds_cfg)
+    with pytest.raises(FSAMConfigError, match=msg):
+        fsam_ds.attach(ds_engine, sam)
+    assert getattr(ds_engine, "_fsam_engine", None) is None
+
+
+# ---- the host cache's CUDA path, with recording fakes -----------------------------------------
+
+class _FakeOps:
+    """CudaCopyOps with recording fakes: CPU tensors stand in for device ones, every stream
+    operation goes to ``log`` in order."""
+
+    def __init__(self):
+        self.log = []
+        self.active = "compute"
+        self.events = 0
+        ops = self
+
+        class Stream:
+            def __init__(self, name):
+                self.name = name
+
+            def wait_stream(self, other):
+                ops.log.append((self.name, "wait_stream", other.name))
+
+            def wait_event(self, event):
+                ops.log.append((self.name, "wait_event", event.name))
+
+        class Event:
+            def __init__(self):
+                ops.events += 1
+                self.name = f"ev{ops.events}"
+
+            def record(self, stream):
+                ops.log.append((stream.name, "record", self.name))
+
+        self.Stream, self.Event = Stream, Event
+        self.compute = Stream("compute")
+
+    def on_device(self, t):
+        return True
+
+    def new_stream(self):
+        return self.Stream("side")
+
+    def new_event(self):
+        return self.Event()
+
+    def current_stream(self, device):
+        return self.compute
+
+    def use_stream(self, stream):
+        import contextlib
+
+        ops = self
+
+        @contextlib.contextmanager
+        def ctx():
+            before, ops.active = ops.active, stream.name
+            try:
+                yield
+            finally:
+                ops.active = before
+        return ctx()
+
+    def pinned_empty(self, like):
+        ops = self
+
+        class Host(torch.Tensor):
+            def copy_(self, src, non_blocking=False):
+                ops.log.append((ops.active, "copy_to_host", int(src.flatten()[0])))
+                return super().copy_(src)
+
+            def to(self, device, non_blocking=False):
+                ops.log.append((ops.active, "copy_to_device", int(self.flatten()[0])))
+                return self.as_subclass(torch.Tensor).clone()
+        return torch.empty(like.shape, dtype=like.dtype).as_subclass(Host)
+
+    def record_stream(self, t, stream):
+        self.log.append((stream.name, "record_stream", int(t.flatten()[0])))
+
+
+def test_host_cache_waits_on_the_copy_it_needs():
+    """Pass 2 of micro-batch i waits on the event recorded right after i's copy back, never on
+    the whole side stream (which also holds i + 1's copy); the values are the ones put."""
+    from fsam_ds.engine import HostLogitGradCache
+
+    ops = _FakeOps()
+    cache = HostLogitGradCache(ops=ops)
+    for i in range(3):
+        cache.put(i, torch.full((2, 3), float(i)))
+    assert ops.log == [e for i in range(3) for e in [("side", "wait_stream", "compute"), ("side", "copy_to_host", i),
+                                                     ("side", "record_stream", i)]]
+    ops.log.clear()
+    got = [cache.get(i, None) for i in range(3)]
+    assert all(torch.equal(g, torch.full((2, 3), float(i))) for i, g in enumerate(got))
+    assert ops.log == [("side", "copy_to_device", 0), ("side", "record", "ev1"),
+                       ("side", "copy_to_device", 1), ("side", "record", "ev2"),
+                       ("compute", "wait_event", "ev1"), ("compute", "record_stream", 0),
+                       ("side", "copy_to_device", 2), ("side", "record", "ev3"),
+                       ("compute", "wait_event", "ev2"), ("compute", "record_stream", 1),
+                       ("compute", "wait_event", "ev3"), ("compute", "record_stream", 2)]
+    assert not any(op == "wait_stream" and who == "compute" for who, op, _ in ops.log)
+    assert cache._items == {} and cache._on_device == {}
+
+
+def test_host_cache_on_cpu_keeps_the_tensors():
+    from fsam_ds.engine import HostLogitGradCache
+
+    cache = HostLogitGradCache()
+    t = torch.randn(2, 3)
+    cache.put(0, t)
+    assert cache.get(0, None) is t and cache._stream is None
+
+
 # ---- two ranks, ZeRO-3 -----------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
@@ -226,6 +486,33 @@ def test_two_ranks_zero3_ascent_every(perf_run, method):
     assert ranks[0]["losses"] == pytest.approx(ref_losses, rel=1e-5)
     assert [m["ascent_reused"] for m in ranks[0]["metrics"]] == [False, True, False, True]
     assert all(m["restored"] is True for r in ranks for m in r["metrics"])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method,opts", [("PreconditionedFunctionalSAM", {"stage": 0, "mom": 1}),
+                                         ("PreconditionedFunctionalSAM", {"stage": 3, "persist": 0, "mom": 1}),
+                                         ("SAM", {"stage": 3, "persist": 0, "mom": 1})])
+def test_two_ranks_momentum(perf_run, method, opts):
+    state, ranks = _two_rank(perf_run, method, opts)
+    _momentum_checks(state, ranks[0]["losses"], ranks[0]["metrics"], method, STEPS, world=2)
+    # a one-rank gradient would be far away
+    assert weight_distance(state, reference_state(method, ascent_direction="momentum")[0]) / UNIT > 50 * TOL
+    assert ranks[0]["losses"] == ranks[1]["losses"]
+    assert all(m["restored"] is True for r in ranks for m in r["metrics"])
+
+
+@pytest.mark.slow
+def test_two_ranks_zero3_eps_shares(perf_run):
+    """The shares of ||eps||^2 at ZeRO-3 with every parameter partitioned, the exact method and a
+    reused direction, against the reference; both ranks report the same."""
+    method, base = "PreconditionedFunctionalSAM", {"stage": 3, "persist": 0}
+    _, ranks = _two_rank(perf_run, method, {**base, "cache": "device"})
+    assert_shares(ranks[0]["metrics"], reference_trace(method, world=2))
+    _, every = _two_rank(perf_run, method, {**base, "every": 2})
+    assert_shares(every[0]["metrics"], reference_trace(method, world=2, ascent_every=2))
+    for r in (ranks, every):
+        assert [(m["eps_share_embed"], m["eps_share_output"]) for m in r[0]["metrics"]] == \
+            [(m["eps_share_embed"], m["eps_share_output"]) for m in r[1]["metrics"]]
 
 
 # ---- the tools -------------------------------------------------------------------------------
