@@ -362,7 +362,10 @@ class FSAMEngine:
     ``engine.save_checkpoint``, ...). ``last_metrics`` holds the metrics of the latest step:
     ``loss`` (mean pass-1 loss over micro-batches and data-parallel ranks), ``grad_norm`` (global
     ``||g||`` of the pass-1 gradient), ``eps_norm``, ``rho``, ``lr``, ``method``, ``skipped``
-    (whether DeepSpeed skipped the update, e.g. on fp16 overflow) and ``step_time``.
+    (whether DeepSpeed skipped the update, e.g. on fp16 overflow) and ``step_time``; for the SAM
+    types also ``eps_share_embed`` and ``eps_share_output`` (share of ``||eps||^2`` on the input
+    embedding and on the output layer; None without a perturbation), ``ascent_reused`` with
+    ``ascent_every > 1`` and ``ascent_momentum`` with ``ascent_direction: "momentum"``.
     """
 
     def __init__(self, engine, sam: SAMConfig, loss_fn: Optional[LossFn] = None):

@@ -569,6 +569,14 @@ def test_bench_quick_runs(tmp_path):
     assert all(len(r["times_s"]) == 3 and r["peak_bytes"] > 0 for r in res["rows"])
     assert res["rows"][2]["reused_fraction"] == pytest.approx(2 / 3)
     assert main(["--variants", "AdamW,SAM+disk"]) == 2
+    # the momentum mode is a variant too (parsed and configured; not timed here)
+    from types import SimpleNamespace
+
+    from tools.bench_step import ds_config as bench_config, parse_variant
+    v = parse_variant("PreconditionedFunctionalSAM+momentum")
+    assert v["momentum"] and bench_config(v, SimpleNamespace(micro_batch=1, gas=1, zero_stage=0, dtype="fp32"))[
+        "optimizer"]["params"]["ascent_direction"] == "momentum"
+    assert main(["--variants", "AdamW,SAM+momentum+every2"]) == 2
 
 
 def test_fsam_train_resumes_ascent_every(tmp_path, monkeypatch):

@@ -62,18 +62,20 @@ CACHES = ("device", "host", "recompute")
 # ---------------------------------------------------------------------------------------------
 
 
-def variant_name(method: str, cache: str = "device", every: int = 1) -> str:
+def variant_name(method: str, cache: str = "device", every: int = 1, momentum: bool = False) -> str:
     name = method
     if cache != "device":
         name += f"+{cache}"
     if every > 1:
         name += f"+every{every}"
+    if momentum:
+        name += "+momentum"
     return name
 
 
 def parse_variant(name: str) -> Dict[str, Any]:
     parts = name.split("+")
-    method, cache, every = parts[0], "device", 1
+    method, cache, every, momentum = parts[0], "device", 1, False
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r} in variant {name!r}; accepted: {', '.join(METHODS)}")
     for p in parts[1:]:
@@ -81,13 +83,18 @@ def parse_variant(name: str) -> Dict[str, Any]:
             cache = p
         elif p.startswith("every") and p[5:].isdigit() and int(p[5:]) >= 1:
             every = int(p[5:])
+        elif p == "momentum":  # ascent_direction "momentum"
+            momentum = True
         else:
-            raise ValueError(f"unknown option {p!r} in variant {name!r}; accepted: {', '.join(CACHES)}, everyK")
-    if method == "AdamW" and (cache != "device" or every > 1):
-        raise ValueError(f"variant {name!r}: AdamW takes no cache or everyK option")
+            raise ValueError(f"unknown option {p!r} in variant {name!r}; accepted: {', '.join(CACHES)}, everyK, "
+                             "momentum")
+    if method == "AdamW" and (cache != "device" or every > 1 or momentum):
+        raise ValueError(f"variant {name!r}: AdamW takes no cache, everyK or momentum option")
+    if momentum and every > 1:
+        raise ValueError(f"variant {name!r}: momentum and everyK do not combine")
     if cache != "device" and not method.endswith("FunctionalSAM"):
         raise ValueError(f"variant {name!r}: logit_grad_cache applies to the functional types only")
-    return {"method": method, "cache": cache, "every": every}
+    return {"method": method, "cache": cache, "every": every, "momentum": momentum}
 
 
 def default_variants(everys: List[int], quick: bool) -> List[str]:
@@ -112,6 +119,8 @@ def ds_config(v: Dict[str, Any], a) -> dict:
             params["logit_grad_cache"] = v["cache"]
         if v["every"] > 1:
             params["ascent_every"] = v["every"]
+        if v.get("momentum"):
+            params["ascent_direction"] = "momentum"
     cfg = {"train_micro_batch_size_per_gpu": a.micro_batch, "gradient_accumulation_steps": a.gas,
            "gradient_clipping": 1.0, "steps_per_print": 10 ** 9, "zero_optimization": {"stage": a.zero_stage},
            "optimizer": {"type": v["method"], "params": params}, "wall_clock_breakdown": False}
