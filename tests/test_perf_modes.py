@@ -599,6 +599,10 @@ def test_fsam_train_resumes_ascent_every(tmp_path, monkeypatch):
                      "--no-progress", "--local_rank=0", *extra]) == 0
         return read_metrics(tmp_path / folder)[0]
     whole = run("whole", 6)
+    # metrics.jsonl carries the step's flags and the shares of ||eps||^2
+    assert [r["ascent_reused"] for r in whole] == [False, True, True, False, True, True]
+    assert all(0 <= r["eps_share_embed"] <= 1 and 0 <= r["eps_share_output"] <= 1 for r in whole)
+    assert whole[1]["eps_share_embed"] == whole[0]["eps_share_embed"]  # a reused direction: the same shares
     run("part", 4)
     state = torch.load(tmp_path / "part" / "step4" / "fsam_engine_rank0.pt", weights_only=False)
     assert state["eps_step"] == 3 and state["eps_unit"] is not None
