@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import fsam_ds
-from common import GAS, LR, STEPS, ds_config, engine_run, full_state, reference_state
+from common import GAS, LR, STEPS, assert_shares, ds_config, engine_run, full_state, reference_state, reference_trace
 from fsam_ds.config import FSAMConfigError
 from fsam_ds.loop import LoopModeError
 from reference import micro_batch, tiny_llama, weight_distance, weighted_ce
@@ -38,12 +38,13 @@ def test_plain_loop_matches_reference_and_train_batch(method):
     assert weight_distance(state, reference_state("AdamW")[0]) / UNIT > 50 * TOL
     assert losses == pytest.approx(ref_losses, rel=1e-5)
     assert all(m["eps_norm"] == pytest.approx(0.05, rel=1e-6) and m["method"] == method for m in metrics)
+    assert_shares(metrics, reference_trace(method))
     # the loss of the logits through loop mode is train_batch, bit for bit (weights and metrics)
     loop_state, loop_losses, loop_metrics = engine_run(method, loop="logits")
     batch_state, batch_losses, batch_metrics = engine_run(method)
     assert all(torch.equal(loop_state[k], batch_state[k]) for k in batch_state)
     assert loop_losses == batch_losses
-    keys = ("method", "loss", "grad_norm", "eps_norm", "rho", "lr", "skipped")
+    keys = ("method", "loss", "grad_norm", "eps_norm", "rho", "lr", "skipped", "eps_share_embed", "eps_share_output")
     assert [[m[k] for k in keys] for m in loop_metrics] == [[m[k] for k in keys] for m in batch_metrics]
     assert set(loop_metrics[0]) == set(batch_metrics[0])
 
