@@ -133,7 +133,7 @@ def test_loop_mode_two_ranks(zero0_run, zero_run, method, opts):
         assert weight_distance(state, reference_state("AdamW", world=2, lr_at=_lr_at)[0]) / UNIT > 10 * TOL
         assert ranks[0]["losses"] == pytest.approx(ref_losses, rel=1e-5)
         assert [m["rho"] for m in ranks[0]["metrics"]] == pytest.approx([0.0, 0.05 / 3, 0.1 / 3, 0.05])
-    else:
+    else:  # fp32 and bf16, ZeRO 0-3: the same bits as train_batch
         same = {k: v for k, v in opts.items() if k != "loop"}
         batch_state, batch_ranks = _load(run, case_name(method, same))
         assert all(torch.equal(state[k], batch_state[k]) for k in state)
