@@ -42,12 +42,12 @@ def global_batch(step: int, world: int, gas: int, **kw) -> List[Dict]:
 
 
 def tiny_llama(seed: int = 0, dtype=torch.float32, vocab: int = 256, attn: str = "sdpa", layers: int = 2,
-               tied: bool = False):
+               tied: bool = False, attention_dropout: float = 0.0):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     cfg = LlamaConfig(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-                      tie_word_embeddings=tied, attention_dropout=0.0, attn_implementation=attn)
+                      tie_word_embeddings=tied, attention_dropout=attention_dropout, attn_implementation=attn)
     torch.manual_seed(seed)
     model = LlamaForCausalLM(cfg)
     return model.to(dtype)
@@ -63,19 +63,34 @@ def reference_train(model, steps: int, world: int, gas: int, method: str, rho: f
                     betas=(0.9, 0.999), eps: float = 1e-8, weight_decay: float = 0.0, clip: float = 1.0,
                     precondition_norm: str = "perturbation", rho_warmup_steps: int = 0,
                     lr_at: Optional[Callable[[int], float]] = None, batch_kw: Optional[dict] = None,
-                    ascent_every: int = 1, loss: Optional[Callable] = None):
+                    ascent_every: int = 1, loss: Optional[Callable] = None, hidden_adam_step: bool = False,
+                    dropout_seed: Optional[int] = None):
     """Train ``model`` in place; returns the per-step mean pass-1 losses.
 
     ``ascent_every = k > 1``: the ascent direction (at rho = 1) is computed at steps 0, k, 2k, ...
     and reused, times the step's rho, in between; at the reusing steps SAM has no pass 1 (its
     recorded loss is the pass-2 loss at theta + eps) and FunctionalSAM's pass 1 is a forward at
     theta for g_F only. ``loss(logits, input_ids)`` replaces the mean next-token cross-entropy.
+
+    ``hidden_adam_step``: follow DeepSpeed's ZeRO-0 bf16/fp16 ``FP16_Optimizer``, which runs one
+    AdamW step with zero gradients when it is built: the weights are decayed once by
+    ``1 - lr * weight_decay`` before step 0 and Adam's step count starts at 1 (the first real
+    update uses bias correction t = 2, and the preconditioner of step k reads t = k + 1).
+
+    ``dropout_seed``: the random state is ``torch.manual_seed(dropout_seed + step)`` at the start
+    of each step (before pass 1's first forward; the caller seeds the engine the same way), and
+    pass 2 replays the state each pass-1 forward started from, so both passes draw the same
+    dropout masks; the model must be in train mode.
     """
     ce = loss or _ce
     batch_kw = batch_kw or {}
     params = {k: p for k, p in model.named_parameters() if p.requires_grad}  # frozen weights (LoRA) stay
     names = list(params)
     opt = torch.optim.AdamW(params.values(), lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
+    if hidden_adam_step:
+        for p in params.values():
+            p.grad = torch.zeros_like(p)
+        opt.step()
     functional = method.endswith("FunctionalSAM")
     precond = method.startswith("Preconditioned")
     losses = []
@@ -87,10 +102,13 @@ def reference_train(model, steps: int, world: int, gas: int, method: str, rho: f
         opt.zero_grad(set_to_none=False)
         for p in params.values():
             p.grad = torch.zeros_like(p)
-        gfs, step_losses = [], []
+        gfs, step_losses, rng = [], [], []
+        if dropout_seed is not None:
+            torch.manual_seed(dropout_seed + step)
         for mb in mbs:
             if reuse and not functional:
                 break  # SAM reusing eps: no pass 1
+            rng.append(torch.random.get_rng_state())
             if reuse:
                 with torch.no_grad():
                     logits = model(input_ids=mb["input_ids"]).logits
@@ -135,6 +153,8 @@ def reference_train(model, steps: int, world: int, gas: int, method: str, rho: f
             perturbed = {k: theta[k] + e for k, e in zip(names, pert)}
             new_grads = [torch.zeros_like(theta[k]) for k in names]
             for j, mb in enumerate(mbs):
+                if dropout_seed is not None and j < len(rng):
+                    torch.random.set_rng_state(rng[j])
                 if functional:
                     g_f = gfs[j]
                     # J(theta+eps)^T g_F(theta) with torch.func
