@@ -94,7 +94,8 @@ def _no_replay(monkeypatch):
 def test_dropout_rho_zero_sam_bit_identical_to_adamw(stage, monkeypatch):
     """Dropout 0.1, rho = 0, pass 2 forced: SAM's pass 2 recomputes pass 1's gradient with the
     same masks, so its weights are AdamW's bit for bit; without the replay they differ
-    (measured: max weight difference 0.0 with the replay, about lr after 4 steps without)."""
+    (measured, max weight difference in units of lr * steps: 0.0 with the replay, 1.72 without
+    it at ZeRO 0 and 3; AdamW without dropout is 1.83 from AdamW with it)."""
     zero = {"stage": stage}
     adamw, _ = _train(_engine(ds_config("AdamW", zero_optimization=zero), DROPOUT))
     sam = _engine(ds_config("SAM", rho=0.0, zero_optimization=zero), DROPOUT)
@@ -117,7 +118,9 @@ def test_dropout_rho_zero_sam_bit_identical_to_adamw(stage, monkeypatch):
 def test_dropout_matches_reference(method, monkeypatch):
     """Dropout 0.1 at ZeRO 0 against the reference drawing the same masks (the same seed at the
     start of every step, pass 2 replaying pass 1's states): to fp32 round-off, while the same
-    engine without the replay, and the reference without dropout, are far away."""
+    engine without the replay, and the reference without dropout, are far away. Measured, in
+    units of lr * steps (TOL 2e-3): SAM 1.7e-4, PFSAM 3.0e-5 from the reference; without the
+    replay 1.80 (SAM) and 1.90 (PFSAM); from the reference without dropout 1.83 and 1.78."""
     state, metrics = _train(_engine(ds_config(method), DROPOUT))
     ref = _reference(method, dropout=DROPOUT, dropout_seed=SEED)
     assert weight_distance(state, ref) / UNIT < TOL
