@@ -63,6 +63,21 @@ def attach_engine(ds_engine, sam: SAMConfig, loss_fn=None):
     return fsam
 
 
+def causal_lm_loss_func(outputs, labels, num_items_in_batch=None):
+    """A Trainer ``compute_loss_func``: the next-token cross-entropy of ``outputs.logits``, summed
+    over the labelled tokens and divided by ``num_items_in_batch`` (the tokens of the whole
+    accumulated batch) when the Trainer gives it, else their mean. With TRL's ``SFTTrainer``, whose
+    own loss comes from a fused LM head that never materialises the logits, it gives the functional
+    types the logits they need: ``SFTTrainer(..., compute_loss_func=causal_lm_loss_func)``."""
+    logits = outputs["logits"] if isinstance(outputs, dict) else outputs.logits
+    shift = logits[..., :-1, :].float()
+    target = labels[..., 1:].to(shift.device)
+    total = torch.nn.functional.cross_entropy(shift.reshape(-1, shift.shape[-1]), target.reshape(-1),
+                                              ignore_index=-100, reduction="sum")
+    count = num_items_in_batch if num_items_in_batch is not None else (target != -100).sum()
+    return total / count
+
+
 class FSAMTrainerMixin:
     """Runs the DeepSpeed config's SAM type inside a Hugging Face ``Trainer`` subclass: put it
     first in the bases (``class T(FSAMTrainerMixin, SFTTrainer)``). With ``optimizer.type``

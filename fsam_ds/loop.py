@@ -231,9 +231,12 @@ class LoopMode:
         if sam.functional:
             F = self.logits(outputs, layer_out)
             if F is None or F.grad_fn is None:
+                hint = ("; TRL's SFTTrainer computes its loss with a fused LM head that never materialises the "
+                        "logits: give it compute_loss_func=fsam_ds.hf.causal_lm_loss_func"
+                        if getattr(outputs, "log_probs", None) is not None else "")
                 raise FSAMConfigError(f"optimizer.type {sam.method} needs a model whose forward returns logits (a "
                                       "tensor or an object with .logits) that depend on the weights; got "
-                                      f"{type(outputs).__name__}. Accepted for such models: AdamW, SAM, "
+                                      f"{type(outputs).__name__}{hint}. Accepted for such models: AdamW, SAM, "
                                       "PreconditionedSAM")
             if self._recompute():
                 cache = self.fsam.logit_grads

@@ -30,6 +30,8 @@ CASES = {
     + [(m, {"stage": 3, "persist": 0}) for m in METHODS[1:]]
     + [("PreconditionedFunctionalSAM", {"stage": st, "bf16": 1}) for st in (0, 3)]
     + [(m, {"stage": 2, "loop": "logits"}) for m in SAM_TYPES]
+    + [("PreconditionedFunctionalSAM", {"stage": 1, "loop": "logits"})]
+    + [("PreconditionedFunctionalSAM", {"stage": st, "bf16": 1, "loop": "logits"}) for st in (0, 3)]
     + [(m, {"stage": 3, "loop": "hf", "sched": 1}) for m in SAM_TYPES],
     # tests/test_launcher.py: two launcher "nodes" of one rank each, and four ranks on one node
     "twonode": [("PreconditionedFunctionalSAM", {"stage": 3}), ("SAM", {"stage": 1})],
@@ -43,7 +45,11 @@ CASES = {
     # ascent_direction "momentum" at ZeRO 0 and ZeRO 3 (every parameter partitioned)
     + [("PreconditionedFunctionalSAM", {"stage": 0, "mom": 1}),
        ("PreconditionedFunctionalSAM", {"stage": 3, "persist": 0, "mom": 1}),
-       ("SAM", {"stage": 3, "persist": 0, "mom": 1})],
+       ("SAM", {"stage": 3, "persist": 0, "mom": 1})]
+    # the caches and ascent_every in loop mode (a plain DeepSpeed loop): bit-identical to train_batch's cases above
+    + [("PreconditionedFunctionalSAM", {"stage": 3, "persist": 0, "cache": c, "loop": "logits"})
+       for c in ("device", "host", "recompute")]
+    + [(m, {"stage": 3, "persist": 0, "every": 2, "loop": "logits"}) for m in ("PreconditionedFunctionalSAM", "SAM")],
     # tests/test_nonfinite.py: an infinite logit in pass 1 (step 1, rank 1) and in pass 2 (step 3,
     # rank 0) against the run that never saw those two steps' data; a rho that blows up pass 2.
     # ZeRO 0 fp32 is skipped by the engine itself, the others by DeepSpeed's own check

@@ -103,6 +103,39 @@ def trainer_case(out: Path, name: str, method: str, stage: int, world: int, step
     (out / f"{name}.eval{rank}.json").write_text(json.dumps({"eval_loss": eval_loss}))
 
 
+def trl_case(out: Path, name: str, method: str, stage: int, world: int, loss_func: bool):
+    """TRL's SFTTrainer with FSAMTrainerMixin: its own loss (a fused LM head, no logits) for the
+    non-functional types; the functional types get the logits through compute_loss_func."""
+    from datasets import Dataset
+    from trl import SFTConfig, SFTTrainer
+
+    from fsam_ds.data import get_tokenizer, load_texts
+    from fsam_ds.hf import FSAMTrainerMixin, causal_lm_loss_func
+
+    class FSAMSFTTrainer(FSAMTrainerMixin, SFTTrainer):
+        pass
+
+    reset_accelerate()
+    data = ReferenceOrder(world)
+    rows = Dataset.from_dict({"input_ids": [data[n]["input_ids"].tolist() for n in range(len(data))]})
+    args = SFTConfig(
+        output_dir=str(out / name), max_steps=STEPS, per_device_train_batch_size=MBS, gradient_accumulation_steps=GAS,
+        learning_rate=LR, adam_beta2=0.999, weight_decay=0.0, max_grad_norm=1.0, lr_scheduler_type="constant",
+        train_sampling_strategy="sequential", logging_steps=1, report_to="none", disable_tqdm=True,
+        save_strategy="no", deepspeed=ds_json(method, stage), bf16=False, dataloader_num_workers=0,
+        accelerator_config={"use_configured_state": True})
+    tokenizer = get_tokenizer(load_texts("default")[0][:200], vocab_size=300)  # SFTTrainer wants one; ids given
+    trainer = FSAMSFTTrainer(model=tiny_llama(0), args=args, train_dataset=rows, processing_class=tokenizer,
+                             **({"compute_loss_func": causal_lm_loss_func} if loss_func else {}))
+    trainer.train()
+    state = full_state(trainer.model_wrapped)
+    rank = torch.distributed.get_rank()
+    if rank == 0:
+        torch.save(state, out / f"{name}.pt")
+    logs = [e for e in trainer.state.log_history if "loss" in e]
+    (out / f"{name}.rank{rank}.json").write_text(json.dumps({"logs": logs}))
+
+
 def accelerate_case(out: Path, name: str, method: str, stage: int, world: int):
     """A user's own Accelerate loop, unchanged but for FSAMAccelerator in place of Accelerator."""
     from accelerate.utils import DeepSpeedPlugin, DummyOptim, InitProcessGroupKwargs
@@ -148,6 +181,8 @@ def main():
     trainer_case(out, "trainer-sam-z3", "SAM", 3, world)
     trainer_case(out, "trainer-lora-pfsam-z2", "PreconditionedFunctionalSAM", 2, world, lora=True)
     accelerate_case(out, "accelerate-pfsam-z2", "PreconditionedFunctionalSAM", 2, world)
+    trl_case(out, "trl-psam-z2", "PreconditionedSAM", 2, world, loss_func=False)
+    trl_case(out, "trl-pfsam-z3", "PreconditionedFunctionalSAM", 3, world, loss_func=True)
     torch.distributed.barrier()
 
 

@@ -1,17 +1,31 @@
-"""One megatron-core layout (TP x PP x DP) training every requested method from the same weights.
+"""megatron-core layouts (TP x PP x DP) training every requested method from the same weights.
 
-    torchrun --nproc_per_node N tests/megatron_worker.py --tp T --pp P [--distopt] --out FILE
+    torchrun --nproc_per_node N tests/megatron_worker.py --tp T --pp P [--distopt] --out FILE \
+        [--also NAME:ARGS ...]
 
 Weights start from ``reference.tiny_llama`` (a Hugging Face Llama) mapped onto megatron-core's
 GPTModel; micro-batches are ``reference.micro_batch`` of this rank's data-parallel index. Rank 0
-writes, per method, the trained weights in Hugging Face naming (TP shards and pipeline stages
-gathered), the pass-1 losses, and the kept logit gradients of step 0 (this rank's vocabulary
-shard of every TP rank, gathered).
+writes ``{run: {method: ...}}``: per method, the trained weights in Hugging Face naming (TP
+shards and pipeline stages gathered), the pass-1 losses, and the kept logit gradients of step 0
+(this rank's vocabulary shard of every TP rank, gathered) in ``FILE.<run>.logit_grads``.
+
+The first run ("main") is the command line; every ``--also NAME:ARGS`` is one more layout in the
+same launch (its own TP x PP x DP over the same ranks, ARGS parsed like the command line, with
+``--steps``, ``--rho`` and ``--lr`` inherited), so that a layout costs no torchrun start of its own.
+
+A method may carry a variant after ``@`` (a deliberately wrong step, to show that the checks
+can fail): ``@noreplay`` pass 2 draws fresh random numbers (no random state replayed),
+``@notracker`` the CPU generator is replayed but megatron's RNG tracker states are not,
+``@twice`` the norm counts every main gradient (tied copies twice). ``--probe`` records, at every
+step, the perturbation applied to the main parameters against the fp32 formula computed here
+from the same main gradients and the optimizer's own ``exp_avg_sq`` and step (TP = PP = 1), and,
+without the distributed optimizer, the DP-reduced pass-2 gradients of step 0.
 """
 from __future__ import annotations
 
 import argparse
 import os
+import shlex
 import sys
 from functools import partial
 
@@ -23,8 +37,10 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import reference  # noqa: E402
 
+BETA2, ADAM_EPS = 0.999, 1e-8
 
-def main():
+
+def parser():
     ap = argparse.ArgumentParser()
     ap.add_argument("--tp", type=int, default=1)
     ap.add_argument("--pp", type=int, default=1)
@@ -41,26 +57,125 @@ def main():
     ap.add_argument("--rho", type=float, default=0.05)
     ap.add_argument("--lr", type=float, default=1e-2)
     ap.add_argument("--bf16", action="store_true")
+    ap.add_argument("--dropout", type=float, default=0.0, help="hidden and attention dropout")
+    ap.add_argument("--probe", action="store_true", help="record the applied perturbation (see the docstring)")
     ap.add_argument("--via-train-step", action="store_true",
                     help="drive the steps with fsam_train_step and a pretrain_gpt.py-style forward step")
-    ap.add_argument("--out", required=True)
-    args = ap.parse_args()
+    ap.add_argument("--out", default=None)
+    ap.add_argument("--also", action="append", default=[], metavar="NAME:ARGS")
+    return ap
+
+
+def main():
+    ap = parser()
+    base = ap.parse_args()
+    if not base.out:
+        ap.error("--out is required")
+    runs = [("main", base)]
+    for spec in base.also:
+        name, _, rest = spec.partition(":")
+        common = ["--steps", str(base.steps), "--rho", str(base.rho), "--lr", str(base.lr), "--out", base.out]
+        runs.append((name, ap.parse_args(common + shlex.split(rest))))
 
     dist.init_process_group("gloo")
     import megatron.core  # noqa: F401
     from megatron_patches import cpu
     cpu.apply()
+    from megatron.core import parallel_state as ps
+
+    results = {}
+    for i, (name, args) in enumerate(runs):
+        if i:
+            ps.destroy_model_parallel()
+        ps.initialize_model_parallel(tensor_model_parallel_size=args.tp, pipeline_model_parallel_size=args.pp,
+                                     virtual_pipeline_model_parallel_size=args.vpp)
+        results[name] = run_layout(args, args.out + f".{name}.logit_grads")
+    if dist.get_rank() == 0:
+        torch.save(results, base.out)
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def _probe_perturb(main, record):
+    """Wrap ``main.perturb``: record this rank's sums for the perturbation it applies to the main
+    parameters (``a``, after minus before) against the directions of the fp32 formula computed here
+    from the same main gradients ``g`` and the optimizer's own ``exp_avg_sq`` and step ``t``:
+    ``g / (sqrt(v / (1 - beta2^s)) + eps)`` at ``s = t`` (the method's own) and ``t -+ 1``, and ``g``
+    itself (SAM's). Sums of squares and dot products only (combined over ranks after training, no
+    collective inside the step): ``||a - c x||`` follows from them for any scale ``c``."""
+    orig = main.perturb
+
+    def perturb(params, ascent):
+        before = [p.detach().clone() for p in params]
+        grads = [p.grad.detach().double().clone() for p in params]
+        orig(params, ascent)
+        applied = [p.detach().double() - b.double() for p, b in zip(params, before)]
+        state = {}
+        for o in main.inner:
+            state.update(o.optimizer.state)
+        steps = {int(state[p]["step"]) for p in params if p in state and "step" in state[p]}
+        assert len(steps) <= 1, steps
+        t = steps.pop() if steps else 0
+
+        def direction(s):
+            if s == 0:
+                return grads
+            return [g / ((state[p]["exp_avg_sq"].double() / (1 - BETA2 ** s)).sqrt() + ADAM_EPS)
+                    for g, p in zip(grads, params)]
+
+        row = {"adam_step": t, "aa": sum(float((a * a).sum()) for a in applied)}
+        for name, s in (("g", 0), ("d", t), ("d_minus_1", max(t - 1, 0)), ("d_plus_1", t + 1 if t else 0)):
+            x = direction(s)
+            row[name] = {"ax": sum(float((a * y).sum()) for a, y in zip(applied, x)),
+                         "xx": sum(float((y * y).sum()) for y in x)}
+        record.append(row)
+
+    main.perturb = perturb
+
+
+def _probe_summary(rows_per_rank, rho):
+    """Per step: the applied perturbation's norm, and cos / norm-relative distance to each
+    candidate ``rho x / ||x||`` (``formula``: the method's; ``unpreconditioned``: SAM's;
+    ``step_minus_1``/``step_plus_1``: a wrong bias-correction step) and to ``rho d / ||g||`` (the
+    "gradient" normalisation)."""
+    import math
+    out = []
+    for rows in zip(*rows_per_rank):
+        assert len({r["adam_step"] for r in rows}) == 1
+        tot = lambda f: sum(f(r) for r in rows)  # noqa: E731
+        aa = tot(lambda r: r["aa"])
+        row = {"adam_step": rows[0]["adam_step"], "applied_norm": math.sqrt(aa)}
+        gg = tot(lambda r: r["g"]["xx"])
+        for name, key, norm in (("formula", "d", None), ("unpreconditioned", "g", None),
+                                ("step_minus_1", "d_minus_1", None), ("step_plus_1", "d_plus_1", None),
+                                ("gradient_norm", "d", gg)):
+            ax, xx = tot(lambda r: r[key]["ax"]), tot(lambda r: r[key]["xx"])
+            c = rho / math.sqrt(norm if norm is not None else xx)
+            diff2 = max(aa - 2 * c * ax + c * c * xx, 0.0)
+            row[name] = {"cos": ax / math.sqrt(aa * xx), "rel": math.sqrt(diff2) / (c * math.sqrt(xx))}
+        out.append(row)
+    return out
+
+
+def _main_grads_hf(chunks, hf_config):
+    """The DP-reduced main gradients (the DDP buffer) in Hugging Face naming (TP = PP = 1)."""
+    from megatron_patches import layout
+
+    meg = {full: p.main_grad.detach().float().clone() for _, _, full, p in layout._stage_params(chunks)}
+    return layout.megatron_to_hf(meg, hf_config)
+
+
+def run_layout(args, gf_path):
     from megatron.core import parallel_state as ps, tensor_parallel
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
+    import megatron_patches.sam as msam
     from fsam_ds.config import SAMConfig
     from megatron_patches import layout
     from megatron_patches.sam import MegatronSAM
 
-    ps.initialize_model_parallel(tensor_model_parallel_size=args.tp, pipeline_model_parallel_size=args.pp,
-                                 virtual_pipeline_model_parallel_size=args.vpp)
     tensor_parallel.model_parallel_cuda_manual_seed(1234)
     dp, dp_rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
     hf = reference.tiny_llama(seed=0, layers=args.layers, tied=args.tied)
@@ -115,8 +230,11 @@ def main():
         output_tensor = model(tokens, position_ids, attention_mask, labels=labels, loss_mask=loss_mask)
         return output_tensor, partial(pretrain_loss_func, loss_mask, model=model)
 
-    for method in args.methods.split(","):
+    for spec in args.methods.split(","):
+        method, _, variant = spec.partition("@")
         extra = {"virtual_pipeline_model_parallel_size": args.vpp} if args.vpp else {}
+        if args.dropout:
+            extra.update(hidden_dropout=args.dropout, attention_dropout=args.dropout)
         cfg = layout.transformer_config(hf.config, args.tp, args.pp, dtype, **extra)
         chunks = []
         for vp in (range(args.vpp) if args.vpp else [None]):
@@ -133,12 +251,32 @@ def main():
         model = chunks[0]
         cfg.finalize_model_grads_func = finalize_model_grads
         opt = get_megatron_optimizer(OptimizerConfig(
-            optimizer="adam", lr=args.lr, weight_decay=0.0, adam_beta1=0.9, adam_beta2=0.999, adam_eps=1e-8,
+            optimizer="adam", lr=args.lr, weight_decay=0.0, adam_beta1=0.9, adam_beta2=BETA2, adam_eps=ADAM_EPS,
             clip_grad=1.0, bf16=args.bf16, params_dtype=dtype, use_distributed_optimizer=args.distopt), chunks)
         sam = SAMConfig(method=method, rho=args.rho if method != "AdamW" else 0.0)
         runner = MegatronSAM(chunks, opt, sam)
         runner.skip_unperturbed_pass2 = False
         opt._fsam_runner = runner  # the runner fsam_train_step reuses for this model and optimizer
+        probe, pass2 = [], None
+        if args.probe and sam.is_sam:
+            _probe_perturb(runner.main, probe)
+        if variant == "twice":  # a wrong norm: every main gradient counted, tied copies twice
+            read = runner.main.read_grads
+
+            def read_all(read=read):
+                params, grads, weights, scale = read()
+                return params, grads, [1.0] * len(weights), scale
+            runner.main.read_grads = read_all
+        saved_set_rng = msam._set_rng_state
+        if variant == "noreplay":
+            msam._set_rng_state = lambda state: None
+        elif variant == "notracker":
+            msam._set_rng_state = lambda state: torch.set_rng_state(state["cpu"])
+        elif variant not in ("", "twice"):
+            raise ValueError(f"unknown variant {variant!r}")
+        # every method draws the same random numbers from here (dropout masks)
+        torch.manual_seed(4321)
+        tensor_parallel.model_parallel_cuda_manual_seed(1234)
         losses = []
         ranks = range(args.dp_equivalent) if args.dp_equivalent else [dp_rank]
         world = args.dp_equivalent or dp
@@ -171,6 +309,8 @@ def main():
                 runner.forward_backward(get_forward_backward_func(), forward_step, data, **kw)
                 if before is not None:
                     restore_ok[:] = [all(torch.equal(a, p) for a, p in zip(before, params))]
+                if step == 0 and args.probe and not args.distopt and args.tp == args.pp == 1:
+                    pass2 = _main_grads_hf(chunks, hf.config)
                 opt.step()
                 runner.steps += 1
                 losses.append(runner.last_metrics.get("loss"))
@@ -178,18 +318,20 @@ def main():
                 del runner.cache.clear
                 kept_gf[method] = _gather_vocab(runner.cache.grads)
                 runner.cache.grads = []
+        msam._set_rng_state = saved_set_rng
+        if args.probe:  # distributed optimizer: each rank holds its shard (TP = PP = 1: the world is DP)
+            rows = [None] * dist.get_world_size()
+            dist.all_gather_object(rows, probe)
+            probe = _probe_summary(rows if args.distopt else rows[:1], args.rho) if probe else []
         meg = layout.gather_full_state_dict(chunks)
         flag = torch.tensor([1.0 if all(restore_ok) and restore_ok else 0.0])
         dist.all_reduce(flag, op=dist.ReduceOp.MIN)
-        results[method] = {"weights": layout.megatron_to_hf(meg, hf.config), "losses": losses,
-                           "restore_exact": bool(flag.item() == 1.0)}
+        results[spec] = {"weights": layout.megatron_to_hf(meg, hf.config), "losses": losses,
+                         "restore_exact": bool(flag.item() == 1.0), "probe": probe, "pass2_grads": pass2}
         del model, chunks, opt, runner
-    if dist.get_rank() == 0:
-        torch.save(results, args.out)
     if ps.is_pipeline_last_stage() and ps.get_tensor_model_parallel_rank() == 0 and dp_rank == 0 and kept_gf:
-        torch.save(kept_gf, args.out + ".logit_grads")
-    dist.barrier()
-    dist.destroy_process_group()
+        torch.save(kept_gf, gf_path)
+    return results
 
 
 if __name__ == "__main__":

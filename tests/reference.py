@@ -42,12 +42,12 @@ def global_batch(step: int, world: int, gas: int, **kw) -> List[Dict]:
 
 
 def tiny_llama(seed: int = 0, dtype=torch.float32, vocab: int = 256, attn: str = "sdpa", layers: int = 2,
-               tied: bool = False):
+               tied: bool = False, attention_dropout: float = 0.0):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     cfg = LlamaConfig(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-                      tie_word_embeddings=tied, attention_dropout=0.0, attn_implementation=attn)
+                      tie_word_embeddings=tied, attention_dropout=attention_dropout, attn_implementation=attn)
     torch.manual_seed(seed)
     model = LlamaForCausalLM(cfg)
     return model.to(dtype)
@@ -63,7 +63,8 @@ def reference_train(model, steps: int, world: int, gas: int, method: str, rho: f
                     betas=(0.9, 0.999), eps: float = 1e-8, weight_decay: float = 0.0, clip: float = 1.0,
                     precondition_norm: str = "perturbation", rho_warmup_steps: int = 0,
                     lr_at: Optional[Callable[[int], float]] = None, batch_kw: Optional[dict] = None,
-                    ascent_every: int = 1, loss: Optional[Callable] = None, ascent_direction: str = "gradient",
+                    ascent_every: int = 1, loss: Optional[Callable] = None, hidden_adam_step: bool = False,
+                    dropout_seed: Optional[int] = None, ascent_direction: str = "gradient",
                     trace: Optional[list] = None):
     """Train ``model`` in place; returns the per-step mean pass-1 losses.
 
@@ -79,12 +80,25 @@ def reference_train(model, steps: int, world: int, gas: int, method: str, rho: f
 
     ``trace`` (a list) gets per step the share of ``||eps||^2`` on the input embedding and on the
     output layer (``eps_share_embed``, ``eps_share_output``; None without a perturbation).
+    ``hidden_adam_step``: follow DeepSpeed's ZeRO-0 bf16/fp16 ``FP16_Optimizer``, which runs one
+    AdamW step with zero gradients when it is built: the weights are decayed once by
+    ``1 - lr * weight_decay`` before step 0 and Adam's step count starts at 1 (the first real
+    update uses bias correction t = 2, and the preconditioner of step k reads t = k + 1).
+
+    ``dropout_seed``: the random state is ``torch.manual_seed(dropout_seed + step)`` at the start
+    of each step (before pass 1's first forward; the caller seeds the engine the same way), and
+    pass 2 replays the state each pass-1 forward started from, so both passes draw the same
+    dropout masks; the model must be in train mode.
     """
     ce = loss or _ce
     batch_kw = batch_kw or {}
     params = {k: p for k, p in model.named_parameters() if p.requires_grad}  # frozen weights (LoRA) stay
     names = list(params)
     opt = torch.optim.AdamW(params.values(), lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
+    if hidden_adam_step:
+        for p in params.values():
+            p.grad = torch.zeros_like(p)
+        opt.step()
     functional = method.endswith("FunctionalSAM")
     precond = method.startswith("Preconditioned")
     losses = []
@@ -96,15 +110,18 @@ def reference_train(model, steps: int, world: int, gas: int, method: str, rho: f
         mbs = global_batch(step, world, gas, **batch_kw)
         n = len(mbs)
         reuse = method != "AdamW" and ascent_every > 1 and unit is not None and step % ascent_every != 0
-        from_m = method != "AdamW" and ascent_direction == "momentum" and len(opt.state) > 0
+        from_m = method != "AdamW" and ascent_direction == "momentum" and step > 0
         reuse = reuse or from_m
         opt.zero_grad(set_to_none=False)
         for p in params.values():
             p.grad = torch.zeros_like(p)
-        gfs, step_losses = [], []
+        gfs, step_losses, rng = [], [], []
+        if dropout_seed is not None:
+            torch.manual_seed(dropout_seed + step)
         for mb in mbs:
             if reuse and not functional:
                 break  # SAM reusing eps: no pass 1
+            rng.append(torch.random.get_rng_state())
             if reuse:
                 with torch.no_grad():
                     logits = model(input_ids=mb["input_ids"]).logits
@@ -157,6 +174,8 @@ def reference_train(model, steps: int, world: int, gas: int, method: str, rho: f
             perturbed = {k: theta[k] + e for k, e in zip(names, pert)}
             new_grads = [torch.zeros_like(theta[k]) for k in names]
             for j, mb in enumerate(mbs):
+                if dropout_seed is not None and j < len(rng):
+                    torch.random.set_rng_state(rng[j])
                 if functional:
                     g_f = gfs[j]
                     # J(theta+eps)^T g_F(theta) with torch.func

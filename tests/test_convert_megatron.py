@@ -21,7 +21,9 @@ from pathlib import Path
 import pytest
 import torch
 
-pytest.importorskip("megatron.core", reason="megatron-core is an optional extra: pip install -e .[megatron]")
+from optional import require_module  # noqa: E402
+
+require_module("megatron.core", "megatron-core is an optional extra: pip install -e .[megatron]")
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent

@@ -128,8 +128,11 @@ def test_weights_restored_bit_exactly_before_step(method, dtype):
 @pytest.mark.parametrize("method", ["SAM", "PreconditionedFunctionalSAM"])
 def test_bf16(method):
     """bf16 (DeepSpeed's FP16_Optimizer with an fp32 master): at rho = 0 the perturb/restore
-    round trip through the master is exact, so the run equals bf16 AdamW; at rho > 0 the losses
-    follow the fp32 reference to bf16 precision and ||eps|| = rho."""
+    round trip through the master is exact, so the run equals bf16 AdamW; at rho > 0
+    ||eps|| = rho and the run leaves AdamW's weights. The method itself in bf16 (the perturbation
+    against the fp32 formula at every step, g_F, at ZeRO 0-3) is checked in test_bf16_checks.py:
+    a loss tolerance at bf16 precision (rel 2e-2, formerly here) passes for a wrong method (PFSAM's
+    losses are 1.1e-2 from AdamW's and 8e-4 from PSAM's)."""
     bf16 = {"enabled": True}
     adamw, adamw_losses, _ = engine_run("AdamW", config=ds_config("AdamW", bf16=bf16))
     zero, zero_losses, _ = engine_run(method, config=ds_config(method, rho=0.0, bf16=bf16), force_pass2=True)
@@ -138,9 +141,8 @@ def test_bf16(method):
         assert weight_distance(zero, adamw) == 0.0
     else:
         assert weight_distance(zero, adamw) / UNIT < 0.05
-    state, losses, metrics = engine_run(method, config=ds_config(method, bf16=bf16))
+    state, _, metrics = engine_run(method, config=ds_config(method, bf16=bf16))
     assert all(m["eps_norm"] == pytest.approx(0.05, rel=1e-5) for m in metrics)
-    assert losses == pytest.approx(ref(method)[1], rel=2e-2)
     assert weight_distance(state, adamw) > 0
 
 

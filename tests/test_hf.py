@@ -1,6 +1,7 @@
 """The real transformers Trainer (FSAMTrainer, 2 ranks under the deepspeed launcher, ZeRO 2 and 3,
-gradient accumulation 2) and a user's own Accelerate loop (FSAMAccelerator) against the independent
-reference; Trainer resume; a PEFT LoRA model. One launch (tests/hf_worker.py) for all of them."""
+gradient accumulation 2), TRL's SFTTrainer (FSAMTrainerMixin) and a user's own Accelerate loop
+(FSAMAccelerator) against the independent reference; Trainer resume; a PEFT LoRA model. One launch
+(tests/hf_worker.py) for all of them."""
 from __future__ import annotations
 
 import json
@@ -90,6 +91,21 @@ def test_trainer_lora_perturbs_only_the_adapters(hf_run):
     adamw = lora_model()
     reference_train(adamw, STEPS, 2, 2, "AdamW", 0.0, lr=LR)
     assert max(float((state[k] - adamw.state_dict()[k]).abs().max()) for k in adapters) / UNIT > 10 * TOL
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name,method", [("trl-psam-z2", "PreconditionedSAM"),
+                                         ("trl-pfsam-z3", "PreconditionedFunctionalSAM")])
+def test_trl_sft_trainer_matches_reference(hf_run, name, method):
+    """TRL's SFTTrainer with FSAMTrainerMixin: PreconditionedSAM recomputes TRL's own loss (its fused
+    LM head) at theta + eps; the functional type takes the logits through compute_loss_func."""
+    state, ranks = _load(hf_run, name)
+    ref_state, ref_losses = reference_state(method, world=2)
+    assert weight_distance(state, ref_state) / UNIT < TOL
+    assert weight_distance(state, reference_state("AdamW", world=2)[0]) / UNIT > 50 * TOL
+    logs = ranks[0]["logs"]
+    assert [e["loss"] for e in logs] == pytest.approx(ref_losses, rel=1e-4)
+    assert all(e["eps_norm"] == pytest.approx(0.05, rel=1e-5) for e in logs)
 
 
 @pytest.mark.slow

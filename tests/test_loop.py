@@ -194,10 +194,11 @@ def test_ascent_every_in_loop_mode(method):
     assert [m["ascent_reused"] for m in metrics] == [False, True, False, True]
 
 
-def test_positional_inputs_and_sharpness_every():
+def test_positional_inputs_sharpness_every_and_monitors(tmp_path):
     method = "FunctionalSAM"
     cfg = ds_config(method)
     cfg["optimizer"]["params"]["sharpness_every"] = 2
+    cfg["csv_monitor"] = {"enabled": True, "output_path": str(tmp_path), "job_name": "job"}
     engine = build(method, cfg)
     it = data()
     for _ in range(STEPS * GAS):
@@ -207,6 +208,9 @@ def test_positional_inputs_and_sharpness_every():
         engine.step()
     assert "tau_logit" in engine.last_metrics and "lambda_max" in engine.last_metrics
     assert weight_distance(full_state(engine), reference_state(method)[0]) / UNIT < TOL
+    # DeepSpeed's monitors get the step's metrics, as from train_batch
+    files = {p.name for p in tmp_path.rglob("*.csv")}
+    assert all(any(k in f for f in files) for k in ("eps_norm", "grad_norm", "rho", "tau_logit")), files
 
 
 def test_adamw_type_is_plain_deepspeed():

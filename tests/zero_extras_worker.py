@@ -3,7 +3,10 @@
 * ``deepspeed.zero.Init`` through ``fsam_ds.models.build_model``: per-rank parameter memory, and a
   Hugging Face folder loaded shard-wise equals the saved weights;
 * the preconditioned ascent reads this rank's own ``exp_avg_sq`` partition;
-* bf16: the gradient ZeRO-3 hands to AdamW equals ZeRO-0's to bf16 round-off.
+* bf16: the gradient ZeRO-3 hands to AdamW equals ZeRO-0's to bf16 round-off, and at every step
+  (preconditioned from step 1 on) the perturbation each rank applies to its partition equals the
+  fp32 formula on that rank's bf16-run gradient and ``exp_avg_sq`` partitions (norms over both
+  ranks; ``bf16_worker``), in both normalisations.
 """
 from __future__ import annotations
 
@@ -108,6 +111,27 @@ def bf16_gradients(rank: int, world: int, report: dict):
     report["bf16_perturbed_vs_unperturbed"] = rel(grads[(0.05, 0)], grads[(0.0, 0)])
 
 
+def bf16_ascent(rank: int, world: int, report: dict):
+    """ZeRO-3 bf16, every parameter partitioned, 4 steps: per step the engine's eps against the
+    formula (see bf16_worker.capture_ascent) on this rank's partitions."""
+    import fsam_ds
+    from bf16_worker import capture_ascent
+
+    out = {}
+    for method, norm, eps in (("PreconditionedFunctionalSAM", "perturbation", 1e-8),
+                              ("PreconditionedSAM", "gradient", 1e-3)):
+        cfg = zero3(method, rho=0.2, precondition_norm=norm, bf16={"enabled": True})
+        cfg["optimizer"]["params"]["eps"] = eps
+        engine, *_ = fsam_ds.initialize(model=tiny_llama(0), config=cfg)
+        records = capture_ascent(engine, 0.2, norm, hidden_step=False)
+        gas = cfg["gradient_accumulation_steps"]
+        data = iter([micro_batch(s, rank, i, world, gas) for s in range(4) for i in range(gas)])
+        for _ in range(4):
+            engine.train_batch(data)
+        out[norm] = records
+    report["bf16_ascent"] = out
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", required=True)
@@ -119,6 +143,7 @@ def main():
     memory_and_folder(out, rank, world, report)
     exp_avg_sq_shard(rank, world, report)
     bf16_gradients(rank, world, report)
+    bf16_ascent(rank, world, report)
     (out / f"rank{rank}.json").write_text(json.dumps(report))
     dist.barrier()
 
