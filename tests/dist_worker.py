@@ -124,6 +124,9 @@ def main():
             torch.save(state, out / f"{name}.pt")
         (out / f"{name}.rank{rank}.json").write_text(json.dumps({"losses": losses, "metrics": metrics}))
     dist.barrier()
+    # a group left to the interpreter's exit sometimes aborts a rank ("terminate called without an
+    # active exception", exit -6) after all its work is written; fsam-train destroys its group too
+    dist.destroy_process_group()
 
 
 if __name__ == "__main__":
