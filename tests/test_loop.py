@@ -259,3 +259,21 @@ def test_an_aux_loss_train_batch_would_drop_is_refused():
     engine, *_ = fsam_ds.initialize(model=MixtralForCausalLM(cfg), config=ds_config("SAM"))
     with pytest.raises(FSAMConfigError, match="aux_loss"):
         engine.train_batch(data())
+
+
+def test_deepspeed_moe_layers_are_refused_for_the_sam_types():
+    """Expert-parallel parameters would be normed over the wrong group: refused before any step
+    (AdamW runs them as plain DeepSpeed)."""
+    from deepspeed.moe.layer import MoE
+
+    class Experts(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.moe = MoE(hidden_size=8, expert=torch.nn.Linear(8, 8), num_experts=2, ep_size=1, k=1)
+            self.out = torch.nn.Linear(8, 4)
+
+        def forward(self, x):
+            return self.out(self.moe(x)[0])
+    with pytest.raises(FSAMConfigError, match="MoE"):
+        fsam_ds.initialize(model=Experts(), config=ds_config("SAM"))
+    assert fsam_ds.initialize(model=Experts(), config=ds_config("AdamW"))[0].has_moe_layers
