@@ -55,7 +55,11 @@ CASES = {
     # ZeRO 0 fp32 is skipped by the engine itself, the others by DeepSpeed's own check
     "nonfinite": [("PreconditionedFunctionalSAM", dict(layout, run=run))
                   for layout in ({"stage": 0}, {"stage": 0, "bf16": 1}, {"stage": 1, "bf16": 1},
-                                 {"stage": 2, "bf16": 1}, {"stage": 3})
+                                 {"stage": 2, "bf16": 1}, {"stage": 3},
+                                 # the "gradient" normalisation sees a wrong bias-correction step count
+                                 # after a skipped step (the default normalisation cancels it)
+                                 {"stage": 1, "bf16": 1, "precondition_norm": "gradient", "eps": 1e-3},
+                                 {"stage": 3, "precondition_norm": "gradient", "eps": 1e-3})
                   for run in ("faults", "ref")]
     + [("SAM", {"stage": 0, "run": "blowup"}), ("PreconditionedFunctionalSAM", {"stage": 3, "run": "blowup"})]
     # a loss that is infinite while its gradients are finite (loss_fn's loss + inf) on rank 1 in pass 1
