@@ -115,7 +115,7 @@ def logit_grad(loss_fn: LossFn, logits: torch.Tensor, batch: Mapping[str, Any]):
     with torch.enable_grad():
         loss = loss_fn(leaf, batch)
         (g_f,) = torch.autograd.grad(loss, leaf)
-    return loss, g_f * finite_or_nan(loss).to(g_f.dtype)
+    return loss, g_f.mul_(finite_or_nan(loss).to(g_f.dtype))  # g_f is autograd's fresh tensor: in place
 
 
 class LogitGradCache:
@@ -335,19 +335,9 @@ def share_params(module: torch.nn.Module) -> Dict[str, list]:
     """The trainable parameters of the input embedding (``get_input_embeddings()``, its weight)
     and of the output layer (:func:`fsam_ds.loop.output_layer`) by :data:`SHARE_KEYS`; empty when
     the model names neither."""
-    from .loop import output_layer
+    from .loop import model_layer, output_layer
 
-    embed = None
-    for m in module.modules():
-        get = getattr(m, "get_input_embeddings", None)
-        if callable(get):
-            try:
-                embed = get()
-            except (NotImplementedError, AttributeError):
-                continue
-            if isinstance(embed, torch.nn.Module):
-                break
-            embed = None
+    embed = model_layer(module, "get_input_embeddings")
     out = output_layer(module)
     w = getattr(embed, "weight", None)
     parts = {"eps_share_embed": [w] if isinstance(w, torch.nn.Parameter) and w.requires_grad else [],

@@ -93,19 +93,25 @@ def output_loss(outputs: Any) -> Optional[torch.Tensor]:
     return loss if isinstance(loss, torch.Tensor) and loss.dim() == 0 else None
 
 
-def output_layer(module: torch.nn.Module) -> Optional[torch.nn.Module]:
-    """The module that produces the logits: ``get_output_embeddings()`` of the model (or of the
-    first submodule that has one, e.g. a model inside a wrapper)."""
+def model_layer(module: torch.nn.Module, getter: str) -> Optional[torch.nn.Module]:
+    """``getattr(model, getter)()`` (Hugging Face's ``get_input_embeddings`` /
+    ``get_output_embeddings``) of the model, or of the first submodule that has one (a model
+    inside a wrapper); None when none names a module."""
     for m in module.modules():
-        get = getattr(m, "get_output_embeddings", None)
+        get = getattr(m, getter, None)
         if callable(get):
             try:
-                out = get()
+                layer = get()
             except (NotImplementedError, AttributeError):
                 continue
-            if isinstance(out, torch.nn.Module):
-                return out
+            if isinstance(layer, torch.nn.Module):
+                return layer
     return None
+
+
+def output_layer(module: torch.nn.Module) -> Optional[torch.nn.Module]:
+    """The module that produces the logits (``get_output_embeddings()``)."""
+    return model_layer(module, "get_output_embeddings")
 
 
 def scaled_from(root, target) -> bool:
@@ -164,6 +170,7 @@ class LoopMode:
         self._first_forward_time: Optional[float] = None
         self._scale_wrt_gas = True
         self._recompute_checked = False
+        self._loss_fn_checked = False
         cls = type(ds)
         self.ds_backward = cls.backward.__get__(ds)
         self.ds_step = cls.step.__get__(ds)
@@ -381,6 +388,8 @@ class LoopMode:
         if logits is None:
             raise FSAMConfigError(f"optimizer.type {self.sam.method} with loss_fn needs a model whose forward returns "
                                   "logits (a tensor or an object with .logits)")
+        if self._loss_fn_checked:
+            return
         with torch.no_grad():
             expected = self.fsam.loss_fn(logits.detach(), rec.batch())
         if not torch.allclose(loss.detach().float(), expected.detach().float(), rtol=1e-5, atol=0.0):
@@ -388,6 +397,7 @@ class LoopMode:
                 f"optimizer.type {self.sam.method}: the loss given to backward ({float(loss.detach()):.6g}) is not "
                 f"loss_fn(logits, batch) ({float(expected):.6g}); SAM recomputes loss_fn at theta + eps, so "
                 "backward exactly loss_fn's value (DeepSpeed divides it by gradient_accumulation_steps)")
+        self._loss_fn_checked = True  # once, as the recompute check: no extra loss per micro-batch after it
 
     # ---- the step -----------------------------------------------------------------------------
     def step(self, lr_kwargs=None):
