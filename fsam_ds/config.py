@@ -23,17 +23,13 @@ import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping, Tuple, Union
+from typing import Any, Mapping, Optional, Tuple, Union
 
-from .method import PRECONDITION_NORMS
+from .names import ASCENT_DIRECTIONS, LOGIT_GRAD_CACHES, METHODS, PRECONDITION_NORMS, SAM_METHODS
 
-METHODS = ("AdamW", "SAM", "PreconditionedSAM", "FunctionalSAM", "PreconditionedFunctionalSAM")
-SAM_METHODS = METHODS[1:]
-LOGIT_GRAD_CACHES = ("device", "host", "recompute")
-# where the ascent direction comes from: this step's pass-1 gradient (exact), or AdamW's first moment
-# (no pass-1 backward; see SAMConfig.ascent_direction)
-ASCENT_DIRECTIONS = ("gradient", "momentum")
-SUPPORTED_ZERO_STAGES = (0, 1, 2, 3)
+__all__ = ["METHODS", "SAM_METHODS", "LOGIT_GRAD_CACHES", "ASCENT_DIRECTIONS", "PRECONDITION_NORMS", "ADAMW_KEYS",
+           "SAM_KEYS", "DIAGNOSTIC_KEYS", "SAM_DEFAULTS", "FSAMConfigError", "SAMConfig", "load_json_config",
+           "canonical_method", "sam_config", "parse_config", "take_sam_section", "zero_stage"]
 
 # AdamW parameters DeepSpeed's own Adam accepts, and the SAM keys on top of them.
 ADAMW_KEYS = ("lr", "betas", "eps", "weight_decay", "bias_correction", "torch_adam", "adam_w_mode",
@@ -100,13 +96,15 @@ def load_json_config(config: Union[str, os.PathLike, Mapping[str, Any]]) -> dict
     return data
 
 
-def _canonical_method(name: Any) -> str:
+def canonical_method(name: Any, key_name: str = "optimizer.type") -> str:
+    """The method ``name`` stands for (any case); errors call the setting ``key_name`` (the
+    DeepSpeed key, or a command-line flag such as ``--sam-type``)."""
     if not isinstance(name, str):
-        raise FSAMConfigError(f"optimizer.type must be a string, one of {', '.join(METHODS)}; got {name!r}")
+        raise FSAMConfigError(f"{key_name} must be a string, one of {', '.join(METHODS)}; got {name!r}")
     for m in METHODS:
         if m.lower() == name.lower():
             return m
-    raise FSAMConfigError(f"optimizer.type {name!r} is not supported; accepted: {', '.join(METHODS)}")
+    raise FSAMConfigError(f"{key_name} {name!r} is not supported; accepted: {', '.join(METHODS)}")
 
 
 def _check_adamw_params(params: Mapping[str, Any]) -> None:
@@ -129,31 +127,40 @@ def _check_adamw_params(params: Mapping[str, Any]) -> None:
                               "(decoupled weight decay); accepted: true or leave it out")
 
 
-def _sam_config(method: str, params: Mapping[str, Any]) -> SAMConfig:
+def sam_config(method: str, params: Mapping[str, Any], key_names: Optional[Mapping[str, str]] = None) -> SAMConfig:
+    """The :class:`SAMConfig` of a SAM type ``method`` from its settings ``params`` (the SAM keys;
+    the missing ones take :data:`SAM_DEFAULTS`). An error names the setting by its entry in
+    ``key_names`` (e.g. ``{"rho": "--sam-rho"}`` for a command line), else as the DeepSpeed key
+    ``optimizer.params.<key>``."""
+    names = dict(key_names or {})
+
+    def key(k: str) -> str:
+        return names.get(k, f"optimizer.params.{k}")
+
     values = {**SAM_DEFAULTS, **{k: params[k] for k in SAM_KEYS if k in params}}
     rho = values["rho"]
     if not _is_number(rho) or rho < 0:
-        raise FSAMConfigError(f"optimizer.params.rho must be a number >= 0, got {rho!r}")
+        raise FSAMConfigError(f"{key('rho')} must be a number >= 0, got {rho!r}")
     norm = values["precondition_norm"]
     if norm not in PRECONDITION_NORMS:
-        raise FSAMConfigError(f"optimizer.params.precondition_norm {norm!r} is not supported; accepted: "
+        raise FSAMConfigError(f"{key('precondition_norm')} {norm!r} is not supported; accepted: "
                               f"{', '.join(PRECONDITION_NORMS)}")
     warm = values["rho_warmup_steps"]
     if not isinstance(warm, int) or isinstance(warm, bool) or warm < 0:
-        raise FSAMConfigError(f"optimizer.params.rho_warmup_steps must be an integer >= 0, got {warm!r}")
+        raise FSAMConfigError(f"{key('rho_warmup_steps')} must be an integer >= 0, got {warm!r}")
     cache = values["logit_grad_cache"]
     if cache not in LOGIT_GRAD_CACHES:
-        raise FSAMConfigError(f"optimizer.params.logit_grad_cache {cache!r} is not supported; accepted: "
+        raise FSAMConfigError(f"{key('logit_grad_cache')} {cache!r} is not supported; accepted: "
                               f"{', '.join(LOGIT_GRAD_CACHES)}")
     every = values["ascent_every"]
     if not isinstance(every, int) or isinstance(every, bool) or every < 1:
-        raise FSAMConfigError(f"optimizer.params.ascent_every must be an integer >= 1 (1: exact), got {every!r}")
+        raise FSAMConfigError(f"{key('ascent_every')} must be an integer >= 1 (1: exact), got {every!r}")
     direction = values["ascent_direction"]
     if not isinstance(direction, str) or direction not in ASCENT_DIRECTIONS:
-        raise FSAMConfigError(f"optimizer.params.ascent_direction {direction!r} is not supported; accepted: "
+        raise FSAMConfigError(f"{key('ascent_direction')} {direction!r} is not supported; accepted: "
                               f"{', '.join(ASCENT_DIRECTIONS)}")
     if direction == "momentum" and every > 1:
-        raise FSAMConfigError('optimizer.params.ascent_direction "momentum" with ascent_every > 1 is not supported '
+        raise FSAMConfigError(f'{key("ascent_direction")} "momentum" with ascent_every > 1 is not supported '
                               f"(got ascent_every {every}); accepted: ascent_every 1 with \"momentum\", or "
                               'ascent_direction "gradient"')
     return SAMConfig(method=method, rho=float(rho), precondition_norm=norm, rho_warmup_steps=warm,
@@ -183,7 +190,7 @@ def take_sam_section(ds_config: dict) -> SAMConfig:
     unknown_section = sorted(set(opt) - {"type", "params"})
     if unknown_section:
         raise FSAMConfigError(f"optimizer.{unknown_section[0]} is not a known key; accepted: type, params")
-    method = _canonical_method(opt.get("type"))
+    method = canonical_method(opt.get("type"))
     params = opt.get("params", {})
     if not isinstance(params, dict):
         raise FSAMConfigError(f"optimizer.params must be an object, got {type(params).__name__}")
@@ -194,7 +201,7 @@ def take_sam_section(ds_config: dict) -> SAMConfig:
             raise FSAMConfigError(f"optimizer.params.{key} is not accepted for {method}{hint}; "
                                   f"accepted: {', '.join(accepted)}")
     _check_adamw_params(params)
-    sam = _sam_config(method, params) if method in SAM_METHODS else SAMConfig(method=method)
+    sam = sam_config(method, params) if method in SAM_METHODS else SAMConfig(method=method)
     every = params.get("sharpness_every", 0)
     if not isinstance(every, int) or isinstance(every, bool) or every < 0:
         raise FSAMConfigError(f"optimizer.params.sharpness_every must be an integer >= 0 (0: off), got {every!r}")
@@ -223,11 +230,7 @@ def _enabled(ds_config: Mapping[str, Any], key: str) -> bool:
 
 
 def _check_sam_compatibility(ds_config: Mapping[str, Any]) -> None:
-    stage = zero_stage(ds_config)
-    if stage not in SUPPORTED_ZERO_STAGES:
-        raise FSAMConfigError(
-            f"zero_optimization.stage {stage} is not yet supported by the SAM types in this version; "
-            f"accepted: {', '.join(map(str, SUPPORTED_ZERO_STAGES))} (AdamW runs with any stage)")
+    stage = zero_stage(ds_config)  # every stage DeepSpeed has (0-3) runs the SAM types
     zero = ds_config.get("zero_optimization") or {}
     for key in ("offload_optimizer", "offload_param"):
         device = (zero.get(key) or {}).get("device", "none") if isinstance(zero.get(key) or {}, dict) else "?"

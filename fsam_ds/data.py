@@ -193,7 +193,7 @@ def _holdout(docs: list[str], eval_fraction: float, seed: int) -> tuple[list[str
     return train, evals
 
 
-def _looks_like_path(spec: str) -> bool:
+def looks_like_path(spec: str) -> bool:
     """A string meant as a local path rather than a Hugging Face dataset name
     (``name``, ``owner/name`` or ``owner/name:config``)."""
     return (
@@ -299,7 +299,7 @@ def load_texts(
     path = Path(spec).expanduser()
     if path.exists():
         return _load_local(path, eval_fraction, seed)
-    if _looks_like_path(spec):
+    if looks_like_path(spec):
         raise ValueError(
             f"text path {spec!r} does not exist (expected a .txt file, a folder of .txt files, "
             f"an embedded corpus ({', '.join(EMBEDDED_CORPORA)}) or a Hugging Face dataset name)"
@@ -400,7 +400,7 @@ def get_tokenizer(
     elif spec in EMBEDDED_CORPORA or path.exists():
         train_texts, _ = load_texts(spec)
         return _trained_tokenizer(train_texts, vocab_size, cache_dir)
-    elif _looks_like_path(spec):
+    elif looks_like_path(spec):
         raise ValueError(
             f"tokenizer path {spec!r} does not exist (expected a folder with one of "
             f"{', '.join(_TOKENIZER_FILES)}, a text corpus, or a Hugging Face tokenizer name)"

@@ -20,15 +20,17 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
-from fsam_ds.config import (FSAMConfigError, METHODS, SAMConfig, SAM_DEFAULTS, _canonical_method,
-                            _sam_config)
-from fsam_ds.method import PRECONDITION_NORMS
+from fsam_ds.config import SAM_DEFAULTS, FSAMConfigError, SAMConfig, canonical_method, sam_config
+from fsam_ds.names import METHODS, PRECONDITION_NORMS
 
 from .sam import MegatronSAM
 
 #: Megatron-style flags and the optimizer.params keys of the DeepSpeed JSON they correspond to.
 SAM_FLAGS = {"sam_rho": "rho", "sam_precondition_norm": "precondition_norm",
              "sam_rho_warmup_steps": "rho_warmup_steps"}
+#: How errors call the method's settings here: by their flags.
+SAM_TYPE_FLAG = "--sam-type"
+FLAG_OF_KEY = {key: "--" + dest.replace("_", "-") for dest, key in SAM_FLAGS.items()}
 
 
 def add_sam_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -47,20 +49,11 @@ def add_sam_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
 
 def sam_config_from_args(args) -> SAMConfig:
     """The method's settings from Megatron-style arguments; errors name the flag and the accepted values."""
-    try:
-        method = _canonical_method(getattr(args, "sam_type", "AdamW"))
-    except FSAMConfigError as exc:
-        raise FSAMConfigError(str(exc).replace("optimizer.type", "--sam-type")) from None
+    method = canonical_method(getattr(args, "sam_type", "AdamW"), key_name=SAM_TYPE_FLAG)
     if method == "AdamW":
         return SAMConfig(method="AdamW")
     params = {key: getattr(args, flag) for flag, key in SAM_FLAGS.items() if getattr(args, flag, None) is not None}
-    try:
-        return _sam_config(method, params)
-    except FSAMConfigError as exc:
-        msg = str(exc)
-        for flag, key in sorted(SAM_FLAGS.items(), key=lambda kv: -len(kv[1])):  # rho_warmup_steps before rho
-            msg = msg.replace(f"optimizer.params.{key}", "--" + flag.replace("_", "-"))
-        raise FSAMConfigError(msg) from None
+    return sam_config(method, params, key_names=FLAG_OF_KEY)
 
 
 def _megatron_lm_args():
