@@ -77,11 +77,11 @@ def zero3_run(work):
 @pytest.fixture(scope="module")
 def exports(work, zero3_run):
     """fp32 (sharded) and step2 in this process; bf16 through the command line."""
-    from tools.convert import convert
+    from fsam_ds.convert import convert
 
     reports = {"fp32": convert(zero3_run, work / "hf_fp32", max_shard_size=SHARD),
                "step2": convert(zero3_run, work / "hf_step2", tag="step2")}
-    proc = run([sys.executable, "-m", "tools.convert", str(zero3_run), str(work / "hf_bf16"), "--dtype", "bf16",
+    proc = run([sys.executable, "-m", "fsam_ds.convert", str(zero3_run), str(work / "hf_bf16"), "--dtype", "bf16",
                 "--json"], ROOT, child_env(work / "cache"))
     reports["bf16"] = json.loads(proc.stdout.strip().splitlines()[-1])
     return reports
@@ -156,7 +156,7 @@ LR_B, RHO_B, WD_B = 1e-3, 0.1, 0.1
 def test_hf_folder_trains_one_step_and_converts_back(work, exports, monkeypatch):
     import reference
     from fsam_ds import data as fdata
-    from tools.convert import convert
+    from fsam_ds.convert import convert
     from transformers import AutoModelForCausalLM
 
     start = work / "hf_fp32"
@@ -216,7 +216,7 @@ def test_one_rank_stages_tied_and_bf16(tmp_path, stage, bf16, tied):
     import fsam_ds
     from common import ds_config
     from reference import micro_batch
-    from tools.convert import convert
+    from fsam_ds.convert import convert
 
     cfg = LlamaConfig(vocab_size=256, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
@@ -302,7 +302,7 @@ CLI_CASES = ("empty folder", "shard", "tokenizer vocab", "dtype")
 
 @pytest.mark.slow
 def test_bad_inputs_raise_one_line(bad_inputs, work):
-    from tools.convert import ConvertError, build_parser, convert
+    from fsam_ds.convert import ConvertError, build_parser, convert
 
     for name, (argv, words) in bad_inputs.items():
         with pytest.raises(ConvertError) as info:
@@ -318,7 +318,7 @@ def test_bad_inputs_raise_one_line(bad_inputs, work):
 
 @pytest.mark.slow
 def test_cli_errors_exit_2_without_traceback(bad_inputs, work):
-    procs = {name: subprocess.Popen([sys.executable, "-m", "tools.convert", *bad_inputs[name][0]], cwd=ROOT,
+    procs = {name: subprocess.Popen([sys.executable, "-m", "fsam_ds.convert", *bad_inputs[name][0]], cwd=ROOT,
                                     env=child_env(work / "cache"), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                     text=True) for name in CLI_CASES}
     for name, proc in procs.items():

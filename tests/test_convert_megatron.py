@@ -98,7 +98,7 @@ def exports(work, runs):
     """Every run converted in this process (the latest iteration; TP=1 also at iteration 2)."""
     import torch.distributed as dist
 
-    from tools.convert import convert
+    from fsam_ds.convert import convert
 
     had_group = dist.is_initialized()  # an earlier in-process test may have left a 1-rank group
     reports = {name: convert(path, work / f"hf_{name}") for name, path in runs.items()}
@@ -147,7 +147,7 @@ def test_report(exports, work):
     assert {"config.json", "generation_config.json", "model.safetensors", "tokenizer.json"} <= set(rep["files"])
     assert (exports["tp1"]["tp"], exports["tp1"]["world_size"]) == (1, 1)
     assert exports["tp1_iter2"]["tag"] == "iter_0000002" and exports["tp1_iter2"]["iteration"] == 2
-    from tools.convert import summary
+    from fsam_ds.convert import summary
 
     text = summary(dict(rep, source="x"))
     assert "TP 2 x PP 2 x DP 1" in text and "53,408 parameters" in text and "1 safetensors shard" in text
@@ -223,7 +223,7 @@ def bad_inputs(work, runs, exports):
 def test_bad_inputs_raise_one_line(bad_inputs, work):
     import torch.distributed as dist
 
-    from tools.convert import ConvertError, build_parser, convert
+    from fsam_ds.convert import ConvertError, build_parser, convert
 
     had_group = dist.is_initialized()
     for name, (argv, words) in bad_inputs.items():
@@ -241,7 +241,7 @@ def test_bad_inputs_raise_one_line(bad_inputs, work):
 @pytest.mark.slow
 def test_cli_error_exits_2_without_traceback(bad_inputs, work):
     argv, words = bad_inputs["shard"]
-    proc = subprocess.run([sys.executable, "-m", "tools.convert", *argv, "--source", "megatron"], cwd=ROOT,
+    proc = subprocess.run([sys.executable, "-m", "fsam_ds.convert", *argv, "--source", "megatron"], cwd=ROOT,
                           env=child_env(work), capture_output=True, text=True, timeout=180)
     lines = [x for x in proc.stderr.splitlines() if x.strip()]
     assert proc.returncode == 2 and "Traceback" not in proc.stderr and len(lines) == 1, proc.stderr

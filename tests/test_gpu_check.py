@@ -40,7 +40,7 @@ def test_dry_run_prints_the_plan_and_runs_nothing(tmp_path):
     for sid in STEP_IDS:
         assert f"\n{sid} " in text and f"[{sid}]" in text or sid == "bench_1.2b" and "[bench_1.2b]" in text, sid
     assert "deadline 570 s" in text and "dry run: nothing was run" in text
-    for needle in ("tools.bench_step --gpu --preset 118m", "tools.bench_step --gpu --preset 1.2b", "--json",
+    for needle in ("fsam_ds.bench --gpu --preset 118m", "fsam_ds.bench --gpu --preset 1.2b", "--json",
                    "tests/test_adam_step_layouts.py", "worker fp16 --stages 0,2", "worker loop-hf --stage 3 --dtype bf16",
                    "worker megatron", "worker seeds"):
         assert needle in text, needle

@@ -70,7 +70,7 @@ def test_resume_at_another_layout_continues_the_run(tmp_path):
 
 
 def megatron_weights(run: Path, iteration: int):
-    from tools.convert import MegatronSource
+    from fsam_ds.convert import MegatronSource
     return MegatronSource().read(run, str(iteration)).state_dict
 
 

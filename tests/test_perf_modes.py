@@ -557,7 +557,7 @@ def test_reproduce_extra_runs_ascent_every(tmp_path):
 
 
 def test_plan_memory_matches_its_own_arithmetic_and_refuses_bad_layouts(capsys):
-    from tools.plan_memory import Layout, load_shape, main, plan
+    from fsam_ds.plan import Layout, load_shape, main, plan
 
     shape = load_shape("2m")
     assert shape.params() == 2_098_304  # the preset's real parameter count
@@ -576,7 +576,7 @@ def test_plan_memory_matches_its_own_arithmetic_and_refuses_bad_layouts(capsys):
 
 def test_bench_quick_runs(tmp_path):
     """fsam-bench end to end on the tiny preset (the real --quick uses the 2m preset)."""
-    from tools.bench_step import main
+    from fsam_ds.bench import main
 
     out = tmp_path / "b.json"
     assert main(["--quick", "--preset", "tiny", "--variants", "AdamW,PreconditionedFunctionalSAM+recompute,"
@@ -590,7 +590,7 @@ def test_bench_quick_runs(tmp_path):
     # the momentum mode is a variant too (parsed and configured; not timed here)
     from types import SimpleNamespace
 
-    from tools.bench_step import ds_config as bench_config, parse_variant
+    from fsam_ds.bench import ds_config as bench_config, parse_variant
     v = parse_variant("PreconditionedFunctionalSAM+momentum")
     assert v["momentum"] and bench_config(v, SimpleNamespace(micro_batch=1, gas=1, zero_stage=0, dtype="fp32"))[
         "optimizer"]["params"]["ascent_direction"] == "momentum"

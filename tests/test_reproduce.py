@@ -52,7 +52,7 @@ def test_bad_arguments_one_line(capsys, tmp_path):
 
 
 def test_plot_runs_cli(tmp_path):
-    from tools.plot_runs import main
+    from fsam_ds.plot import main
 
     run = tmp_path / "run"
     run.mkdir()

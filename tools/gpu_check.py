@@ -144,7 +144,7 @@ def plan(out: Path, smoke: bool, dataset: Optional[str] = None) -> List[Step]:
                                                     j("megatron.json")), 90, "megatron.json")]))
     if smoke:
         steps.append(Step("bench_118m", "fsam-bench (smallest CPU form: tiny preset)", "14", 120, 30, 40,
-                          [Cmd("fsam-bench tiny", _py("-m", "tools.bench_step", "--preset", "tiny", "--micro-batch", "2",
+                          [Cmd("fsam-bench tiny", _py("-m", "fsam_ds.bench", "--preset", "tiny", "--micro-batch", "2",
                                                       "--seq-len", "32", "--steps", "1", "--warmup", "0", "--sequential",
                                                       "--no-memory", "--variants",
                                                       "AdamW,PreconditionedFunctionalSAM+host",
@@ -153,12 +153,12 @@ def plan(out: Path, smoke: bool, dataset: Optional[str] = None) -> List[Step]:
                           skip="GPU only (fsam-bench --gpu and a 1.2b model): skipped on CPU"))
     else:
         steps.append(Step("bench_118m", "fsam-bench --gpu at 118m (bf16, interleaved)", "14", 150, 60, 90,
-                          [Cmd("fsam-bench 118m", _py("-m", "tools.bench_step", "--gpu", "--preset", "118m",
+                          [Cmd("fsam-bench 118m", _py("-m", "fsam_ds.bench", "--gpu", "--preset", "118m",
                                                       "--micro-batch", "8", "--seq-len", "1024", "--warmup", "2",
                                                       "--steps", "6", "--every", "4", "--json", j("bench_118m.json")),
                                150, "bench_118m.json")]))
         steps.append(Step("bench_1.2b", "fsam-bench --gpu at 1.2b (bf16, sequential)", "14", 180, 60, 100,
-                          [Cmd("fsam-bench 1.2b", _py("-m", "tools.bench_step", "--gpu", "--preset", "1.2b",
+                          [Cmd("fsam-bench 1.2b", _py("-m", "fsam_ds.bench", "--gpu", "--preset", "1.2b",
                                                       "--micro-batch", "4", "--seq-len", "1024", "--warmup", "1",
                                                       "--steps", "2", "--sequential", "--mmap-threshold-for", "all",
                                                       "--variants", "AdamW,SAM,PreconditionedSAM,FunctionalSAM,"

@@ -1,6 +1,6 @@
 """The small-scale reproduction: one command, resumable, safe to leave running in the background.
 
-    nohup nice -n 19 python -m tools.reproduce > runs/reproduce/log.txt 2>&1 &   # or fsam-reproduce
+    nohup nice -n 19 python -m tools.reproduce > runs/reproduce/log.txt 2>&1 &   # from the checkout's root
 
 On a text corpus (``--dataset``, default WikiText-2; split into training and held-out text by
 article) with the ``2m`` preset, every run the same number of steps and tokens, single process,
@@ -19,10 +19,10 @@ fp32, ZeRO stage 0:
    selected one (``--no-tolerance``: skip). The same seed gives every method the same initialisation
    and data order, so the runs are compared paired by seed.
 3. For those fresh runs: lambda_max of the Hessian and of the Gauss-Newton matrix (Lanczos) on a
-   fixed training batch and calibration on the held-out batches (``tools.sharpness_report``).
+   fixed training batch and calibration on the held-out batches (``fsam_ds.sharpness_report``).
 4. Optional: ``--extra-runs ascent_every`` (the sub-2x mode of ``--every-methods`` on the fresh seeds)
    and ``--horizon K`` (AdamW and PreconditionedFunctionalSAM for K x ``--steps`` on the fresh seeds).
-5. ``<plots dir>/<docs stem>.json`` (every run's numbers: commit it), plots (``tools.plot_runs``)
+5. ``<plots dir>/<docs stem>.json`` (every run's numbers: commit it), plots (``fsam_ds.plot``)
    and ``--docs`` rendered from that JSON with the verdicts of :mod:`tools.verdicts`;
    ``--render JSON`` rewrites ``--docs`` from a committed JSON alone, without the runs.
 
@@ -195,7 +195,7 @@ def final_analysis(a, record: Dict[str, Any]) -> Dict[str, Any]:
     cache = folder / "final_sharpness.json"
     if cache.is_file():
         return json.loads(cache.read_text())
-    from tools.sharpness_report import analyse
+    from fsam_ds.sharpness_report import analyse
 
     log(f"final diagnostics of {record['name']}")
     t0 = time.time()
@@ -584,7 +584,7 @@ def horizon_section(data: dict) -> List[str]:
 
 
 def write_report(a, res: Dict[str, Any], every_runs: List[dict], horizon_runs: List[dict]) -> Path:
-    from tools import plot_runs
+    from fsam_ds import plot as plot_runs
 
     img_dir = a.docs.parent / a.docs.stem if a.plots_dir is None else a.plots_dir
     img_dir.mkdir(parents=True, exist_ok=True)

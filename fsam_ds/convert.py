@@ -302,7 +302,10 @@ def _single_process_megatron():
         dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1)
         created_pg = True
     try:
-        import megatron.core  # noqa: F401
+        try:
+            import megatron.core  # noqa: F401
+        except ImportError as err:
+            raise ConvertError("--source megatron needs megatron-core: pip install 'fsam-ds[megatron]'") from err
         from megatron.core import parallel_state as ps
 
         if not torch.cuda.is_available():

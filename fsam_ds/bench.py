@@ -31,7 +31,7 @@ The workers are separate processes (one, or ``--world-size`` ranks started by th
 launcher; one set for the memory pass and one for the timing); this process only collects their
 JSON, prints the table and writes ``--json`` (schema ``fsam-bench/2``: the arguments, the setting,
 the memory resolution, the mmap threshold of each pass and, per variant, every timed step of rank 0
-in ``times_s``, round by round; ``tools.targets`` renders the targets table from it).
+in ``times_s``, round by round; ``python -m tools.targets`` on a checkout renders the targets table from it).
 """
 from __future__ import annotations
 
@@ -52,7 +52,6 @@ from typing import Any, Dict, List, Optional
 PROG = "fsam-bench"
 SCHEMA = "fsam-bench/2"
 MMAP_THRESHOLD = 131072  # bytes: glibc's default threshold, fixed (no dynamic growth) for the memory pass
-REPO = Path(__file__).resolve().parents[1]
 METHODS = ("AdamW", "SAM", "PreconditionedSAM", "FunctionalSAM", "PreconditionedFunctionalSAM")
 CACHES = ("device", "host", "recompute")
 
@@ -158,7 +157,11 @@ def rss_bytes() -> int:
     kib = _status_kib("VmRSS")
     if kib is not None:
         return kib * 1024
-    import psutil  # noqa: F401  (only where /proc is missing)
+    try:
+        import psutil  # only where /proc is missing
+    except ImportError as err:
+        raise RuntimeError("fsam-bench reads the resident set from /proc/self/status; where that file is missing "
+                           "it needs psutil: pip install psutil") from err
     return psutil.Process().memory_info().rss
 
 
@@ -432,7 +435,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="'memory' (default): the memory pass runs in its own worker with the threshold and the "
                    "timing in one without; 'all': one worker with the threshold for both (slower CPU steps)")
     p.add_argument("--memory-resolution-mib", type=float, default=None, help="the resolution of one memory reading "
-                   "written to --json for tools.targets (default: 15 MiB for the CPU resident set, 0 on a GPU)")
+                   "written to --json for tools/targets.py (default: 15 MiB for the CPU resident set, 0 on a GPU)")
     p.add_argument("--every", default="2,4", help="ascent_every values to bench (comma-separated)")
     p.add_argument("--variants", "--methods", dest="variants", default=None, help="comma-separated, e.g. AdamW,FunctionalSAM+recompute,"
                    "PreconditionedFunctionalSAM+every2 (default: every method, cache mode and --every)")
@@ -450,6 +453,16 @@ def build_parser() -> argparse.ArgumentParser:
 def _error(msg: str) -> int:
     print(f"{PROG}: error: {msg}", file=sys.stderr)
     return 2
+
+
+def _worker_pythonpath(current: str) -> str:
+    """PYTHONPATH for the workers (``python -m fsam_ds.bench``): the folder holding this ``fsam_ds``
+    first (a checkout used without installing), unless it is a site directory of this interpreter."""
+    import site
+
+    parent = Path(__file__).resolve().parents[1]
+    sites = {Path(p).resolve() for p in [*site.getsitepackages(), site.getusersitepackages()]}
+    return os.pathsep.join(([] if parent in sites else [str(parent)]) + [x for x in current.split(os.pathsep) if x])
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -502,7 +515,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     env = {k: v for k, v in os.environ.items() if k not in dist_env}
     env.update(PYTHONUNBUFFERED="1", TOKENIZERS_PARALLELISM="false")
     env.setdefault("TORCH_EXTENSIONS_DIR", str(Path(sys.prefix) / "torch_extensions"))
-    env["PYTHONPATH"] = os.pathsep.join([str(REPO)] + [x for x in env.get("PYTHONPATH", "").split(os.pathsep) if x])
+    env["PYTHONPATH"] = _worker_pythonpath(env.get("PYTHONPATH", ""))
     mem_env = dict(env)
     if a.malloc_mmap_threshold:
         mem_env.setdefault("MALLOC_MMAP_THRESHOLD_", str(a.malloc_mmap_threshold))  # freed tensors leave the RSS
@@ -519,14 +532,14 @@ def main(argv: Optional[List[str]] = None) -> int:
         tmp = Path(tempfile.mkdtemp(prefix="fsam-bench-"))
         args = common + ["--worker-out", str(tmp), "--phase", phase] + (["--no-memory"] if phase == "time" else [])
         if a.world_size == 1:
-            cmd = [sys.executable, "-m", "tools.bench_step"] + args
+            cmd = [sys.executable, "-m", "fsam_ds.bench"] + args
         else:
             launcher = shutil.which("deepspeed")
             if launcher is None:
                 return _error("--world-size > 1 needs the deepspeed launcher on PATH")
             cmd = [launcher, "--num_gpus", str(a.world_size), "--master_port", str(_free_port()),
-                   str(REPO / "tools" / "bench_step.py")] + args
-        proc = subprocess.run(cmd, cwd=str(REPO), env=penv, capture_output=True, text=True)
+                   "--module", "fsam_ds.bench"] + args
+        proc = subprocess.run(cmd, env=penv, capture_output=True, text=True)
         if proc.returncode != 0:
             tail = (proc.stdout + proc.stderr).strip().splitlines()[-15:]
             print("\n".join(tail), file=sys.stderr)
@@ -573,6 +586,4 @@ def main(argv: Optional[List[str]] = None) -> int:
 
 
 if __name__ == "__main__":
-    if __package__ in (None, ""):  # started as a script (the deepspeed launcher does that)
-        sys.path.insert(0, str(REPO))
     sys.exit(main())

@@ -1,8 +1,8 @@
 """PNG plots from run folders: ``fsam-plot RUN [RUN ...] --out DIR`` (or
-``python -m tools.plot_runs``).
+``python -m fsam_ds.plot``).
 
 A run folder holds ``metrics.jsonl`` as ``fsam-train`` writes it (and optionally ``done.json``
-from ``tools.reproduce`` naming its method, rho and seed). The plots:
+from ``python -m tools.reproduce`` naming its method, rho and seed). The plots:
 
 * ``loss.png``        train loss (smoothed) and eval loss against the step;
 * ``norms.png``       ``||g||`` and ``||eps||`` against the step;
@@ -71,8 +71,14 @@ def _series(run: Dict, key: str):
     return [p[0] for p in pts], [p[1] for p in pts]
 
 
+MISSING_MATPLOTLIB = "fsam-plot needs matplotlib: pip install 'fsam-ds[plots]'"
+
+
 def _plt():
-    import matplotlib
+    try:
+        import matplotlib
+    except ImportError as err:
+        raise ImportError(MISSING_MATPLOTLIB) from err
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -240,6 +246,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("runs", nargs="+", help="run folders (each with metrics.jsonl)")
     p.add_argument("--out", default="plots", help="output folder (default: plots)")
     a = p.parse_args(argv)
+    try:
+        _plt()
+    except ImportError:
+        print(f"{PROG}: error: {MISSING_MATPLOTLIB}", file=sys.stderr)
+        return 2
     try:
         made = plot_all(a.runs, a.out)
     except FileNotFoundError as err:

@@ -1,5 +1,5 @@
 """Sharpness and calibration of a saved model: ``fsam-sharpness PATH`` (or
-``python -m tools.sharpness_report PATH``).
+``python -m fsam_ds.sharpness_report PATH``).
 
 ``PATH`` is one of
 
