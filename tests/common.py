@@ -13,6 +13,20 @@ RHO = 0.05
 STEPS = 4
 GAS = 2
 
+# The bf16 perturbation against its fp32 formula (test_bf16_checks.py on one rank, test_zero_extras.py
+# on two). Measured at rho = 0.2 (steps 1-3 preconditioned; step 0 has no AdamW moments yet):
+# the engine's eps vs the formula: norm-relative distance <= 3e-7, cosine 1 - 1e-15 (fp32
+# round-off of the same arithmetic), at every stage and both normalisations.
+BF16_TOL = 1e-5
+# The nearest wrong methods, norm-relative distance to the formula (measured, min over steps 1-3
+# and stages): unpreconditioned 1.15 ("perturbation", cosine 0.05-0.34) and 0.998 ("gradient",
+# cosine 0.63-0.68); bias correction at t - 1 or t + 1 (e.g. ZeRO-0's hidden FP16_Optimizer step
+# ignored): 4.6e-2 under "gradient" with eps 1e-3 (4600 x TOL), but only 1e-5..1e-4 under
+# "perturbation" (a uniform rescaling of M cancels there except through eps: not a separable
+# mistake of that normalisation, so not asserted for it).
+BF16_WRONG_T_MIN = 1e-2
+BF16_UNPRECONDITIONED_MIN = 0.5
+
 
 def ds_config(method: str, rho: float = RHO, gas: int = GAS, mbs: int = 2, clip: float = 1.0,
               precondition_norm: str = "perturbation", **extra) -> dict:
@@ -162,16 +176,12 @@ def full_state(engine) -> Dict[str, torch.Tensor]:
     return {k: v.detach().float().cpu().clone() for k, v in engine.module.state_dict().items()}
 
 
-def load_case(out, method: str, opts: dict):
-    """What the multi-rank worker saved for one case: rank 0's fp32 state and each rank's
-    losses and metrics."""
-    import json
+def load_case(out, case, world: int = 2):
+    """What the multi-rank worker saved for one ``dist_worker.Case``: rank 0's fp32 state and
+    each rank's losses and metrics."""
+    import launch
 
-    from dist_worker import case_name
-
-    name = case_name(method, opts)
-    return (torch.load(out / f"{name}.pt"),
-            [json.loads((out / f"{name}.rank{r}.json").read_text()) for r in (0, 1)])
+    return launch.load_case(out, case.name, world)
 
 
 _REFERENCES: dict = {}
@@ -215,3 +225,29 @@ def assert_shares(metrics, trace, rel: float = 1e-3, abs_tol: float = 1e-5) -> N
                 assert m[key] is None, (key, m[key])
             else:
                 assert m[key] == pytest.approx(t[key], rel=rel, abs=abs_tol), (key, m[key], t[key])
+
+
+# ---- fsam-train runs (test_train.py, test_reliability.py, test_perf_modes.py) -------------------
+
+def write_config(path, micro: int = 4, **optimizer_changes):
+    """The shipped preconditioned FunctionalSAM DeepSpeed config with ``micro`` sequences per
+    micro-batch and ``optimizer_changes`` applied to its optimizer section, written to ``path``."""
+    import json
+
+    from launch import ROOT
+
+    cfg = json.loads((ROOT / "ds_configs" / "preconditioned_functional_sam.json").read_text())
+    cfg["train_micro_batch_size_per_gpu"] = micro
+    cfg["optimizer"].update(optimizer_changes)
+    path.write_text(json.dumps(cfg))
+    return path
+
+
+def read_metrics(save_dir):
+    """fsam-train's metrics.jsonl: (step records, eval records)."""
+    import json
+
+    records = [json.loads(line) for line in (save_dir / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in records if "loss" in r]
+    evals = [r for r in records if "eval_loss" in r]
+    return steps, evals

@@ -25,3 +25,26 @@ def _restore_functional_linear():
     linear = torch.nn.functional.linear
     yield
     torch.nn.functional.linear = linear
+
+
+@pytest.fixture(scope="session")
+def repo_root():
+    """The repository's root folder (the working directory of every child process)."""
+    from launch import ROOT
+
+    return ROOT
+
+
+@pytest.fixture
+def clean_env(tmp_path):
+    """The environment of a child process of this test (``launch.child_env``): no process-group
+    variables, the repository on ``PYTHONPATH``, ``FSAM_DS_CACHE`` in this test's own folder."""
+    from launch import child_env
+
+    return child_env(cache=tmp_path / "cache")
+
+
+@pytest.fixture(scope="module")
+def module_dir(tmp_path_factory, request):
+    """One temporary folder per test module, named after it: the home of a module's launch."""
+    return tmp_path_factory.mktemp(request.module.__name__.rsplit(".", 1)[-1].removeprefix("test_"))

@@ -4,7 +4,6 @@ Llama, with the reference's data order. Saves each case's rank-0 weights and eve
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 from pathlib import Path
@@ -14,6 +13,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import torch  # noqa: E402
 
 from common import GAS, LR, RHO, STEPS, full_state  # noqa: E402
+from launch import save_rank_result  # noqa: E402
 from reference import micro_batch, tiny_llama  # noqa: E402
 
 MBS = 2
@@ -93,14 +93,12 @@ def trainer_case(out: Path, name: str, method: str, stage: int, world: int, step
     logs = [e for e in trainer.state.log_history if "loss" in e]
     engine = trainer.model_wrapped
     state = full_state(engine)
-    if torch.distributed.get_rank() == 0:
-        torch.save(state, out / f"{name}.pt")
     rank = torch.distributed.get_rank()
-    (out / f"{name}.rank{rank}.json").write_text(json.dumps({"logs": logs}))
+    save_rank_result(out, name, rank, {"logs": logs}, state=state)
     eval_loss = trainer.evaluate(eval_dataset=ReferenceOrder(world, steps=1))["eval_loss"]
     after = full_state(engine)
     assert all(torch.equal(state[k], after[k]) for k in state), "evaluate changed the weights"
-    (out / f"{name}.eval{rank}.json").write_text(json.dumps({"eval_loss": eval_loss}))
+    save_rank_result(out, name, rank, {"eval_loss": eval_loss}, kind="eval")
 
 
 def trl_case(out: Path, name: str, method: str, stage: int, world: int, loss_func: bool):
@@ -130,10 +128,8 @@ def trl_case(out: Path, name: str, method: str, stage: int, world: int, loss_fun
     trainer.train()
     state = full_state(trainer.model_wrapped)
     rank = torch.distributed.get_rank()
-    if rank == 0:
-        torch.save(state, out / f"{name}.pt")
     logs = [e for e in trainer.state.log_history if "loss" in e]
-    (out / f"{name}.rank{rank}.json").write_text(json.dumps({"logs": logs}))
+    save_rank_result(out, name, rank, {"logs": logs}, state=state)
 
 
 def accelerate_case(out: Path, name: str, method: str, stage: int, world: int):
@@ -162,9 +158,7 @@ def accelerate_case(out: Path, name: str, method: str, stage: int, world: int):
             metrics.append(dict(accelerator.fsam_engine.last_metrics))
     state = full_state(model)
     rank = torch.distributed.get_rank()
-    if rank == 0:
-        torch.save(state, out / f"{name}.pt")
-    (out / f"{name}.rank{rank}.json").write_text(json.dumps({"metrics": metrics}))
+    save_rank_result(out, name, rank, {"metrics": metrics}, state=state)
 
 
 def main():

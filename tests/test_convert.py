@@ -11,9 +11,7 @@ one in-process rank; and every bad input's one-line error.
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -21,31 +19,11 @@ from pathlib import Path
 import pytest
 import torch
 
-HERE = Path(__file__).resolve().parent
-ROOT = HERE.parent
+from launch import HERE, ROOT, child_env, deepspeed, run
+
 WORKER = HERE / "convert_worker.py"
-DIST_ENV = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
-            "CROSS_RANK", "CROSS_SIZE")
 TINY_PARAMS = 53_408  # the tiny preset at vocabulary 512 (README table)
 SHARD = 100_000       # bytes: the tiny model's 214 kB of fp32 weights go into three files
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def child_env(cache: Path) -> dict:
-    env = {k: v for k, v in os.environ.items() if k not in DIST_ENV}
-    env.update(FSAM_DS_CACHE=str(cache), PYTHONUNBUFFERED="1", TOKENIZERS_PARALLELISM="false")
-    return env
-
-
-def run(cmd, cwd, env, timeout=300) -> subprocess.CompletedProcess:
-    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
-    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
-    return proc
 
 
 def zero3_fp32_config(path: Path) -> Path:
@@ -66,11 +44,10 @@ def work(tmp_path_factory):
 @pytest.fixture(scope="module")
 def zero3_run(work):
     """fsam-train, 2 ranks, ZeRO-3 fp32, preconditioned FSAM, 3 steps; checkpoints step2 and step3."""
-    cmd = ["deepspeed", "--num_gpus", "2", "--master_port", str(_free_port()), str(WORKER), "--mode", "train",
-           "--out", str(work), "--deepspeed_config", str(zero3_fp32_config(work / "z3.json")), "--model", "tiny",
-           "--seq-len", "32", "--steps", "3", "--save-every", "2", "--eval-every", "0", "--eval-batches", "1",
-           "--save-dir", str(work / "run"), "--no-progress"]
-    run(cmd, ROOT, child_env(work / "cache"), timeout=600)
+    deepspeed(WORKER, "--mode", "train", "--out", work, "--deepspeed_config", zero3_fp32_config(work / "z3.json"),
+              "--model", "tiny", "--seq-len", "32", "--steps", "3", "--save-every", "2", "--eval-every", "0",
+              "--eval-batches", "1", "--save-dir", work / "run", "--no-progress", env=child_env(work / "cache"),
+              timeout=600)
     return work / "run"
 
 
@@ -82,7 +59,7 @@ def exports(work, zero3_run):
     reports = {"fp32": convert(zero3_run, work / "hf_fp32", max_shard_size=SHARD),
                "step2": convert(zero3_run, work / "hf_step2", tag="step2")}
     proc = run([sys.executable, "-m", "fsam_ds.convert", str(zero3_run), str(work / "hf_bf16"), "--dtype", "bf16",
-                "--json"], ROOT, child_env(work / "cache"))
+                "--json"], env=child_env(work / "cache"), cwd=ROOT, timeout=300)
     reports["bf16"] = json.loads(proc.stdout.strip().splitlines()[-1])
     return reports
 
@@ -91,7 +68,7 @@ def exports(work, zero3_run):
 def fresh(work, exports):
     folders = [work / "hf_fp32", work / "hf_bf16", work / "hf_step2"]
     proc = run([sys.executable, str(WORKER), "--mode", "check", "--reference", str(work / "training_side.pt"),
-                "--folders", *map(str, folders)], ROOT, child_env(work / "cache"))
+                "--folders", *map(str, folders)], env=child_env(work / "cache"), cwd=ROOT, timeout=300)
     line = [x for x in proc.stdout.splitlines() if x.startswith("CHECK ")][-1]
     got = json.loads(line[len("CHECK "):])
     return {name: got[str(work / f"hf_{name}")] for name in ("fp32", "bf16", "step2")}
@@ -168,7 +145,7 @@ def test_hf_folder_trains_one_step_and_converts_back(work, exports, monkeypatch)
     cache = work / "cache_b"
     run([sys.executable, "-m", "fsam_ds.train", "--deepspeed_config", str(work / "ds0.json"), "--model", str(start),
          "--seq-len", "32", "--steps", "1", "--eval-every", "0", "--eval-batches", "1", "--save-dir",
-         str(work / "run_b"), "--no-progress"], work, child_env(cache))
+         str(work / "run_b"), "--no-progress"], env=child_env(cache), cwd=work, timeout=300)
     report = convert(work / "run_b", work / "hf_b")
     assert report["zero_stage"] == 0 and report["world_size"] == 1 and report["tag"] == "step1"
     assert report["weights_from"].startswith("module") and report["tokenizer"]["size"] == 512

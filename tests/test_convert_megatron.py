@@ -11,9 +11,7 @@ one-line error.
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -25,11 +23,9 @@ from optional import require_module  # noqa: E402
 
 require_module("megatron.core", "megatron-core is an optional extra: pip install -e .[megatron]")
 
-HERE = Path(__file__).resolve().parent
-ROOT = HERE.parent
+from launch import HERE, ROOT, child_env as _child_env, run as _run, torchrun_cmd  # noqa: E402
+
 WORKER = HERE / "megatron_logits_worker.py"
-DIST_ENV = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
-            "GROUP_RANK", "ROLE_RANK", "TORCHELASTIC_RUN_ID")
 TINY_PARAMS = 53_408  # the tiny preset at vocabulary 512 (README table)
 ITERS, SEED = 3, 1234
 TRAIN_ARGS = ["--model", "tiny", "--sam-type", "PreconditionedFunctionalSAM", "--train-iters", str(ITERS),
@@ -37,34 +33,15 @@ TRAIN_ARGS = ["--model", "tiny", "--sam-type", "PreconditionedFunctionalSAM", "-
               "--eval-interval", "0", "--eval-iters", "1"]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def child_env(work: Path) -> dict:
-    env = {k: v for k, v in os.environ.items() if k not in DIST_ENV}
-    tmp = work / "tmp"
-    tmp.mkdir(exist_ok=True)
-    env.update(FSAM_DS_CACHE=str(work / "cache"), PYTHONUNBUFFERED="1", TOKENIZERS_PARALLELISM="false",
-               TMPDIR=str(tmp), OMP_NUM_THREADS="1")
-    return env
+    return _child_env(cache=work / "cache", tmp=work / "tmp", OMP_NUM_THREADS="1")
 
 
 def run(cmd, env, timeout=400) -> subprocess.CompletedProcess:
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
-    if proc.returncode != 0:
-        err = proc.stderr
-        first = err.find("Traceback")  # the failing rank's own traceback, before the launcher's summary
-        pytest.fail(f"{' '.join(map(str, cmd[:6]))} ... exited {proc.returncode}:\n{proc.stdout[-2000:]}\n"
-                    + (err[first:first + 5000] if first >= 0 else "") + "\n...\n" + err[-2000:])
-    return proc
+    return _run(cmd, env=env, cwd=ROOT, timeout=timeout, tail=5000)
 
 
-def torchrun(ranks: int, *args) -> list:
-    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(ranks),
-            "--master_port", str(_free_port()), *args]
+torchrun = torchrun_cmd
 
 
 @pytest.fixture(scope="module")

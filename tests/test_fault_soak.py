@@ -12,7 +12,6 @@
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -21,6 +20,7 @@ from pathlib import Path
 import pytest
 
 from fsam_ds import supervise as S
+from launch import child_env
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -96,11 +96,12 @@ def test_supervisor_checkpoint_dir_resumes_exactly_when_latest_exists(tmp_path):
 
 def test_supervise_command_line(tmp_path):
     bad = subprocess.run([sys.executable, "-m", "fsam_ds.supervise", "--max-restarts", "2"], capture_output=True,
-                         text=True, cwd=tmp_path)
+                         text=True, cwd=tmp_path, env=child_env())
     assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "no command" in bad.stderr
     calls = tmp_path / "calls.jsonl"
     ok = subprocess.run([sys.executable, "-m", "fsam_ds.supervise", "--max-restarts", "2", "--delay", "0", "--",
-                         sys.executable, "-c", FLAKY, str(calls)], capture_output=True, text=True, cwd=tmp_path)
+                         sys.executable, "-c", FLAKY, str(calls)], capture_output=True, text=True, cwd=tmp_path,
+                        env=child_env())
     assert ok.returncode == 0, ok.stderr
     assert len(_runs(calls)) == 3
 
@@ -108,7 +109,7 @@ def test_supervise_command_line(tmp_path):
 @pytest.mark.slow
 def test_short_fault_soak_ends_equal_to_the_uninterrupted_run(tmp_path):
     report_file = tmp_path / "report.json"
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_PORT")}
+    env = child_env()
     proc = subprocess.run([sys.executable, str(ROOT / "tools" / "fault_soak.py"), "--short", "--seed", "0",
                            "--work", str(tmp_path / "work"), "--report", str(report_file), "--tolerance", "1e-6"],
                           capture_output=True, text=True, timeout=900, env=env, cwd=tmp_path)

@@ -20,14 +20,11 @@ from tools import gpu_check  # noqa: E402
 STEP_IDS = ["preflight", "fusedadam", "pytest", "loop_hf", "fp16", "megatron", "bench_118m", "bench_1.2b", "seeds_24m"]
 
 
-# the process group this pytest process may hold (an in-process one-rank engine) is not the child's
-DIST_ENV = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
-
-
 def _run(*args, timeout=120):
-    import os
+    # the process group this pytest process may hold (an in-process one-rank engine) is not the child's
+    from launch import child_env
 
-    env = {k: v for k, v in os.environ.items() if k not in DIST_ENV}
+    env = child_env()
     return subprocess.run([sys.executable, "-m", "tools.gpu_check", *args], cwd=REPO, capture_output=True, text=True,
                           timeout=timeout, env=env)
 

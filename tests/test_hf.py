@@ -4,42 +4,21 @@ gradient accumulation 2), TRL's SFTTrainer (FSAMTrainerMixin) and a user's own A
 (tests/hf_worker.py) for all of them."""
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-from pathlib import Path
-
 import pytest
 import torch
 
 from common import LR, STEPS, reference_state
+from launch import HERE, deepspeed, load_case as _load, load_rank_results
 from reference import weight_distance
 
-HERE = Path(__file__).resolve().parent
 TOL = 2e-3  # fp32 round-off in units of lr * steps (as test_engine); other methods are >= 0.2 away
 UNIT = LR * STEPS
 
 
-def _free_port() -> int:
-    import socket
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
-def hf_run(tmp_path_factory):
-    out = tmp_path_factory.mktemp("hf")
-    cmd = ["deepspeed", "--num_gpus", "2", "--master_port", str(_free_port()), str(HERE / "hf_worker.py"),
-           "--out", str(out)]
-    env = dict(os.environ, PYTHONUNBUFFERED="1", TOKENIZERS_PARALLELISM="false")
-    proc = subprocess.run(cmd, cwd=HERE.parent, env=env, capture_output=True, text=True, timeout=1200)
-    assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-4000:]
-    return out
-
-
-def _load(run, name):
-    return torch.load(run / f"{name}.pt"), [json.loads((run / f"{name}.rank{r}.json").read_text()) for r in (0, 1)]
+def hf_run(module_dir):
+    deepspeed(HERE / "hf_worker.py", "--out", module_dir, timeout=1200, tail=6000)
+    return module_dir
 
 
 @pytest.mark.slow
@@ -57,7 +36,7 @@ def test_trainer_matches_reference(hf_run, name, method):
     assert all(e["eps_norm"] == pytest.approx(0.05, rel=1e-5) and e["rho"] == 0.05 for e in logs)
     assert all(e["grad_norm"] > 0 and e["ascent_grad_norm"] > 0 for e in logs)
     # evaluate() after training: no weight changed, and both ranks agree
-    evals = [json.loads((hf_run / f"{name}.eval{r}.json").read_text())["eval_loss"] for r in (0, 1)]
+    evals = [r["eval_loss"] for r in load_rank_results(hf_run, name, kind="eval")]
     assert evals[0] == pytest.approx(evals[1]) and 0 < evals[0] < 10
 
 
@@ -73,8 +52,6 @@ def test_trainer_resume_repeats_the_uninterrupted_losses(hf_run):
 
 @pytest.mark.slow
 def test_trainer_lora_perturbs_only_the_adapters(hf_run):
-    import sys
-    sys.path.insert(0, str(HERE))
     from hf_worker import lora_model
     from reference import reference_train
 

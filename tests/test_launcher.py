@@ -3,22 +3,19 @@
 run is compared with the independent single-process reference with the same global batch."""
 from __future__ import annotations
 
-import json
 import os
 import signal
-import socket
 import subprocess
 import time
 from pathlib import Path
 
 import pytest
-import torch
 
-from common import LR, STEPS, reference_state
-from dist_worker import CASES, case_name
+from common import LR, STEPS, load_case, reference_state
+from dist_worker import CASES
+from launch import HERE, ROOT, child_env, free_port
 from reference import weight_distance
 
-HERE = Path(__file__).resolve().parent
 WORKER = HERE / "dist_worker.py"
 TOL = 2e-3
 UNIT = LR * STEPS
@@ -26,12 +23,6 @@ TIMEOUT = 900
 # DeepSpeed's runner keys the hostfile by name and refuses a name twice; with --no_ssh the names
 # are never resolved or contacted, they only order the nodes (node_rank indexes this list)
 HOSTFILE = "localhost slots=1\n127.0.0.1 slots=1\n"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _tail(path: Path, n: int = 3000) -> str:
@@ -45,12 +36,12 @@ def _run_launchers(cmds, out: Path, timeout: int = TIMEOUT):
     If one exits non-zero the others cannot finish (their peer is gone), so they are ended
     after a short grace period instead of waiting out the timeout.
     """
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    env = child_env()
     logs = [out / f"launcher{i}.log" for i in range(len(cmds))]
     procs = []
     for cmd, log in zip(cmds, logs):
         with open(log, "w") as fh:
-            procs.append(subprocess.Popen([str(c) for c in cmd], cwd=HERE.parent, env=env, stdout=fh,
+            procs.append(subprocess.Popen([str(c) for c in cmd], cwd=ROOT, env=env, stdout=fh,
                                           stderr=subprocess.STDOUT, start_new_session=True))
     deadline = time.monotonic() + timeout
     failed_at = None
@@ -71,13 +62,9 @@ def _run_launchers(cmds, out: Path, timeout: int = TIMEOUT):
     return rcs, logs
 
 
-def _load(run: Path, name: str, world: int):
-    return (torch.load(run / f"{name}.pt"),
-            [json.loads((run / f"{name}.rank{r}.json").read_text()) for r in range(world)])
-
-
-def _check_case(run: Path, method: str, opts: dict, world: int, smaller_world: int):
-    state, ranks = _load(run, case_name(method, opts), world)
+def _check_case(run: Path, case, world: int, smaller_world: int):
+    method = case.method
+    state, ranks = load_case(run, case, world)
     ref_state, ref_losses = reference_state(method, world=world)
     assert weight_distance(state, ref_state) / UNIT < TOL
     # had some rank's data not counted, the weights would be those of a smaller global batch
@@ -96,7 +83,7 @@ def twonode_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("twonode")
     hostfile = out / "hostfile"
     hostfile.write_text(HOSTFILE)
-    port = _free_port()
+    port = free_port()
     cmds = [["deepspeed", "--hostfile", hostfile, "--no_ssh", "--num_nodes", 2, "--node_rank", node,
              "--num_gpus", 1, "--master_addr", "127.0.0.1", "--master_port", port,
              WORKER, "--out", out, "--suite", "twonode"] for node in (0, 1)]
@@ -108,21 +95,21 @@ def twonode_run(tmp_path_factory):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("method,opts", CASES["twonode"], ids=[case_name(m, o) for m, o in CASES["twonode"]])
-def test_two_launcher_nodes_match_reference(twonode_run, method, opts):
+@pytest.mark.parametrize("case", CASES["twonode"], ids=[c.name for c in CASES["twonode"]])
+def test_two_launcher_nodes_match_reference(twonode_run, case):
     out, logs = twonode_run
     # each launcher really ran one node of a two-node world: rank 0 on node 0, rank 1 on node 1
     for node, log in enumerate(logs):
         text = log.read_text(errors="replace")
         assert f"nnodes=2, num_local_procs=1, node_rank={node}" in text
         assert "dist_world_size=2" in text
-    _check_case(out, method, opts, world=2, smaller_world=1)
+    _check_case(out, case, world=2, smaller_world=1)
 
 
 @pytest.fixture(scope="module")
 def fourrank_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("fourrank")
-    cmd = ["deepspeed", "--num_gpus", 4, "--master_port", _free_port(),
+    cmd = ["deepspeed", "--num_gpus", 4, "--master_port", free_port(),
            WORKER, "--out", out, "--suite", "fourrank"]
     t0 = time.monotonic()
     rcs, logs = _run_launchers([cmd], out)
@@ -132,6 +119,6 @@ def fourrank_run(tmp_path_factory):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("method,opts", CASES["fourrank"], ids=[case_name(m, o) for m, o in CASES["fourrank"]])
-def test_four_ranks_match_reference(fourrank_run, method, opts):
-    _check_case(fourrank_run, method, opts, world=4, smaller_world=2)
+@pytest.mark.parametrize("case", CASES["fourrank"], ids=[c.name for c in CASES["fourrank"]])
+def test_four_ranks_match_reference(fourrank_run, case):
+    _check_case(fourrank_run, case, world=4, smaller_world=2)

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -19,24 +17,15 @@ require_module("megatron.core", "megatron-core is an optional extra: pip install
 from fsam_ds.config import FSAMConfigError  # noqa: E402
 from megatron_patches import megatron_lm, trainer  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[1]
+from launch import ROOT, child_env, torchrun as _torchrun  # noqa: E402
+
 COMMON = ["--model", "tiny", "--sam-type", "PreconditionedFunctionalSAM", "--micro-batch-size", "2",
           "--global-batch-size", "8", "--seq-len", "32", "--eval-iters", "2", "--eval-interval", "0"]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def torchrun(ranks: int, args, tmp: Path):
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(ranks), "--master_port",
-           str(_free_port()), "-m", "megatron_patches.trainer", *args]
-    env = dict(os.environ, TMPDIR=str(tmp), PYTHONUNBUFFERED="1")
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
-    return proc.stdout
+    return _torchrun(ranks, "-m", "megatron_patches.trainer", *args, env=child_env(tmp=tmp), timeout=600,
+                     tail=5000).stdout
 
 
 def losses(folder: Path) -> dict:
@@ -141,9 +130,9 @@ def test_bad_ckpt_step_and_latest(tmp_path, monkeypatch, capsys):
     assert "--ckpt-step 5: no such checkpoint" in err and "accepted: 2" in err
 
 
-def test_command_line_error_has_no_traceback(tmp_path):
+def test_command_line_error_has_no_traceback(tmp_path, clean_env):
     proc = subprocess.run([sys.executable, "-m", "megatron_patches.trainer", "--sam-type", "Nope"], cwd=ROOT,
-                          capture_output=True, text=True, timeout=300)
+                          env=clean_env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [
         "fsam-megatron-train: error: --sam-type 'Nope' is not supported; accepted: AdamW, SAM, PreconditionedSAM, "

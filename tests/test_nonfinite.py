@@ -15,30 +15,30 @@ import torch
 
 from common import load_case
 from dist_worker import CASES, FAULTS
+from launch import launch_suite
 from reference import tiny_llama
-from test_multirank import launch
 
-LAYOUTS = [o for m, o in CASES["nonfinite"] if o["run"] == "faults"]
+LAYOUTS = [c for c in CASES["nonfinite"] if c.run == "faults"]
 SKIPPED = sorted({s for s, _, _ in FAULTS})
 
 
 @pytest.fixture(scope="module")
 def nonfinite_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("nonfinite")
-    launch("nonfinite", out)
+    launch_suite("nonfinite", out)
     return out
 
 
-def _ids(layouts):
-    return ["-".join(f"{k}={v}" for k, v in sorted(o.items()) if k != "run") for o in layouts]
+def _ids(cases):
+    return [f"{c.method}-{c.layout}" for c in cases]
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("layout", LAYOUTS, ids=_ids(LAYOUTS))
+@pytest.mark.parametrize("layout", LAYOUTS, ids=[c.layout for c in LAYOUTS])
 def test_injected_inf_skips_the_step_exactly(nonfinite_run, layout):
-    method = "PreconditionedFunctionalSAM"
-    state, ranks = load_case(nonfinite_run, method, layout)
-    ref_state, ref_ranks = load_case(nonfinite_run, method, dict(layout, run="ref"))
+    assert layout.method == "PreconditionedFunctionalSAM"
+    state, ranks = load_case(nonfinite_run, layout)
+    ref_state, ref_ranks = load_case(nonfinite_run, layout.but(run="ref"))
     for r in ranks:
         ms = r["metrics"]
         assert [i for i, m in enumerate(ms) if m["skipped"]] == SKIPPED
@@ -56,11 +56,13 @@ def test_injected_inf_skips_the_step_exactly(nonfinite_run, layout):
         assert torch.equal(state[k], ref_state[k]), k
 
 
+BLOWUP = [c for c in CASES["nonfinite"] if c.run == "blowup"]
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("method,opts", [(m, o) for m, o in CASES["nonfinite"] if o["run"] == "blowup"],
-                         ids=lambda x: x if isinstance(x, str) else _ids([x])[0])
-def test_a_rho_that_blows_up_pass_2_is_skipped(nonfinite_run, method, opts):
-    state, ranks = load_case(nonfinite_run, method, opts)
+@pytest.mark.parametrize("case", BLOWUP, ids=_ids(BLOWUP))
+def test_a_rho_that_blows_up_pass_2_is_skipped(nonfinite_run, case):
+    state, ranks = load_case(nonfinite_run, case)
     for r in ranks:
         assert all(m["skipped"] and m["eps_norm"] > 1e29 and m["restored"] for m in r["metrics"])
     init = tiny_llama(0).state_dict()
@@ -68,19 +70,19 @@ def test_a_rho_that_blows_up_pass_2_is_skipped(nonfinite_run, method, opts):
         assert torch.equal(v, init[k].float()), k
 
 
-LOSS_CASES = [(m, o) for m, o in CASES["nonfinite"] if o["run"] in ("lossinf", "lossinf2")]
+LOSS_CASES = [c for c in CASES["nonfinite"] if c.run in ("lossinf", "lossinf2")]
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("method,opts", LOSS_CASES, ids=lambda x: x if isinstance(x, str) else _ids([x])[0])
-def test_an_infinite_loss_with_finite_gradients_skips_the_step(nonfinite_run, method, opts):
+@pytest.mark.parametrize("case", LOSS_CASES, ids=_ids(LOSS_CASES))
+def test_an_infinite_loss_with_finite_gradients_skips_the_step(nonfinite_run, case):
     """loss_fn's loss + inf has finite gradients, so DeepSpeed's own check would let the update
     through; the engine turns it into non-finite gradients (on every rank alike, at every layout)
     and the step is skipped exactly as for a non-finite gradient."""
-    state, ranks = load_case(nonfinite_run, method, opts)
-    ref = "ref1" if opts["run"] == "lossinf" else "ref"
-    ref_state, ref_ranks = load_case(nonfinite_run, method, dict(opts, run=ref))
-    skipped = [1] if opts["run"] == "lossinf" else SKIPPED
+    state, ranks = load_case(nonfinite_run, case)
+    ref = "ref1" if case.run == "lossinf" else "ref"
+    ref_state, ref_ranks = load_case(nonfinite_run, case.but(run=ref))
+    skipped = [1] if case.run == "lossinf" else SKIPPED
     for r, rr in zip(ranks, ref_ranks):
         ms = r["metrics"]
         assert [i for i, m in enumerate(ms) if m["skipped"]] == skipped

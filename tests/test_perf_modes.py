@@ -51,14 +51,14 @@ def test_recompute_keeps_hidden_states_not_logit_grads():
 
     engine, *_ = fsam_ds.initialize(model=tiny_llama(0), config=cfg_with("FunctionalSAM", logit_grad_cache="recompute"))
     seen = {}
-    real = engine._perturbed_pass
+    real = engine.sam_step._perturbed_pass
 
-    def spy(batches, ascent, rng_states):
+    def spy(passes, ascent, replay):
         cache = engine.logit_grads
         seen["kept"] = [tuple(t.shape) for t in cache._items.values()]
         seen["weights"] = cache._weights is not None
-        return real(batches, ascent, rng_states)
-    engine._perturbed_pass = spy
+        return real(passes, ascent, replay)
+    engine.sam_step._perturbed_pass = spy
     engine.train_batch(iter([micro_batch(0, 0, i, 1, 2) for i in range(2)]))
     # two micro-batches of 2 x 16 tokens, hidden size 32 (not the 256-wide vocabulary)
     assert seen == {"kept": [(2, 16, 32), (2, 16, 32)], "weights": True}
@@ -450,17 +450,18 @@ def test_host_cache_on_cpu_keeps_the_tensors():
 
 @pytest.fixture(scope="module")
 def perf_run(tmp_path_factory):
-    from test_multirank import launch
+    from launch import launch_suite
 
     out = tmp_path_factory.mktemp("perf")
-    launch("perf", out)
+    launch_suite("perf", out)
     return out
 
 
 def _two_rank(run, method, opts):
     from common import load_case
+    from dist_worker import Case
 
-    return load_case(run, method, opts)
+    return load_case(run, Case(method, **opts))
 
 
 @pytest.mark.slow
@@ -489,9 +490,9 @@ def test_two_ranks_zero3_ascent_every(perf_run, method):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("method,opts", [("PreconditionedFunctionalSAM", {"stage": 0, "mom": 1}),
-                                         ("PreconditionedFunctionalSAM", {"stage": 3, "persist": 0, "mom": 1}),
-                                         ("SAM", {"stage": 3, "persist": 0, "mom": 1})])
+@pytest.mark.parametrize("method,opts", [("PreconditionedFunctionalSAM", {"stage": 0, "momentum": True}),
+                                         ("PreconditionedFunctionalSAM", {"stage": 3, "persist": 0, "momentum": True}),
+                                         ("SAM", {"stage": 3, "persist": 0, "momentum": True})])
 def test_two_ranks_momentum(perf_run, method, opts):
     state, ranks = _two_rank(perf_run, method, opts)
     _momentum_checks(state, ranks[0]["losses"], ranks[0]["metrics"], method, STEPS, world=2)
@@ -602,7 +603,7 @@ def test_fsam_train_resumes_ascent_every(tmp_path, monkeypatch):
     client_state): stopped at step 4 of ascent_every 3 and resumed, steps 5-6 repeat the
     uninterrupted run's losses."""
     import torch
-    from test_train import read_metrics, write_config
+    from common import read_metrics, write_config
 
     from fsam_ds.train import main
 

@@ -13,17 +13,16 @@ attention dropout (so the random state must carry over too):
 from __future__ import annotations
 
 import json
-import subprocess
 import time
 from pathlib import Path
 
 import pytest
 import torch
 
-from test_train import _free_port, child_env, read_metrics
+from common import read_metrics
+from launch import HERE, ROOT, child_env, deepspeed
 
-ROOT = Path(__file__).resolve().parent.parent
-WORKER = Path(__file__).resolve().parent / "fault_worker.py"
+WORKER = HERE / "fault_worker.py"
 
 
 def _config(path: Path) -> Path:
@@ -50,14 +49,12 @@ def work(tmp_path_factory):
 
 
 def run(work: Path, save: str, steps: int, fault: str = "", resume: bool = False, timeout: int = 400):
-    cmd = ["deepspeed", "--num_gpus", "2", "--master_port", str(_free_port()), str(WORKER),
-           "--deepspeed_config", str(work / "ds.json"), "--model", str(work / "model"), "--seq-len", "32",
-           "--steps", str(steps), "--eval-every", "0", "--eval-batches", "2", "--save-dir", str(work / save),
-           "--save-every", "2", "--no-progress"] + (["--resume"] if resume else [])
-    env = child_env(work / "cache")
     mark = work / f"{save}.killed"
-    env.update(FSAM_TEST_FAULT=fault, FSAM_TEST_FAULT_MARK=str(mark))
-    proc = subprocess.run(cmd, cwd=work, env=env, capture_output=True, text=True, timeout=timeout)
+    env = child_env(work / "cache", FSAM_TEST_FAULT=fault, FSAM_TEST_FAULT_MARK=mark)
+    proc = deepspeed(WORKER, "--deepspeed_config", work / "ds.json", "--model", work / "model", "--seq-len", "32",
+                     "--steps", steps, "--eval-every", "0", "--eval-batches", "2", "--save-dir", work / save,
+                     "--save-every", "2", "--no-progress", *(["--resume"] if resume else []), env=env, cwd=work,
+                     timeout=timeout, check=False)
     ended = time.time()
     return proc, (ended - float(mark.read_text())) if mark.is_file() else None
 

@@ -2,60 +2,25 @@
 in-process run, and the one-line errors for bad input."""
 from __future__ import annotations
 
-import json
 import math
-import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
+from common import read_metrics, write_config
+from launch import ROOT, child_env, deepspeed
+
 TRAIN = ROOT / "fsam_ds" / "train.py"
 STEP_KEYS = {"step", "loss", "grad_norm", "eps_norm", "rho", "lr", "tokens_per_s", "method"}
-# set by an earlier in-process engine in this pytest process; a child must not inherit them
-DIST_ENV = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
-            "CROSS_RANK", "CROSS_SIZE")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def child_env(cache: Path) -> dict:
-    env = {k: v for k, v in os.environ.items() if k not in DIST_ENV}
-    env.update(FSAM_DS_CACHE=str(cache), PYTHONUNBUFFERED="1", TOKENIZERS_PARALLELISM="false")
-    return env
-
-
-def write_config(path: Path, micro: int = 4, **optimizer_changes) -> Path:
-    cfg = json.loads((ROOT / "ds_configs" / "preconditioned_functional_sam.json").read_text())
-    cfg["train_micro_batch_size_per_gpu"] = micro
-    cfg["optimizer"].update(optimizer_changes)
-    path.write_text(json.dumps(cfg))
-    return path
-
-
-def read_metrics(save_dir: Path):
-    records = [json.loads(line) for line in (save_dir / "metrics.jsonl").read_text().splitlines()]
-    steps = [r for r in records if "loss" in r]
-    evals = [r for r in records if "eval_loss" in r]
-    return steps, evals
 
 
 def launch(work: Path, steps: int, *extra: str) -> subprocess.CompletedProcess:
-    cmd = ["deepspeed", "--num_gpus", "2", "--master_port", str(_free_port()), str(TRAIN),
-           "--deepspeed_config", str(work / "ds.json"), "--model", "tiny", "--seq-len", "32",
-           "--steps", str(steps), "--eval-every", "3", "--eval-batches", "2", "--save-dir", str(work / "run"),
-           "--save-every", "3", "--no-progress", *extra]
-    proc = subprocess.run(cmd, cwd=work, env=child_env(work / "cache"), capture_output=True, text=True,
-                          timeout=300)
-    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
-    return proc
+    return deepspeed(TRAIN, "--deepspeed_config", work / "ds.json", "--model", "tiny", "--seq-len", "32",
+                     "--steps", steps, "--eval-every", "3", "--eval-batches", "2", "--save-dir", work / "run",
+                     "--save-every", "3", "--no-progress", *extra, cwd=work, env=child_env(work / "cache"),
+                     timeout=300)
 
 
 @pytest.fixture(scope="module")
@@ -162,7 +127,7 @@ BAD_INPUTS = {
 }
 
 
-def test_bad_input_exits_2_with_one_line(tmp_path):
+def test_bad_input_exits_2_with_one_line(tmp_path, clean_env):
     (tmp_path / "empty").mkdir()
     write_config(tmp_path / "good.json")
     write_config(tmp_path / "lion.json", type="Lion")
@@ -171,7 +136,7 @@ def test_bad_input_exits_2_with_one_line(tmp_path):
         argv = ["--deepspeed_config", str(tmp_path / "good.json"), "--save-dir", str(tmp_path / "run")]
         argv += [a.format(tmp=tmp_path) for a in args]
         procs[name] = subprocess.Popen([sys.executable, "-m", "fsam_ds.train", *argv], cwd=tmp_path,
-                                       env=child_env(tmp_path / "cache"), stdout=subprocess.PIPE,
+                                       env=clean_env, stdout=subprocess.PIPE,
                                        stderr=subprocess.PIPE, text=True)
     for name, proc in procs.items():
         out, err = proc.communicate(timeout=120)
@@ -297,7 +262,7 @@ def test_empty_dataset_file_is_named(tmp_path, capsys):
         prepare_data(str(folder), None, "tiny", True, 32)
 
 
-def test_main_destroys_the_process_group_it_started(tmp_path):
+def test_main_destroys_the_process_group_it_started(tmp_path, clean_env):
     """fsam-train as a command ends with no process group left (what Megatron's trainer does),
     whatever its exit status; an in-process call with an argv list keeps it for the caller (who
     may use the engine), and a group that was there before is left alone. One process."""
@@ -323,8 +288,7 @@ t._main = lambda argv: 0
 out.append((t.main(), dist.is_initialized()))
 print("RESULT", out)
 """
-    env = {k: v for k, v in os.environ.items() if k not in DIST_ENV}
-    proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True,
+    proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=clean_env, capture_output=True, text=True,
                           timeout=120)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "RESULT [(0, False), (2, False), (0, True), (0, False), (0, True)]" in proc.stdout, proc.stdout + proc.stderr[-2000:]

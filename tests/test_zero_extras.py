@@ -3,23 +3,17 @@ shard-wise loading of a Hugging Face folder, the per-rank exp_avg_sq partition, 
 ZeRO-0 bf16 and against the fp32 formula of the perturbation at every step."""
 from __future__ import annotations
 
-import json
-
 import pytest
 
-from test_multirank import HERE, _free_port
+from common import BF16_TOL as TOL, BF16_UNPRECONDITIONED_MIN as UNPRECONDITIONED_MIN
+from common import BF16_WRONG_T_MIN as WRONG_T_MIN
+from launch import HERE, deepspeed, load_rank_results
 
 
 @pytest.fixture(scope="module")
-def reports(tmp_path_factory):
-    import os
-    import subprocess
-    out = tmp_path_factory.mktemp("zero_extras")
-    cmd = ["deepspeed", "--num_gpus", "2", "--master_port", str(_free_port()), str(HERE / "zero_extras_worker.py"),
-           "--out", str(out)]
-    proc = subprocess.run(cmd, cwd=HERE.parent, env=dict(os.environ), capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
-    return [json.loads((out / f"rank{r}.json").read_text()) for r in (0, 1)]
+def reports(module_dir):
+    deepspeed(HERE / "zero_extras_worker.py", "--out", module_dir, timeout=900)
+    return load_rank_results(module_dir, "report")
 
 
 @pytest.mark.slow
@@ -56,12 +50,10 @@ def test_zero3_bf16_gradient_matches_zero0_bf16(reports):
 def test_zero3_bf16_perturbation_matches_formula_two_ranks(reports):
     """Two ranks, ZeRO-3 bf16, every parameter partitioned, 4 steps (3 preconditioned): each
     rank's perturbation equals the fp32 formula on its own bf16-run gradient and exp_avg_sq
-    partitions with the norms over both ranks (tolerances from test_bf16_checks.py: TOL 1e-5,
+    partitions with the norms over both ranks (tolerances of test_bf16_checks.py, in common.py: TOL 1e-5,
     wrong methods > 0.5 and > 1e-2). Measured on two ranks: <= 8.1e-8, against 1.26 / 0.997 for
     the unpreconditioned ascent and 7.6e-2 for a bias correction off by one step under the
     "gradient" normalisation (4.7e-6 under "perturbation", where it cancels: not asserted)."""
-    from test_bf16_checks import TOL, UNPRECONDITIONED_MIN, WRONG_T_MIN
-
     for r in reports:
         for norm, records in r["bf16_ascent"].items():
             assert [x["preconditioned"] for x in records] == [False, True, True, True]

@@ -11,7 +11,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 from pathlib import Path
@@ -22,6 +21,7 @@ import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
 from common import ds_config, engine_run  # noqa: E402
+from launch import save_rank_result  # noqa: E402
 from reference import micro_batch, tiny_llama  # noqa: E402
 
 
@@ -144,7 +144,7 @@ def main():
     exp_avg_sq_shard(rank, world, report)
     bf16_gradients(rank, world, report)
     bf16_ascent(rank, world, report)
-    (out / f"rank{rank}.json").write_text(json.dumps(report))
+    save_rank_result(out, "report", rank, report)
     dist.barrier()
 
 
