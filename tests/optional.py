@@ -4,23 +4,22 @@
 ``FSAM_REQUIRE_OPTIONAL=1`` turns every skip for a missing optional part (megatron-core, a corpus)
 into a failure naming the part, so that a CI run reporting green has run every test.
 
-Test texts: :func:`data_file` returns the corpus under ``../shared/data`` when that folder exists
-and otherwise the excerpt shipped in ``tests/data`` (see tests/data/README.md).
+Test texts: :func:`data_file` returns the excerpt shipped in ``tests/data`` (see
+tests/data/README.md); no test reads anything outside the repository.
 """
 from __future__ import annotations
 
 import importlib
 import os
 from pathlib import Path
-from typing import Optional, Tuple
+from typing import Optional
 
 import pytest
 
 HERE = Path(__file__).resolve().parent
-SHARED_DATA = HERE.parents[1] / "shared" / "data"
 BUNDLED_DATA = HERE / "data"
 
-#: shared corpus path -> the excerpt shipped in tests/data
+#: corpus file -> the excerpt of it shipped in tests/data
 BUNDLED = {"wikitext-2/valid.txt": "wikitext-2/valid-excerpt.txt"}
 
 
@@ -46,13 +45,9 @@ def require_module(name: str, reason: Optional[str] = None):
         missing(f"{reason or name + ' is not installed'}: {exc}")
 
 
-def data_file(name: str) -> Tuple[Path, bool]:
-    """``(path, full)``: ``../shared/data/<name>`` when present (``full`` True), else the excerpt
-    shipped in tests/data (``full`` False). Skips (fails in CI) when neither exists."""
-    shared = SHARED_DATA / name
-    if shared.is_file():
-        return shared, True
+def data_file(name: str) -> Path:
+    """The excerpt of corpus file ``name`` shipped in tests/data. Skips (fails in CI) when absent."""
     bundled = BUNDLED_DATA / BUNDLED.get(name, name)
     if bundled.is_file():
-        return bundled, False
-    missing(f"test text {name} is neither in {SHARED_DATA} nor in {BUNDLED_DATA}")
+        return bundled
+    missing(f"test text {name} is not in {BUNDLED_DATA}")

@@ -7,6 +7,7 @@ DeepSpeed computes (loss / gradient_accumulation_steps, then the average over ra
 """
 from __future__ import annotations
 
+import functools
 import math
 from pathlib import Path
 from typing import Callable, Dict, List, Optional
@@ -14,18 +15,15 @@ from typing import Callable, Dict, List, Optional
 import torch
 from torch.func import functional_call, vjp
 
-SHARED = Path(__file__).resolve().parents[1].parent / "shared"
-TEXT = (SHARED / "data" / "tinyshakespeare" / "input.txt")
-
-
+@functools.lru_cache(maxsize=1)
 def text_bytes() -> torch.Tensor:
-    """Real text as byte tokens (vocab 256): the shared corpus when present, else the embedded one."""
-    if TEXT.is_file():
-        raw = TEXT.read_bytes()[:200_000]
-    else:
-        import gzip
-        import fsam_ds
-        raw = gzip.open(Path(fsam_ds.__file__).parent / "corpus" / "tinyshakespeare.txt.gz").read()[:200_000]
+    """Real text as byte tokens (vocab 256): the first 200 kB of the tiny-Shakespeare corpus the
+    package embeds (byte for byte karpathy/char-rnn's input.txt: tests/data/tinyshakespeare.sha256)."""
+    import gzip
+
+    import fsam_ds
+
+    raw = gzip.open(Path(fsam_ds.__file__).parent / "corpus" / "tinyshakespeare.txt.gz").read()[:200_000]
     return torch.tensor(list(raw), dtype=torch.long)
 
 
