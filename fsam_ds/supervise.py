@@ -47,6 +47,8 @@ import time
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence
 
+from .names import LATEST
+
 PROG = "fsam-supervise"
 PLACEHOLDER = "{resume}"
 REFUSED = 2  # fsam-train's one-line refusal (bad input): never rerun
@@ -99,7 +101,7 @@ def _latest(checkpoint_dir: Optional[Path]) -> Optional[str]:
     if checkpoint_dir is None:
         return None
     try:
-        return (checkpoint_dir / "latest").read_text().strip() or None
+        return (checkpoint_dir / LATEST).read_text().strip() or None
     except OSError:
         return None
 
