@@ -22,7 +22,7 @@ all-reduce as the norms.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Iterable, Optional, Sequence, Tuple, Union
+from typing import Iterable, List, Optional, Sequence, Tuple, Union, cast
 
 import torch
 import torch.distributed as dist
@@ -33,14 +33,16 @@ Group = Union[None, "dist.ProcessGroup", Sequence["dist.ProcessGroup"]]
 # a part of the model as this rank holds it: (index of a local tensor, first element of its flattened
 # form, number of elements or None for the rest of the tensor) per piece
 Region = Sequence[Tuple[int, int, Optional[int]]]
+# what torch's foreach ops take and return (they return tuples)
+Tensors = Union[List[torch.Tensor], Tuple[torch.Tensor, ...]]
 
 
-def _groups(group: Group) -> list:
+def _groups(group: Group) -> List[dist.ProcessGroup]:
     if group is None:
         return []
     if isinstance(group, (list, tuple)):
         return [g for g in group if g is not None]
-    return [group]
+    return [cast("dist.ProcessGroup", group)]  # one group (a list or tuple of groups is handled above)
 
 
 def all_reduce_sum(values: torch.Tensor, group: Group = None) -> torch.Tensor:
@@ -92,7 +94,7 @@ def adam_denominator(exp_avg_sq: torch.Tensor, beta2: float, eps: float, step: i
 
 
 def adam_denominators(exp_avg_sqs: Sequence[torch.Tensor], beta2: float, eps: float, step: int,
-                      bias_correction: bool = True) -> list:
+                      bias_correction: bool = True) -> Tensors:
     """:func:`adam_denominator` for a list of tensors with foreach ops (one new fp32 tensor each,
     then in place; the same values bit for bit)."""
     bc2 = 1.0 - beta2 ** step if bias_correction else 1.0
@@ -113,7 +115,7 @@ class Ascent:
     it (a float32 vector, NaN where there is no perturbation direction).
     """
 
-    directions: list
+    directions: Tensors
     coef: torch.Tensor
     grad_norm: torch.Tensor
     eps_norm: torch.Tensor
@@ -127,7 +129,7 @@ class Ascent:
             self._zero = bool(self.coef.item() == 0.0)
         return self._zero
 
-    def perturbations(self) -> list:
+    def perturbations(self) -> Tensors:
         """The perturbations ``eps_i`` as new tensors (float32); exact zeros when there is no
         perturbation (even where the gradient itself is not finite)."""
         if not self.directions:
@@ -166,10 +168,11 @@ def ascent_direction(grads: Sequence[torch.Tensor], rho: float,
     inv_scale = 1.0 / float(grad_scale)
     g32 = [g.float() * inv_scale if (g.dtype != torch.float32 or inv_scale != 1.0) else g for g in grads]
     preconditioned = denominators is not None
-    if preconditioned:
+    dirs: Tensors
+    if denominators is not None:
         if len(denominators) != len(g32):
             raise ValueError("one denominator per gradient tensor is required")
-        dirs = torch._foreach_div(g32, list(denominators))
+        dirs = torch._foreach_div(g32, cast(List[torch.Tensor], list(denominators)))
     else:
         dirs = list(g32)
 
