@@ -40,6 +40,13 @@ def ds_config(method: str, rho: float = RHO, gas: int = GAS, mbs: int = 2, clip:
     return cfg
 
 
+def cfg_with(method: str, rho: float = RHO, **params) -> dict:
+    """:func:`ds_config` with ``params`` added to (or replacing) the optimizer's parameters."""
+    cfg = ds_config(method, rho=rho)
+    cfg["optimizer"]["params"].update(params)
+    return cfg
+
+
 def local_weights(engine):
     """What the forward reads on this rank: the ZeRO-3 partitions, else the full weights."""
     return [(p.ds_tensor if hasattr(p, "ds_tensor") else p).detach().clone() for p in engine.module.parameters()]

@@ -4,9 +4,13 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 from hypothesis import given, settings, strategies as st
 
+import fsam_ds
+from common import cfg_with, ds_config
 from fsam_ds.config import FSAMConfigError, METHODS, SAM_KEYS, parse_config
+from reference import tiny_llama
 
 
 def base(method="PreconditionedFunctionalSAM", **params):
@@ -156,3 +160,126 @@ def test_shipped_configs_parse():
         assert sam.method.lower().replace("_", "") == f.stem.replace("_", ""), f
         # ds_configs/hf/: Hugging Face's "auto" values, filled in from TrainingArguments
         assert ds["gradient_clipping"] == ("auto" if f.parent.name == "hf" else 1.0)
+
+
+# ---- settings refused before training (one process) ------------------------------------------
+# multi-rank refusals stay in their launches
+
+def _sharpness_cfg(method="SAM", **params):
+    p = {"lr": 1e-3}
+    if method != "AdamW":
+        p["rho"] = 0.1
+    p.update(params)
+    return {"train_micro_batch_size_per_gpu": 2, "optimizer": {"type": method, "params": p}}
+
+
+def test_recompute_refuses_a_model_without_linear_output():
+    import fsam_ds
+    from fsam_ds import FSAMConfigError
+
+    class Bare(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.randn(8, 4))
+
+        def forward(self, input_ids):
+            return self.w[input_ids]
+
+    with pytest.raises(FSAMConfigError, match='logit_grad_cache "recompute" needs .*accepted for this model: '
+                                              'device, host'):
+        fsam_ds.initialize(model=Bare(), config=cfg_with("FunctionalSAM", logit_grad_cache="recompute"))
+
+
+@pytest.mark.parametrize("value", ["disk", None, 1])
+def test_bad_cache_is_refused(value):
+    from fsam_ds import FSAMConfigError, parse_config
+
+    with pytest.raises(FSAMConfigError, match="logit_grad_cache .* accepted: device, host, recompute"):
+        parse_config(cfg_with("FunctionalSAM", logit_grad_cache=value))
+
+
+@pytest.mark.parametrize("value", [0, -1, 1.5, True, "2", None])
+def test_bad_ascent_every_is_refused(value):
+    from fsam_ds import FSAMConfigError, parse_config
+
+    with pytest.raises(FSAMConfigError, match=r"optimizer.params.ascent_every must be an integer >= 1"):
+        parse_config(cfg_with("SAM", ascent_every=value))
+
+
+def test_ascent_every_is_a_sam_key():
+    from fsam_ds import FSAMConfigError, parse_config
+
+    ds, sam = parse_config(cfg_with("FunctionalSAM", ascent_every=4))
+    assert sam.ascent_every == 4 and "ascent_every" not in ds["optimizer"]["params"]
+    assert parse_config(cfg_with("SAM"))[1].ascent_every == 1
+    cfg = ds_config("AdamW")
+    cfg["optimizer"]["params"]["ascent_every"] = 2
+    with pytest.raises(FSAMConfigError, match="ascent_every is not accepted for AdamW"):
+        parse_config(cfg)
+
+
+@pytest.mark.parametrize("value", ["adam", None, 1, ["momentum"], "Momentum"])
+def test_bad_ascent_direction_is_refused(value):
+    from fsam_ds import FSAMConfigError, parse_config
+
+    with pytest.raises(FSAMConfigError, match=r"optimizer.params.ascent_direction .* accepted: gradient, momentum"):
+        parse_config(cfg_with("PreconditionedFunctionalSAM", ascent_direction=value))
+
+
+def test_ascent_direction_is_a_sam_key():
+    from fsam_ds import FSAMConfigError, parse_config
+
+    ds, sam = parse_config(cfg_with("PreconditionedSAM", ascent_direction="momentum"))
+    assert sam.ascent_direction == "momentum" and "ascent_direction" not in ds["optimizer"]["params"]
+    assert parse_config(cfg_with("SAM"))[1].ascent_direction == "gradient"
+    cfg = ds_config("AdamW")
+    cfg["optimizer"]["params"]["ascent_direction"] = "momentum"
+    with pytest.raises(FSAMConfigError, match="ascent_direction is not accepted for AdamW"):
+        parse_config(cfg)
+    with pytest.raises(FSAMConfigError, match=r'"momentum" with ascent_every > 1 is not supported.*accepted'):
+        parse_config(cfg_with("SAM", ascent_direction="momentum", ascent_every=2))
+
+
+@pytest.mark.parametrize("section,match", [
+    ({"managed_gradient_accumulation": False}, "managed_gradient_accumulation"),
+    ({"tensor_parallel": {"autotp_size": 2}}, "autotp_size"),
+])
+def test_parallel_settings_the_norms_do_not_know_are_refused(section, match):
+    with pytest.raises(FSAMConfigError, match=match):
+        fsam_ds.parse_config(ds_config("SAM", **section))
+    fsam_ds.parse_config(ds_config("AdamW", **section))  # plain AdamW: DeepSpeed's business
+
+
+def test_mpu_is_refused():
+    with pytest.raises(FSAMConfigError, match="mpu"):
+        fsam_ds.initialize(model=tiny_llama(0), config=ds_config("SAM"), mpu=object())
+
+
+def test_deepspeed_moe_layers_are_refused_for_the_sam_types():
+    """Expert-parallel parameters would be normed over the wrong group: refused before any step
+    (AdamW runs them as plain DeepSpeed)."""
+    from deepspeed.moe.layer import MoE
+
+    class Experts(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.moe = MoE(hidden_size=8, expert=torch.nn.Linear(8, 8), num_experts=2, ep_size=1, k=1)
+            self.out = torch.nn.Linear(8, 4)
+
+        def forward(self, x):
+            return self.out(self.moe(x)[0])
+    with pytest.raises(FSAMConfigError, match="MoE"):
+        fsam_ds.initialize(model=Experts(), config=ds_config("SAM"))
+    assert fsam_ds.initialize(model=Experts(), config=ds_config("AdamW"))[0].has_moe_layers
+
+
+@pytest.mark.parametrize("method", ["AdamW", "PreconditionedFunctionalSAM"])
+def test_sharpness_every_config(method):
+    ds, sam = parse_config(_sharpness_cfg(method, sharpness_every=5))
+    assert sam.sharpness_every == 5 and "sharpness_every" not in ds["optimizer"]["params"]
+    assert parse_config(_sharpness_cfg(method))[1].sharpness_every == 0
+    for bad in (-1, 1.5, True, "2", None):
+        with pytest.raises(FSAMConfigError) as err:
+            parse_config(_sharpness_cfg(method, sharpness_every=bad))
+        assert str(err.value).startswith("optimizer.params.sharpness_every must be an integer >= 0")
+        assert "\n" not in str(err.value)

@@ -218,21 +218,6 @@ def test_adamw_type_is_plain_deepspeed():
     assert engine._loop is None and "backward" not in vars(engine.engine)
 
 
-@pytest.mark.parametrize("section,match", [
-    ({"managed_gradient_accumulation": False}, "managed_gradient_accumulation"),
-    ({"tensor_parallel": {"autotp_size": 2}}, "autotp_size"),
-])
-def test_parallel_settings_the_norms_do_not_know_are_refused(section, match):
-    with pytest.raises(FSAMConfigError, match=match):
-        fsam_ds.parse_config(ds_config("SAM", **section))
-    fsam_ds.parse_config(ds_config("AdamW", **section))  # plain AdamW: DeepSpeed's business
-
-
-def test_mpu_is_refused():
-    with pytest.raises(FSAMConfigError, match="mpu"):
-        fsam_ds.initialize(model=tiny_llama(0), config=ds_config("SAM"), mpu=object())
-
-
 def test_an_infinite_loss_of_the_loops_own_skips_the_step():
     """A loss that is infinite while its gradients are finite (``loss + inf``) is skipped in loop
     mode too (two ranks and every layout: tests/test_nonfinite.py, through train_batch)."""
@@ -261,19 +246,3 @@ def test_an_aux_loss_train_batch_would_drop_is_refused():
         engine.train_batch(data())
 
 
-def test_deepspeed_moe_layers_are_refused_for_the_sam_types():
-    """Expert-parallel parameters would be normed over the wrong group: refused before any step
-    (AdamW runs them as plain DeepSpeed)."""
-    from deepspeed.moe.layer import MoE
-
-    class Experts(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.moe = MoE(hidden_size=8, expert=torch.nn.Linear(8, 8), num_experts=2, ep_size=1, k=1)
-            self.out = torch.nn.Linear(8, 4)
-
-        def forward(self, x):
-            return self.out(self.moe(x)[0])
-    with pytest.raises(FSAMConfigError, match="MoE"):
-        fsam_ds.initialize(model=Experts(), config=ds_config("SAM"))
-    assert fsam_ds.initialize(model=Experts(), config=ds_config("AdamW"))[0].has_moe_layers

@@ -9,7 +9,6 @@ import pytest
 import torch
 from torch.autograd.functional import hessian, jacobian
 
-from fsam_ds.config import FSAMConfigError, parse_config
 from fsam_ds.sharpness import (CalibrationStats, calibration, lambda_max, model_calibration,
                                sharpness_terms)
 
@@ -199,18 +198,6 @@ def _cfg(method="SAM", **params):
         p["rho"] = 0.1
     p.update(params)
     return {"train_micro_batch_size_per_gpu": 2, "optimizer": {"type": method, "params": p}}
-
-
-@pytest.mark.parametrize("method", ["AdamW", "PreconditionedFunctionalSAM"])
-def test_sharpness_every_config(method):
-    ds, sam = parse_config(_cfg(method, sharpness_every=5))
-    assert sam.sharpness_every == 5 and "sharpness_every" not in ds["optimizer"]["params"]
-    assert parse_config(_cfg(method))[1].sharpness_every == 0
-    for bad in (-1, 1.5, True, "2", None):
-        with pytest.raises(FSAMConfigError) as err:
-            parse_config(_cfg(method, sharpness_every=bad))
-        assert str(err.value).startswith("optimizer.params.sharpness_every must be an integer >= 0")
-        assert "\n" not in str(err.value)
 
 
 def test_in_training_logging(tmp_path):
