@@ -23,7 +23,7 @@ import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping, Optional, Tuple, Union
+from typing import Any, Dict, Mapping, Optional, Tuple, Union
 
 from .names import ASCENT_DIRECTIONS, LOGIT_GRAD_CACHES, METHODS, PRECONDITION_NORMS, SAM_METHODS
 
@@ -80,7 +80,7 @@ def _is_number(v: Any) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
-def load_json_config(config: Union[str, os.PathLike, Mapping[str, Any]]) -> dict:
+def load_json_config(config: Union[str, os.PathLike[str], Mapping[str, Any]]) -> Dict[str, Any]:
     """A deep copy of a config given as a dict or a JSON file path."""
     if isinstance(config, Mapping):
         return copy.deepcopy(dict(config))
@@ -167,7 +167,7 @@ def sam_config(method: str, params: Mapping[str, Any], key_names: Optional[Mappi
                      logit_grad_cache=cache, ascent_every=every, ascent_direction=direction)
 
 
-def parse_config(config: Union[str, os.PathLike, Mapping[str, Any]]) -> Tuple[dict, SAMConfig]:
+def parse_config(config: Union[str, os.PathLike[str], Mapping[str, Any]]) -> Tuple[Dict[str, Any], SAMConfig]:
     """Split a DeepSpeed config into (config for DeepSpeed, :class:`SAMConfig`).
 
     Raises :class:`FSAMConfigError` for an unknown method or key, a value of the wrong type or
@@ -177,7 +177,7 @@ def parse_config(config: Union[str, os.PathLike, Mapping[str, Any]]) -> Tuple[di
     return ds_config, take_sam_section(ds_config)
 
 
-def take_sam_section(ds_config: dict) -> SAMConfig:
+def take_sam_section(ds_config: Dict[str, Any]) -> SAMConfig:
     """:func:`parse_config` on a config dict in place: its optimizer section becomes DeepSpeed's
     AdamW, and the method's settings are returned. Hugging Face's ``"auto"`` values (filled in
     by the Trainer or Accelerate later) are accepted wherever DeepSpeed's own keys allow them."""
@@ -221,7 +221,7 @@ def zero_stage(ds_config: Mapping[str, Any]) -> int:
     stage = zero.get("stage", 0)
     if stage not in (0, 1, 2, 3) or isinstance(stage, bool):
         raise FSAMConfigError(f"zero_optimization.stage must be one of 0, 1, 2, 3; got {stage!r}")
-    return stage
+    return int(stage)
 
 
 def _enabled(ds_config: Mapping[str, Any], key: str) -> bool:

@@ -85,11 +85,12 @@ def preset_names() -> List[str]:
 
     try:
         spec = importlib.util.find_spec("fsam_ds.models")
-        tree = ast.parse(Path(spec.origin).read_text())
-        for node in tree.body:
-            if (isinstance(node, ast.AnnAssign) and getattr(node.target, "id", None) == "PRESETS"
-                    and isinstance(node.value, ast.Dict)):
-                return [ast.literal_eval(k) for k in node.value.keys]
+        if spec is not None and spec.origin is not None:
+            tree = ast.parse(Path(spec.origin).read_text())
+            for node in tree.body:
+                if (isinstance(node, ast.AnnAssign) and getattr(node.target, "id", None) == "PRESETS"
+                        and isinstance(node.value, ast.Dict)):
+                    return [ast.literal_eval(k) for k in node.value.keys if k is not None]
     except Exception:  # unusual installs: fall back to the real thing
         pass
     from fsam_ds.models import PRESETS
@@ -161,6 +162,7 @@ def prepare_data(dataset: str, tokenizer_spec: Optional[str], model: str, is_pre
         raise ValueError(f"--dataset {dataset!r}: {one_line(err)}") from None
     if not train_texts:
         raise ValueError(f"--dataset {dataset!r}: no text to train on (the training split is empty or blank)")
+    tok_spec: Any
     if tokenizer_spec is not None:
         tok_spec = tokenizer_spec
     elif not is_preset and any((Path(model) / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json")):
