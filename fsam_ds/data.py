@@ -100,7 +100,7 @@ def read_embedded_corpus(name: str = "default") -> str:
         raise ValueError(
             f"unknown embedded corpus {name!r}; accepted: {', '.join(EMBEDDED_CORPORA)}"
         )
-    blob = resources.files("fsam_ds").joinpath("corpus", EMBEDDED_CORPORA[name]).read_bytes()
+    blob = resources.files("fsam_ds").joinpath("corpus").joinpath(EMBEDDED_CORPORA[name]).read_bytes()
     return gzip.decompress(blob).decode("utf-8")
 
 

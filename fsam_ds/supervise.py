@@ -108,7 +108,7 @@ def _latest(checkpoint_dir: Optional[Path]) -> Optional[str]:
 
 def supervise(command: Sequence[str], max_restarts: int = 3, checkpoint_dir: Optional[os.PathLike] = None,
               resume_arg: str = "--resume", delay: float = 5.0, log: Optional[os.PathLike] = None,
-              env: Optional[Dict[str, str]] = None, say: Callable[[str], None] = None) -> int:
+              env: Optional[Dict[str, str]] = None, say: Optional[Callable[[str], None]] = None) -> int:
     """Run ``command`` under the rules of the module docstring; returns the exit status."""
     if say is None:
         def say(text):

@@ -47,7 +47,7 @@ import re
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Optional
+from typing import Any, Dict, List, Optional
 
 # absolute imports: the deepspeed launcher may run this file as a script (deepspeed fsam_ds/train.py)
 from fsam_ds.names import (ENGINE_FILE, EVAL_LOSS, HF_META_DIR, LATEST, METRICS_FILE, OPTIONAL_STEP_METRICS,
@@ -180,8 +180,8 @@ def check_checkpoint_files(tag_dir: Path) -> Dict[str, Any]:
     import torch
 
     names = sorted(p.name for p in tag_dir.iterdir())
-    model_files = [(n, _MODEL_STATES.match(n)) for n in names if _MODEL_STATES.match(n)]
-    optim_files = [(n, _OPTIM_STATES.match(n)) for n in names if _OPTIM_STATES.match(n)]
+    model_files = [(n, m) for n in names if (m := _MODEL_STATES.match(n))]
+    optim_files = [(n, m) for n in names if (m := _OPTIM_STATES.match(n))]
     if not model_files:
         raise ValueError(f"{tag_dir}: no *_model_states.pt, not a DeepSpeed checkpoint folder")
     partitioned = any(m.group(1) is not None for _, m in model_files)  # ZeRO-3: one model file per rank
@@ -275,10 +275,10 @@ class Run:
     micro_step: int = 0
     data_seed: int = 0
     load_path: Optional[str] = None
-    # open_data
-    train_iter: Optional[Iterator] = None
-    eval_list: Optional[List] = None
-    metrics: Optional[MetricsLog] = None
+    # open_data (Any: set before the loop reads them)
+    train_iter: Any = None  # Iterator of micro-batches
+    eval_list: Any = None  # List of evaluation micro-batches
+    metrics: Any = None  # MetricsLog
 
     def say(self, *parts) -> None:
         if self.is_main:

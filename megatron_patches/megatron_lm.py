@@ -68,7 +68,7 @@ def reduce_losses(losses_reduced, dp_group=None) -> dict:
     """Average the per-micro-batch loss dicts the way Megatron-LM's train step does: ``[sum, tokens]``
     pairs are summed over micro-batches and data-parallel ranks, then divided; single values are
     averaged over micro-batches."""
-    out = {}
+    out: dict = {}
     if not losses_reduced:
         return out
     for key in losses_reduced[0]:
@@ -221,7 +221,7 @@ def install() -> bool:
             return fsam_train_step(*a, **k)
         return original(*a, **k)
 
-    train_step._fsam_installed = True
-    train_step.__wrapped__ = original
+    train_step._fsam_installed = True  # type: ignore[attr-defined]
+    train_step.__wrapped__ = original  # type: ignore[attr-defined]
     T.train_step = train_step
     return True

@@ -30,7 +30,7 @@ import time
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import Any, Callable, Iterator, List, Optional
+from typing import Any, List, Optional
 
 from fsam_ds.names import EVAL_LOSS, HF_META_DIR, METRICS_FILE, megatron_iteration_dir
 from fsam_ds.names import MEGATRON_LATEST as LATEST
@@ -132,7 +132,7 @@ def validate(args, world: int):
     return sam, dp, gbs // (args.micro_batch_size * dp), save, args.model in presets
 
 
-def _hf_config(args, vocab: int, is_preset: bool):
+def _hf_config(args, vocab: Optional[int], is_preset: bool):
     from transformers import AutoConfig
 
     from fsam_ds.models import PRESETS, llama_config
@@ -189,16 +189,16 @@ class Run:
     sched: Any = None
     n_params: int = 0
     gbs: int = 0
-    forward_step: Optional[Callable] = None
-    fwd_bwd: Optional[Callable] = None
+    forward_step: Any = None  # megatron-core's forward_step_func
+    fwd_bwd: Any = None  # megatron-core's pipeline schedule
     # resume (the data position advances with the loop)
     start_iter: int = 0
     micro_step: int = 0
     data_seed: int = 0
-    # open_data
-    train_iter: Optional[Iterator] = None
-    eval_list: Optional[List] = None
-    metrics: Optional[MetricsLog] = None
+    # open_data (Any: set before the loop reads them)
+    train_iter: Any = None  # Iterator of micro-batches
+    eval_list: Any = None  # List of evaluation micro-batches
+    metrics: Any = None  # MetricsLog
 
     @property
     def is_main(self) -> bool:
