@@ -53,9 +53,9 @@ from typing import Any, Dict, List, Optional
 from fsam_ds.names import (ENGINE_FILE, EVAL_LOSS, HF_META_DIR, LATEST, METRICS_FILE, OPTIONAL_STEP_METRICS,
                            RNG_FILE, SHARPNESS_METRICS, SHORT_NAMES, deepspeed_tag)
 from fsam_ds.runkit import (DataError, Formatter, MetricsLog, Parser, UsageError, all_ranks_ok, cpu_threads_per_rank,
-                            fmt, int_at_least, one_line, prepare_data, prepare_data_in_turn, preset_names,
-                            publish_latest, resume_micro_step, rng_state, seed_everything, set_rng_state,
-                            write_hf_meta)
+                            fmt, int_at_least, load_rng_state, one_line, prepare_data, prepare_data_in_turn,
+                            preset_names, publish_latest, resume_micro_step, rng_state, save_rng_state,
+                            seed_everything, set_rng_state, write_hf_meta)
 
 # The names above stay importable from here (fsam_ds.train.UsageError, ...); save() calls rng_state
 # and publish_latest through this module, where a fault-injection harness may wrap them.
@@ -379,10 +379,8 @@ def resume(run: Run) -> None:
     if run.data_seed != a.seed:
         run.say(f"note: keeping the checkpoint's data order (seed {run.data_seed}); --seed {a.seed} is ignored")
     tag_dir = run.save_dir / (run.save_dir / LATEST).read_text().strip()
-    rng_file = tag_dir / RNG_FILE.format(rank=run.rank)
-    if rng_file.is_file():  # the random state this rank had when it saved (dropout masks continue)
-        set_rng_state(torch.load(rng_file, weights_only=False))
-    else:
+    # the random state this rank had when it saved (dropout masks continue)
+    if not load_rng_state(tag_dir / RNG_FILE.format(rank=run.rank)):
         run.say(f"note: no saved random state for rank {run.rank}; random streams restart from --seed")
     if run.sam.ascent_every > 1:
         engine_file = tag_dir / ENGINE_FILE.format(rank=run.rank)
@@ -437,7 +435,7 @@ def save(run: Run, step: int) -> None:
     # finished; here it is published only once every rank's files (and the RNG states and
     # Hugging Face metadata) are complete, so a crash mid-save never leaves it half-written.
     engine.save_checkpoint(str(save_dir), tag=tag, client_state=client_state, save_latest=False)
-    torch.save(rng_state(), save_dir / tag / RNG_FILE.format(rank=run.rank))
+    save_rng_state(save_dir / tag / RNG_FILE.format(rank=run.rank), rng_state())
     if run.sam.ascent_every > 1:
         torch.save(client_state["fsam_engine"], save_dir / tag / ENGINE_FILE.format(rank=run.rank))
     if run.is_main:
