@@ -33,6 +33,7 @@ from typing import Any, Callable, Dict, List, Mapping, Optional
 import torch
 
 from .config import FSAMConfigError
+from .lm import finite_or_nan, logit_grad, logits_of
 from .method import functional_surrogate
 
 RECORD, OFF, REPLAY = "record", "off", "replay"
@@ -214,7 +215,6 @@ class LoopMode:
     def logits(self, outputs, layer_out) -> Optional[torch.Tensor]:
         """F: the output layer's output when it is the logits the model returned (the tensor the
         model's own loss is computed from), else the returned logits."""
-        from .engine import logits_of
 
         logits = logits_of(outputs)
         if isinstance(layer_out, torch.Tensor) and (logits is None or (
@@ -231,7 +231,6 @@ class LoopMode:
             return None
         if rec is None:
             return None
-        from .engine import logits_of
 
         sam = self.sam
         self.records.append(rec)
@@ -291,7 +290,6 @@ class LoopMode:
     def _check_recompute(self, rec: MicroBatch, g: torch.Tensor) -> None:
         """``logit_grad_cache: recompute`` recomputes ``g_F`` from ``loss_fn``: once, check that
         the loop's own loss sends that gradient to the logits."""
-        from .engine import logit_grad
         from .shards import loss_scale_of
 
         _, ref = logit_grad(self.fsam.loss_fn, rec.logits.detach(), rec.batch())
@@ -372,7 +370,6 @@ class LoopMode:
             value = loss.detach().float()
             r.value = value if scale_wrt_gas else value * gas
         self._scale_wrt_gas = scale_wrt_gas
-        from .engine import finite_or_nan
 
         # a non-finite loss with finite gradients (loss + inf) skips the step like a non-finite gradient
         out = self.ds_backward(loss * finite_or_nan(loss), retain_graph=retain_graph, scale_wrt_gas=scale_wrt_gas)
@@ -430,18 +427,12 @@ class LoopMode:
     def step_start_time(self) -> float:
         return self._first_forward_time if self._first_forward_time is not None else time.perf_counter()
 
-    def perturbed_pass(self, ascent) -> None:
-        """Pass 2: every recorded micro-batch again at theta + eps with its random state, then
-        theta restored."""
+    def replay(self) -> None:
+        """Pass 2 (run by :class:`fsam_ds.step.SAMStep` at theta + eps, which also restores theta
+        and the random state): every recorded micro-batch again with its random state."""
         fsam, ds, sam = self.fsam, self.ds, self.sam
         from .shards import loss_scale_of
 
-        view = fsam.view
-        rng_after = fsam._rng_state()
-        perturbed = not ascent.is_zero
-        if perturbed:
-            view.perturb(ascent)
-        view.zero_grad()
         scale = loss_scale_of(ds)
         cache = fsam.logit_grads
         n = len(self.records)
@@ -451,11 +442,10 @@ class LoopMode:
                 ds.set_gradient_accumulation_boundary(i == n - 1)
                 fsam._set_rng_state(rec.rng)
                 if sam.functional:
-                    recompute = cache.mode == "recompute"
-                    g = cache.get(i, rec.batch(), fsam.loss_fn) if recompute else cache.get(i, None)
+                    g = cache.get(i, rec.batch())
                     outputs = ds(*rec.args, **rec.kwargs)
                     logits, self._layer_out = self.logits(outputs, self._layer_out), None
-                    if recompute:  # g_F of loss_fn: DeepSpeed scales it as it scaled the loop's loss
+                    if cache.mode == "recompute":  # g_F of loss_fn: DeepSpeed scales it as it scaled the loop's loss
                         self.ds_backward(functional_surrogate(logits, g), scale_wrt_gas=rec.scale_wrt_gas)
                     else:  # g_F already carries every factor of pass 1
                         self.ds_backward(functional_surrogate(logits, g if scale == 1 else g / scale),
@@ -465,17 +455,12 @@ class LoopMode:
                     grad = rec.loss_grad if scale == 1 else rec.loss_grad / scale
                     self.ds_backward(rec.recompute() * grad, scale_wrt_gas=False)
                 else:
-                    from .engine import logits_of
-
                     outputs = ds(*rec.args, **rec.kwargs)
                     self.ds_backward(fsam.loss_fn(logits_of(outputs), rec.batch()), scale_wrt_gas=rec.scale_wrt_gas)
                     del outputs
         finally:
             self.mode = RECORD
             self._layer_out = None
-            fsam._set_rng_state(rng_after)
-            if perturbed:
-                view.restore()
 
     def release(self) -> None:
         """Forget the step: inputs, ``g_F`` and graphs kept for pass 2."""

@@ -27,6 +27,8 @@ from typing import Iterable, List, Optional, Sequence, Tuple, Union, cast
 import torch
 import torch.distributed as dist
 
+from .lm import causal_lm_loss  # noqa: F401  (the causal-LM loss lives in fsam_ds.lm)
+
 PRECONDITION_NORMS = ("perturbation", "gradient")
 
 Group = Union[None, "dist.ProcessGroup", Sequence["dist.ProcessGroup"]]
@@ -232,15 +234,6 @@ def functional_surrogate(logits: torch.Tensor, logit_grad: torch.Tensor) -> torc
     if logits.shape != logit_grad.shape:
         raise ValueError(f"logit gradient shape {tuple(logit_grad.shape)} does not match logits {tuple(logits.shape)}")
     return (logits * logit_grad.detach().to(logits.dtype)).sum(dtype=torch.float32)
-
-
-def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
-    """Mean next-token cross-entropy with the Hugging Face shift (``labels[:, 1:]`` vs
-    ``logits[:, :-1]``), ``ignore_index`` tokens left out, computed in float32."""
-    shift_logits = logits[..., :-1, :]
-    shift_labels = labels[..., 1:].to(logits.device)
-    return torch.nn.functional.cross_entropy(shift_logits.reshape(-1, shift_logits.size(-1)).float(),
-                                             shift_labels.reshape(-1), ignore_index=ignore_index)
 
 
 def rho_at(step: int, rho: float, warmup_steps: int) -> float:

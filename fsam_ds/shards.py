@@ -92,7 +92,8 @@ def _perturbed_masters(masters: List[torch.Tensor], ascent: Ascent) -> List[torc
 
 
 class RankView:
-    """Base adapter; subclasses fill in the layout-specific parts."""
+    """Base of the DeepSpeed adapters (each implements :class:`fsam_ds.step.RankView`);
+    subclasses fill in the layout-specific parts."""
 
     def __init__(self, engine):
         self.engine = engine
@@ -107,6 +108,10 @@ class RankView:
 
     def grads(self) -> List[torch.Tensor]:
         raise NotImplementedError
+
+    def weights(self) -> Optional[List[float]]:
+        """Every element a DeepSpeed layout holds is counted once (no duplicates): None."""
+        return None
 
     def local_shapes(self) -> List[torch.Size]:
         """Shapes of the tensors ``grads()`` returns (and of the perturbation this rank holds)."""

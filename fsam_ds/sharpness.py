@@ -52,6 +52,8 @@ from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Seque
 import torch
 from torch.func import functional_call
 
+from .lm import default_loss, labels_of, logits_of
+
 __all__ = ["sharpness_terms", "lambda_max", "LambdaMax", "calibration", "CalibrationStats",
            "model_calibration", "Problem", "plain_module", "training_diagnostics", "TRAINING_KEYS"]
 
@@ -64,23 +66,9 @@ Direction = Union[None, Sequence[torch.Tensor], Mapping[str, torch.Tensor]]
 # ---------------------------------------------------------------------------------------------
 
 
-def default_loss(logits: torch.Tensor, batch: Mapping[str, Any]) -> torch.Tensor:
-    """The engine's default loss (mean next-token cross-entropy, Hugging Face shift, -100 and
-    padding ignored), computed in float32 or, for float64 logits, in float64."""
-    from .engine import labels_of
-
-    labels = labels_of(batch)
-    lg = logits[..., :-1, :]
-    lg = lg if lg.dtype == torch.float64 else lg.float()
-    return torch.nn.functional.cross_entropy(lg.reshape(-1, lg.size(-1)), labels[..., 1:].reshape(-1).to(lg.device),
-                                             ignore_index=-100)
-
-
 def _unwrap(model) -> tuple:
     """(module, default loss_fn or None, DeepSpeed engine or None)."""
-    from .engine import FSAMEngine
-
-    if isinstance(model, FSAMEngine):
+    if hasattr(model, "loss_fn") and hasattr(getattr(model, "engine", None), "module"):  # an FSAMEngine
         return model.engine.module, model.loss_fn, model.engine
     if hasattr(model, "zero_optimization_stage") and hasattr(model, "module"):
         return model.module, None, model
@@ -171,11 +159,7 @@ class Problem:
 
     def __init__(self, model, batch: Mapping[str, Any], loss_fn: Optional[LossFn] = None,
                  dtype: Optional[torch.dtype] = None):
-        from .engine import default_loss as engine_default, logits_of
-
         module, engine_loss, engine = _unwrap(model)
-        if engine_loss is engine_default:
-            engine_loss = None
         self.module, self.params = plain_module(model, dtype)
         self.names = list(self.params)
         self.loss_fn: LossFn = loss_fn or engine_loss or default_loss
@@ -543,8 +527,6 @@ def model_calibration(model, batches: Iterable[Mapping[str, Any]], n_bins: int =
     prediction (logits at ``t`` against labels at ``t + 1``, Hugging Face convention; labels from
     ``labels`` or ``input_ids`` with padding ignored). With ``group`` (or under a running
     distributed job with a DeepSpeed engine) the statistics are summed over the ranks' batches."""
-    from .engine import labels_of, logits_of
-
     module, params = plain_module(model, dtype)
     dev = next(iter(params.values())).device
     stats = CalibrationStats(n_bins)

@@ -25,17 +25,17 @@ def install(spec: str) -> None:
     if int(os.environ.get("RANK", "0")) != int(rank):
         return
     if kind == "between_passes":
-        from fsam_ds import engine as E
+        from fsam_ds import step as S
 
-        original = E.FSAMEngine.compute_ascent
+        original = S.SAMStep.compute_ascent
 
-        def compute_ascent(self, rho):
-            out = original(self, rho)
-            if int(self.engine.global_steps) + 1 == int(where):
+        def compute_ascent(self, rho, momentum=False):
+            out = original(self, rho, momentum)
+            if self.step_index() + 1 == int(where):
                 _die()
             return out
 
-        E.FSAMEngine.compute_ascent = compute_ascent
+        S.SAMStep.compute_ascent = compute_ascent
     elif kind == "saving":
         from deepspeed.runtime import engine as DE
 

@@ -43,7 +43,10 @@ def test_causal_lm_loss_matches_hand_written(toy):
     logp = torch.log_softmax(logits[:, :-1].float(), -1)
     keep = labels[:, 1:] != -100
     expected = -(logp.gather(-1, labels[:, 1:].clamp(min=0)[..., None]).squeeze(-1)[keep]).mean()
-    assert torch.allclose(causal_lm_loss(logits, labels), expected, rtol=1e-6)
+    assert torch.allclose(causal_lm_loss(logits, labels).float(), expected, rtol=1e-6)
+    # float64 logits keep float64 (the references run in float64), float32 ones give float32
+    assert causal_lm_loss(logits.double(), labels).dtype == torch.float64
+    assert causal_lm_loss(logits.float(), labels).dtype == torch.float32
 
 
 def _sam_pieces(toy, rho):
