@@ -437,7 +437,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--memory-resolution-mib", type=float, default=None, help="the resolution of one memory reading "
                    "written to --json for tools/targets.py (default: 15 MiB for the CPU resident set, 0 on a GPU)")
     p.add_argument("--every", default="2,4", help="ascent_every values to bench (comma-separated)")
-    p.add_argument("--variants", "--methods", dest="variants", default=None, help="comma-separated, e.g. AdamW,FunctionalSAM+recompute,"
+    p.add_argument("--variants", "--methods", dest="variants", default=None,
+                   help="comma-separated, e.g. AdamW,FunctionalSAM+recompute,"
                    "PreconditionedFunctionalSAM+every2 (default: every method, cache mode and --every)")
     p.add_argument("--quick", action="store_true", help="2m preset, micro 2 x seq 32, 1 warm-up + 3 steps, "
                    "sequential, fewer variants: under a minute on 2 CPU cores")

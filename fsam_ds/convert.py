@@ -193,13 +193,15 @@ class DeepSpeedSource:
             raise ConvertError(f"{tag_dir}: model-parallel DeepSpeed checkpoint (mp_rank_{max(mp_ranks):02d} files); "
                                "accepted: data-parallel checkpoints (mp_rank_00 only, any ZeRO stage)")
         partitioned = any(m.group(1) is not None for _, m in model_files)  # ZeRO-3: one model file per rank
-        header = tag_dir / ("zero_pp_rank_0_mp_rank_00_model_states.pt" if partitioned else "mp_rank_00_model_states.pt")
+        header = tag_dir / ("zero_pp_rank_0_mp_rank_00_model_states.pt" if partitioned
+                            else "mp_rank_00_model_states.pt")
         if not header.is_file():
             raise ConvertError(f"{tag_dir}: missing shard file {header.name} (every rank's files are needed)")
         try:
             head = torch.load(header, map_location="cpu", weights_only=False, mmap=True)
         except Exception as err:  # truncated or foreign file
-            raise ConvertError(f"{header}: cannot read it as a DeepSpeed model-states file ({_one_line(err)})") from None
+            raise ConvertError(f"{header}: cannot read it as a DeepSpeed model-states file "
+                               f"({_one_line(err)})") from None
         if not isinstance(head, dict) or "module" not in head:
             raise ConvertError(f"{header} is not a DeepSpeed model-states file (no 'module' entry)")
         world = int(head.get("dp_world_size") or 1)
@@ -479,8 +481,8 @@ class MegatronSource:
                 raise ConvertError(f"{ckpt}: {_one_line(err)}") from None
             with _single_process_megatron():
                 from megatron.core import dist_checkpointing
-                from megatron.core.dist_checkpointing.mapping import ShardedTensor, apply_factories
                 from megatron.core.dist_checkpointing.dict_utils import nested_values
+                from megatron.core.dist_checkpointing.mapping import ShardedTensor, apply_factories
 
                 try:
                     tcfg = layout.transformer_config(config, 1, 1, dtype, perform_initialization=False)
@@ -831,7 +833,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "(megatron-core) (default: the latest)")
     p.add_argument("--dtype", default="fp32", choices=DTYPES, help="dtype of the saved weights (default: fp32)")
     p.add_argument("--max-shard-size", default=DEFAULT_MAX_SHARD_SIZE,
-                   help=f"split the safetensors weights into files of at most this size (default: {DEFAULT_MAX_SHARD_SIZE})")
+                   help="split the safetensors weights into files of at most this size "
+                        f"(default: {DEFAULT_MAX_SHARD_SIZE})")
     p.add_argument("--config", default=None, help="Hugging Face model folder or config.json of the architecture "
                    "(default: the one saved with the checkpoint)")
     p.add_argument("--tokenizer", default=None, help="tokenizer folder (default: the one saved with the checkpoint)")

@@ -84,7 +84,8 @@ def load_shape(spec: str) -> Shape:
     if path.is_dir():
         path = path / "config.json"
     if not path.is_file():
-        raise ValueError(f"--model {spec!r}: accepted: a preset ({', '.join(list(models.PRESETS) + list(EXTRA_SHAPES))}), "
+        presets = ", ".join(list(models.PRESETS) + list(EXTRA_SHAPES))
+        raise ValueError(f"--model {spec!r}: accepted: a preset ({presets}), "
                          "a Hugging Face model folder or its config.json")
     c = json.loads(path.read_text())
     try:
@@ -92,7 +93,8 @@ def load_shape(spec: str) -> Shape:
                      c.get("num_key_value_heads", c["num_attention_heads"]), c["intermediate_size"], c["vocab_size"],
                      bool(c.get("tie_word_embeddings", False)))
     except KeyError as err:
-        raise ValueError(f"--model {spec!r}: config.json lacks {err.args[0]!r} (a Llama-style config is needed)") from None
+        raise ValueError(f"--model {spec!r}: config.json lacks {err.args[0]!r} "
+                         "(a Llama-style config is needed)") from None
 
 
 @dataclass
@@ -260,7 +262,8 @@ def publish() -> str:
                 return f"{r[key]['peak'] / GiB:.1f} ({r[key]['peak'] / a['peak']:.2f}x){fits}"
             rows.append(f"| {name} | {lay.describe()} | {gpus} | {micro} x {seq} x {gas} | {a['peak'] / GiB:.1f} | "
                         f"{cell('SAM')} | {cell('PreconditionedFunctionalSAM')} | "
-                        f"{cell('PreconditionedFunctionalSAM+host')} | {cell('PreconditionedFunctionalSAM+recompute')} | "
+                        f"{cell('PreconditionedFunctionalSAM+host')} | "
+                        f"{cell('PreconditionedFunctionalSAM+recompute')} | "
                         f"{cell('PreconditionedFunctionalSAM+every4')} | {a['comm'] / GiB:.2f} | "
                         f"{r['SAM']['comm'] / a['comm']:.2f} |")
     return "\n".join(rows)

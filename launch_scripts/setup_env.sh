@@ -15,7 +15,8 @@ python -m pip install --quiet --upgrade pip
 if ! python -c "import torch" 2>/dev/null; then
   python -m pip install --quiet "${TORCH_SPEC:-torch==2.13.0}"
 fi
-python -m pip install --quiet -e ".[test,megatron]"
+# dev: the tests (test), megatron-core, every optional part the tests use, ruff and mypy
+python -m pip install --quiet -e ".[dev]"
 python - <<'PY'
 import torch, deepspeed, transformers
 print(f"fsam-ds environment ready: torch {torch.__version__}, deepspeed {deepspeed.__version__}, "

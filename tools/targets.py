@@ -192,8 +192,8 @@ def retention_result(target: Mapping[str, Any], reproduces: Sequence[Mapping[str
         rho, lr = doc["best_rho"].get(m), doc.get("lr")
 
         def vals(method, every, rows=rows, rho=rho, lr=lr):
-            return {r["seed"]: r["eval_loss"] for r in rows if r["method"] == method and r.get("ascent_every", 1) == every
-                    and r.get("eval_loss") is not None
+            return {r["seed"]: r["eval_loss"] for r in rows
+                    if r["method"] == method and r.get("ascent_every", 1) == every and r.get("eval_loss") is not None
                     and (method == "AdamW" and abs(r["lr"] - lr) < 1e-15 or method != "AdamW" and rho is not None
                          and abs(r["rho"] - rho) < 1e-12)}
         v = vals(m, k)
@@ -228,7 +228,7 @@ def evaluate(benches: Sequence[Mapping[str, Any]], reproduces: Sequence[Mapping[
 
 
 def render(results: Sequence[Mapping[str, Any]], sources: Sequence[str]) -> str:
-    lines = [f"Rendered by `python -m tools.targets` from "
+    lines = ["Rendered by `python -m tools.targets` from "
              + (", ".join(f"`{s}`" for s in sources) if sources else "no JSON (none committed yet)")
              + "; the rule is in `tools/targets.py`: met only if the bound holds at the worst timed run of the "
              "variant the target names and, for memory, beyond the memory resolution (+-2 x the resolution of one "

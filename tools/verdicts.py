@@ -236,7 +236,8 @@ def _claim(name: str, pairs: str, parts: List[dict], verdict: str, note: str = "
     return {"claim": name, "pairs": pairs, "parts": parts, "verdict": verdict, "note": note}
 
 
-def tolerance(rows: Sequence[Mapping[str, Any]], method: str, ref: str, best_rho: Mapping[str, float]) -> Dict[str, Any]:
+def tolerance(rows: Sequence[Mapping[str, Any]], method: str, ref: str,
+              best_rho: Mapping[str, float]) -> Dict[str, Any]:
     """"``method`` tolerates larger rho than ``ref``": at EQUAL rho, over every swept rho above both
     selected rhos (R), each method's degradation from its own selected rho on the same seed;
     per seed x_s = mean over R of [(L_m(rho) - L_m(rho*_m)) - (L_ref(rho) - L_ref(rho*_ref))];
@@ -335,8 +336,9 @@ def claims(rows: Sequence[Mapping[str, Any]], best_rho: Mapping[str, float], fre
                 acc.setdefault(s, []).append(v)
         x = {s: statistics.fmean(v) for s, v in acc.items() if len(v) == len(big)}
         p = check_values(x, "greater", level=level, label="SAM's mean degradation above its selected rho")
-        out.append(_claim("SAM degrades as rho grows past its best", f"SAM at rho {', '.join(f'{r:g}' for r in big) or '(none)'} "
-                          f"vs SAM at {bs:g}", [p], p["verdict"] if big else INCONCLUSIVE,
+        big_rhos = ", ".join(f"{r:g}" for r in big) or "(none)"
+        out.append(_claim("SAM degrades as rho grows past its best", f"SAM at rho {big_rhos} vs SAM at {bs:g}", [p],
+                          p["verdict"] if big else INCONCLUSIVE,
                           "" if big else "no fresh-seed SAM run above its selected rho"))
     if "AdamW" in have:
         for m in SAM_TYPES:
