@@ -39,7 +39,7 @@ Face conventions); ``loss_fn(logits, batch) -> scalar`` defaults to the mean nex
 cross-entropy (the engine's own loss for an FSAMEngine).
 
 Main entry points: :func:`sharpness_terms`, :func:`lambda_max`, :func:`calibration` /
-:class:`CalibrationStats` / :func:`model_calibration`. ``tools/sharpness_report.py`` runs them
+:class:`CalibrationStats` / :func:`model_calibration`. ``fsam_ds/sharpness_report.py`` runs them
 on a saved checkpoint.
 """
 from __future__ import annotations

@@ -172,7 +172,7 @@ def check_checkpoint_files(tag_dir: Path) -> Dict[str, Any]:
     """Raise ValueError (one line) unless ``tag_dir`` holds every file DeepSpeed's
     ``load_checkpoint`` will read, each complete: the model-states file(s) (one, or one per rank at
     ZeRO-3) and, for a ZeRO checkpoint, every data-parallel rank's optimizer-states file, for the
-    world size the checkpoint records. The rule tools/convert.py (``fsam-convert``) applies to the
+    world size the checkpoint records. The rule fsam_ds/convert.py (``fsam-convert``) applies to the
     same folder; a truncated file is one whose zip directory (written last) is missing. Returns
     ``{"world_size", "zero", "partitioned"}``."""
     import zipfile
