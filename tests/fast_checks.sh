@@ -4,7 +4,7 @@
 #   FSAM_SKIP_SETUP=1 bash tests/fast_checks.sh   # use the active environment as it is
 # FSAM_LINT=full: ruff on every file (rules and format) and mypy on fsam_ds, megatron_patches and tools;
 # the default checks what the tree passes today: pyflakes' errors everywhere, every rule on the files
-# listed in LINT_CLEAN, mypy strict on fsam_ds/method.py.
+# listed in LINT_CLEAN, mypy on the files listed in TYPED.
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
@@ -18,7 +18,7 @@ case "$mode" in full|partial) ;; *) echo "fast_checks: FSAM_LINT must be full or
 # files that pass every rule of [tool.ruff] today
 LINT_CLEAN=(fsam_ds/method.py fsam_ds/plot.py fsam_ds/sharpness_report.py
             fsam_ds/bench.py fsam_ds/plan.py fsam_ds/convert.py tools/__init__.py tools/targets.py tools/verdicts.py)
-TYPED=(fsam_ds/method.py)
+TYPED=(fsam_ds/method.py fsam_ds/config.py)   # strict (pyproject); fsam_ds/shards.py joins when it passes
 
 t0=$SECONDS
 echo "== ruff ($mode)"
