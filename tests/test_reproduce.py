@@ -65,3 +65,44 @@ def test_plot_runs_cli(tmp_path):
     assert {p.name for p in (tmp_path / "plots").iterdir()} == {"loss.png", "norms.png", "tau.png",
                                                                  "lambda_max.png", "eval_vs_rho.png"}
     assert main([str(tmp_path / "nothing"), "--out", str(tmp_path / "p2")]) == 2
+
+
+def test_momentum_run_is_named_marked_and_resumed(tmp_path):
+    """``--extra-runs momentum``: one tiny in-process run of PreconditionedFunctionalSAM with
+    ascent_direction "momentum": its name, its JSON row's variant fields, its step cost from the
+    momentum steps, and a second call that trains nothing."""
+    import argparse
+
+    from tools import reproduce as R
+    from tools import verdicts as V
+
+    a = argparse.Namespace(out=tmp_path / "out", steps=4, micro_batch=2, seq_len=32, preset="tiny", data=DATA,
+                           eval_every=2, eval_batches=2, in_process=True, every_methods=["PreconditionedFunctionalSAM"])
+    res = {"lr": 1e-3, "best_rho": {"PreconditionedFunctionalSAM": 0.05}, "report_seeds": [1235]}
+    (rec,) = R.run_momentum(a, res)
+    # existing kinds of run keep their names; the momentum runs get their own suffix
+    assert rec["name"] == "pfsam-lr0.001-rho0.05-momentum-s1235"
+    assert R.run_name("PreconditionedFunctionalSAM", 1e-3, 0.05, 1235) == "pfsam-lr0.001-rho0.05-s1235"
+    folder = a.out / "runs" / rec["name"]
+    cfg = json.loads((folder / "ds_config.json").read_text())
+    assert cfg["optimizer"]["params"]["ascent_direction"] == "momentum"
+    recs = [json.loads(x) for x in (folder / "metrics.jsonl").read_text().splitlines()]
+    flags = [r["ascent_momentum"] for r in recs if "ascent_momentum" in r]
+    assert flags[:1] == [False] and len(flags) == 4 and all(flags[1:])  # exact until AdamW's first update
+    row = R._row(a, rec)
+    assert row["ascent_direction"] == "momentum" and row["ascent_every"] == 1 and not V.is_exact(row)
+    assert row["step_cost"] is not None and row["step_cost"] > 0
+    stamp = (folder / "done.json").stat().st_mtime
+    assert R.run_momentum(a, res)[0]["name"] == rec["name"] and (folder / "done.json").stat().st_mtime == stamp
+    # a marker written before the field existed reads as the gradient direction
+    old = dict(rec)
+    old.pop("ascent_direction")
+    assert R._row(a, old)["ascent_direction"] == "gradient"
+
+
+def test_extra_runs_accepts_ascent_every_and_momentum_only(capsys, tmp_path):
+    from tools.reproduce import main
+
+    assert main(["--extra-runs", "ascent_every,lookahead", "--out", str(tmp_path), "--data", str(DATA)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("fsam-reproduce: error: --extra-runs") and "momentum" in err and "\n" not in err

@@ -98,6 +98,50 @@ def test_retention_from_reproduce_json():
     assert T.retention_result(t, [doc])["result"] == T.NOT_MEASURED
 
 
+def test_momentum_rows_never_stand_in_for_the_exact_method():
+    seeds = [1235, 1236, 1237, 1238]
+    off = dict(zip(seeds, (0.0, 0.01, -0.008, 0.004)))
+    runs = []
+    for s in seeds:
+        # exact gain 0.03; every4 keeps 0.025 (83%); momentum rows (ascent_every 1, same method, rho and
+        # seed as the exact ones, listed after them) keep nothing
+        for m, e, d, v in (("AdamW", 1, "gradient", 5.19), ("PreconditionedFunctionalSAM", 1, "gradient", 5.16),
+                           ("PreconditionedFunctionalSAM", 4, "gradient", 5.165),
+                           ("PreconditionedFunctionalSAM", 1, "momentum", 5.19)):
+            row = {"method": m, "ascent_every": e, "seed": s, "steps": 400, "lr": 0.004,
+                   "rho": 0.0 if m == "AdamW" else 0.05, "eval_loss": v + off[s] + 0.0002 * (s % 3)}
+            if d == "momentum":
+                row["ascent_direction"] = d
+            runs.append(row)
+    doc = {"schema": "fsam-reproduce/2", "_path": "r.json", "lr": 0.004,
+           "best_rho": {"AdamW": 0.0, "PreconditionedFunctionalSAM": 0.05},
+           "settings": {"fresh_seeds": seeds, "steps": 400, "preset": "2m", "dataset": "x"}, "runs": runs}
+    every = next(x for x in T.TARGETS if x["kind"] == "retention" and x["every"] == 4)
+    mom = next(x for x in T.TARGETS if x["kind"] == "retention" and x.get("direction") == "momentum")
+    # read as the exact method, the momentum rows would make the exact gain 0: "not resolved"
+    assert T.retention_result(every, [doc])["result"] == T.MET
+    assert T.retention_result(mom, [doc])["result"] == T.NOT_MET  # keeps 0% of a resolved gain
+    # a momentum variant whose interval holds the 80% threshold: not resolved, never met
+    for i, r in enumerate(x for x in runs if x.get("ascent_direction") == "momentum"):
+        r["eval_loss"] = r["eval_loss"] - 0.0245 + (0.02 if i % 2 else -0.02)
+    assert T.retention_result(mom, [doc])["result"] == T.NOT_RESOLVED
+    # without momentum runs the momentum target is not measured (the every4 rows do not count)
+    doc["runs"] = [r for r in runs if r.get("ascent_direction") != "momentum"]
+    assert T.retention_result(mom, [doc])["result"] == T.NOT_MEASURED
+
+
+def test_momentum_time_target_names_its_variant():
+    t = next(x for x in T.TARGETS if x["kind"] == "time" and x["variant"] == "PreconditionedFunctionalSAM+momentum"
+             and x["setting"] == T.Z0_2M)
+    # an every4 row under the bound does not stand in for the momentum variant
+    doc = bench([("AdamW", [0.4] * 3, None), ("PreconditionedFunctionalSAM+every4", [0.5] * 3, None)])
+    assert T.time_result(t, [doc])["result"] == T.NOT_MEASURED
+    doc = bench([("AdamW", [0.4] * 3, None), ("PreconditionedFunctionalSAM+momentum", [0.53, 0.54, 0.58], None)])
+    assert T.time_result(t, [doc])["result"] == T.NOT_MET  # the worst round, 1.45x, breaks 1.40x
+    doc = bench([("AdamW", [0.4] * 3, None), ("PreconditionedFunctionalSAM+momentum", [0.53, 0.54, 0.55], None)])
+    assert T.time_result(t, [doc])["result"] == T.MET
+
+
 def test_main_writes_the_block(tmp_path):
     b = bench([("AdamW", [0.4] * 3, 140 * MIB), ("FunctionalSAM", [0.8] * 3, 150 * MIB),
                ("PreconditionedFunctionalSAM", [0.8, 0.9, 0.85], 150 * MIB)])

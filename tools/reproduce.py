@@ -20,7 +20,8 @@ fp32, ZeRO stage 0:
    and data order, so the runs are compared paired by seed.
 3. For those fresh runs: lambda_max of the Hessian and of the Gauss-Newton matrix (Lanczos) on a
    fixed training batch and calibration on the held-out batches (``fsam_ds.sharpness_report``).
-4. Optional: ``--extra-runs ascent_every`` (the sub-2x mode of ``--every-methods`` on the fresh seeds)
+4. Optional: ``--extra-runs ascent_every,momentum`` (either or both: the sub-2x modes of
+   ``--every-methods`` on the fresh seeds, ``ascent_every: k`` and ``ascent_direction: "momentum"``)
    and ``--horizon K`` (AdamW and PreconditionedFunctionalSAM for K x ``--steps`` on the fresh seeds).
 5. ``<plots dir>/<docs stem>.json`` (every run's numbers: commit it), plots (``fsam_ds.plot``)
    and ``--docs`` rendered from that JSON with the verdicts of :mod:`tools.verdicts`;
@@ -278,6 +279,43 @@ def run_ascent_every(a, res: Dict[str, Any]) -> List[dict]:
             for m in a.every_methods for k in a.every for s in res["report_seeds"]]
 
 
+MOMENTUM_SUFFIX = "-momentum"  # run-name suffix of the ascent_direction "momentum" runs
+EXTRAS = ("ascent_every", "momentum")  # the accepted values of --extra-runs
+
+
+def run_momentum(a, res: Dict[str, Any]) -> List[dict]:
+    """Each of ``--every-methods`` with ``ascent_direction: "momentum"`` (eps from AdamW's first
+    moment, no pass-1 backward) at the grid's learning rate and that method's selected rho, on the
+    fresh seeds (the selection seeds when there are none)."""
+    return [train_run(a, m, res["lr"], res["best_rho"][m], s, extra_params={"ascent_direction": verdicts.MOMENTUM},
+                      suffix=MOMENTUM_SUFFIX, status=False)
+            for m in a.every_methods for s in res["report_seeds"]]
+
+
+def compute_model(method: str, every: int = 1, direction: str = verdicts.GRADIENT) -> Dict[str, Any]:
+    """The compute model of one step over AdamW's, in forward-pass units F with a backward = 2F
+    (one forward+backward = 3F, AdamW's whole step), from what :class:`fsam_ds.step.SAMStep` runs:
+    an exact step is pass 1 (F+B) and pass 2 (F+B); a step that does not take its direction from this
+    step's gradient (``ascent_every``'s reusing steps, ``ascent_direction: "momentum"``) runs no pass 1
+    for SAM types and a forward at theta for FunctionalSAM types' g_F (F), then pass 2 (F+B). Elementwise
+    work over the parameters (the ascent, its norms, theta + eps and the restore) and g_F from the
+    detached logits are not counted. Returns ``ratio`` and ``formula``."""
+    if method == "AdamW":
+        return {"ratio": 1.0, "formula": "F+B = 3F: 1"}
+    functional = method.endswith("FunctionalSAM")
+    cheap = 4.0 if functional else 3.0  # a step without pass-1 backward, in F
+    cheap_s = "F + (F+B) = 4F" if functional else "(F+B) = 3F"
+    if direction == verdicts.MOMENTUM:
+        return {"ratio": cheap / 3.0, "formula": f"{cheap_s} (the first step, before AdamW's first update, is exact) "
+                f"over 3F: {cheap / 3.0:.2f}"}
+    if every > 1:
+        ratio = (6.0 + cheap * (every - 1)) / (3.0 * every)
+        form = "(4 + 2/k)/3" if functional else "1 + 1/k"
+        return {"ratio": ratio, "formula": f"one exact step (6F) and k - 1 = {every - 1} steps of {cheap_s} per k = "
+                f"{every}, over 3F: {form} = {ratio:.2f}"}
+    return {"ratio": 2.0, "formula": "(F+B) + (F+B) = 6F over 3F: 2"}
+
+
 HORIZON_METHODS = ("AdamW", "PreconditionedFunctionalSAM")
 
 
@@ -290,14 +328,15 @@ def run_horizon(a, res: Dict[str, Any]) -> List[dict]:
 
 
 def run_step_cost(folder: Path) -> Optional[float]:
-    """A run's cost per step: its steps are grouped into exact and direction-reusing ones
-    (``ascent_reused``, or a missing pass-1 gradient norm), and the cost is the count-weighted sum of
-    each group's median step time: the exact steps of a k-cycle count (a median over all steps would
-    hide them) while the median stays robust to other work slowing some steps down."""
+    """A run's cost per step: its steps are grouped into exact and direction-reusing (or momentum)
+    ones (``ascent_reused``, ``ascent_momentum``, or a missing pass-1 gradient norm), and the cost is
+    the count-weighted sum of each group's median step time: the exact steps of a k-cycle count (a
+    median over all steps would hide them) while the median stays robust to other work slowing some
+    steps down."""
     groups: Dict[bool, List[float]] = {}
     for m in read_metrics(folder):
         if m.get("step_time"):
-            reused = m.get("ascent_reused", "grad_norm" in m and m["grad_norm"] is None)
+            reused = m.get("ascent_reused", m.get("ascent_momentum", "grad_norm" in m and m["grad_norm"] is None))
             groups.setdefault(bool(reused), []).append(m["step_time"])
     n = sum(len(g) for g in groups.values())
     return sum(len(g) / n * statistics.median(g) for g in groups.values()) if n else None
@@ -311,7 +350,8 @@ def run_step_cost(folder: Path) -> Optional[float]:
 def _row(a, r: Dict[str, Any]) -> Dict[str, Any]:
     """One run's numbers for the JSON (everything a verdict or a table needs)."""
     row = {"name": r["name"], "method": r["method"], "lr": r["lr"], "rho": r["rho"], "seed": r["seed"],
-           "ascent_every": int(r.get("ascent_every", 1) or 1), "steps": r.get("steps"),
+           "ascent_every": int(r.get("ascent_every", 1) or 1), "ascent_direction": verdicts.direction_of(r),
+           "steps": r.get("steps"),
            "eval_loss": r.get("final_eval_loss"), "train_loss": r.get("final_train_loss"),
            "median_step_time": r.get("median_step_time"), "step_cost": run_step_cost(a.out / "runs" / r["name"]),
            "wall_s": r.get("wall_s"), "sharpness_every": r.get("sharpness_every", 0)}
@@ -325,10 +365,13 @@ def _row(a, r: Dict[str, Any]) -> Dict[str, Any]:
     return row
 
 
-def collect(a, res: Dict[str, Any], every_runs: List[dict], horizon_runs: List[dict], plots: Dict[str, str]) -> dict:
+def collect(a, res: Dict[str, Any], every_runs: List[dict], horizon_runs: List[dict], plots: Dict[str, str],
+            momentum_runs: Optional[List[dict]] = None) -> dict:
     runs: Dict[str, dict] = {}
+    momentum_runs = momentum_runs or []
     groups = [res["lr_runs"], [r for v in res["sweep"].values() for r in v],
-              [r for v in res["report"].values() for r in v], res["tolerance"], every_runs, horizon_runs]
+              [r for v in res["report"].values() for r in v], res["tolerance"], every_runs, momentum_runs,
+              horizon_runs]
     for g in groups:
         for r in g:
             row = _row(a, r)
@@ -344,10 +387,12 @@ def collect(a, res: Dict[str, Any], every_runs: List[dict], horizon_runs: List[d
                          "eval_batches": a.eval_batches, "lambda_rows": a.lambda_rows, "lambda_iters": a.lambda_iters,
                          "sharpness_every": a.sharpness_every, "every": a.every if every_runs else [],
                          "every_methods": a.every_methods if every_runs else [],
+                         "momentum_methods": a.every_methods if momentum_runs else [],
                          "horizon": a.horizon if horizon_runs else 1, "level": verdicts.LEVEL,
                          "machine": _machine(), "grid_time_s": res["grid_time_s"]},
             "lr": res["lr"], "best_rho": res["best_rho"], "plots": plots,
             "runs": sorted(runs.values(), key=lambda r: (METHODS.index(r["method"]), r["ascent_every"],
+                                                         r["ascent_direction"] != verdicts.GRADIENT,
                                                          r["steps"] or 0, r["rho"], r["lr"], r["seed"]))}
 
 
@@ -413,8 +458,9 @@ def render(data: dict, docs: Path, json_path: Optional[Path] = None) -> str:
     s, runs, best = data["settings"], data["runs"], data["best_rho"]
     methods, fresh, sel = s["methods"], s["fresh_seeds"], s["select_seeds"]
     report_seeds = fresh or sel
-    rep = [r for r in runs if r["seed"] in report_seeds and r["ascent_every"] == 1 and r["steps"] in (None, s["steps"])]
-    selr = [r for r in runs if r["seed"] in sel and r["ascent_every"] == 1 and r["steps"] in (None, s["steps"])]
+    # the exact methods only: no ascent_every or momentum run enters a table of methods or a verdict
+    rep = [r for r in runs if r["seed"] in report_seeds and verdicts.is_exact(r) and r["steps"] in (None, s["steps"])]
+    selr = [r for r in runs if r["seed"] in sel and verdicts.is_exact(r) and r["steps"] in (None, s["steps"])]
     tokens = s["steps"] * s["micro_batch"] * s["seq_len"]
     jrel = os.path.relpath(json_path, docs.parent) if json_path else None
     lines = ["# Results: a small-scale reproduction", "",
@@ -525,45 +571,78 @@ def seed_plan_text() -> str:
 
 
 def ascent_every_section(data: dict) -> List[str]:
-    """The sub-2x variants against AdamW and the exact method, paired by seed."""
+    """The sub-2x variants (``ascent_every: k``, ``ascent_direction: "momentum"``) against AdamW and
+    the exact method, paired by seed, with each one's compute model and measured step cost."""
     s, runs, best = data["settings"], data["runs"], data["best_rho"]
-    if not s.get("every"):
+    every, mom = s.get("every") or [], s.get("momentum_methods") or []
+    if not every and not mom:
         return []
     seeds = s["fresh_seeds"] or s["select_seeds"]
     grid = [r for r in runs if r["seed"] in seeds and r["steps"] in (None, s["steps"])]
 
-    def vals(m, k=1, key="eval_loss"):
-        return {r["seed"]: r[key] for r in grid if r["method"] == m and r["ascent_every"] == k
+    def vals(m, k=1, key="eval_loss", direction=verdicts.GRADIENT):
+        return {r["seed"]: r[key] for r in grid if r["method"] == m and verdicts.is_variant(r, k, direction)
                 and r.get(key) is not None and (m == "AdamW" or abs(r["rho"] - best[m]) < 1e-12)
                 and (m != "AdamW" or abs(r["lr"] - data["lr"]) < 1e-15)}
     ad, ad_t = vals("AdamW"), vals("AdamW", key="step_cost")
     ex = vals(EXTRA_METHOD)
     tag = "fresh seeds" if s["fresh_seeds"] else "selection seeds only: no verdict"
-    lines = ["## Sub-2x mode: ascent_every", "",
-             f"`ascent_every: k` at the grid's learning rate {data['lr']:g} and each method's selected rho ("
-             + ", ".join(f"{m} {best[m]:g}" for m in s["every_methods"]) + f"), {tag} ({', '.join(map(str, seeds))}). "
+    methods = [m for m in SAM_TYPES if m in (s.get("every_methods") or []) + mom]
+    modes = ([f"`ascent_every: k` (k = {', '.join(map(str, every))})"] if every else []) + (
+        ["`ascent_direction: \"momentum\"` (eps from AdamW's first moment m: `rho M^-1 m / ||M^-1 m||` for the "
+         "preconditioned types, `rho m / ||m||` for the others; no pass-1 backward)"] if mom else [])
+    title = " and ".join(x for x, on in (("ascent_every", every), ("momentum", mom)) if on)
+    lines = [f"## Sub-2x modes: {title}", "",
+             f"{' and '.join(modes)} at the grid's learning rate {data['lr']:g} and each method's selected rho ("
+             + ", ".join(f"{m} {best[m]:g}" for m in methods) + f"), {tag} ({', '.join(map(str, seeds))}). "
              f"Gain = AdamW minus variant in eval loss, paired by seed. Retention (the target \">= 80% of exact "
              f"{EXTRA_METHOD}'s gain\"): per seed `(AdamW - variant) - 0.8 (AdamW - exact)`, reproduced only if its "
-             "95% t interval is above 0, and only decided where the exact method's own gain is reproduced. Step "
-             "cost: per seed the run's cost per step (count-weighted medians of its exact and reusing steps) over "
-             "AdamW's on the same seed (shared machine: information, no verdict).", "",
-             "| variant | eval loss | gain over AdamW: mean [95% t interval] | >= 80% of exact PFSAM's gain | "
-             "step cost / AdamW |", "| --- | --- | --- | --- | --- |",
-             f"| AdamW | {_mean_iv(ad)} | 0 | | 1.00x |"]
+             "95% t interval is above 0, and only decided where the exact method's own gain is reproduced; the "
+             "point share `(mean AdamW - mean variant) / (mean AdamW - mean exact)` is information. The exact "
+             "method is its `ascent_every: 1`, `ascent_direction: \"gradient\"` run: no variant stands in for it. "
+             "Step cost: per seed the run's cost per step (count-weighted medians of its exact and direction-reusing "
+             "or momentum steps) over AdamW's on the same seed, mean [95% t interval] (shared machine: information, "
+             "no verdict).", "",
+             "Compute model (`tools.reproduce.compute_model`), in forward passes F with a backward = 2F, so that "
+             "AdamW's step (F+B) is 3F: an exact SAM-type step runs pass 1 and pass 2, (F+B) + (F+B) = 6F, **2x**. "
+             "A step whose direction is not this step's gradient (a reusing step of `ascent_every`, every step of "
+             "`ascent_direction: \"momentum\"` after AdamW's first update) runs no pass 1 for SAM and "
+             "PreconditionedSAM, (F+B) = 3F, and a forward at theta for g_F for FunctionalSAM and "
+             "PreconditionedFunctionalSAM, F + (F+B) = 4F. Hence `ascent_every: k`: SAM types **(1 + 1/k)x**, "
+             "FunctionalSAM types **((4 + 2/k)/3)x**; `ascent_direction: \"momentum\"`: SAM types **1x**, "
+             "FunctionalSAM types **4/3 = 1.33x**. Elementwise work over the parameters (the ascent and its norms, "
+             "theta + eps and the restore) is not counted.", "",
+             "| variant | eval loss | gain over AdamW: mean [95% t interval] | >= 80% of exact PFSAM's gain: "
+             "`(A - V) - 0.8 (A - E)` [95% t interval], verdict | compute model / AdamW | measured step cost / "
+             "AdamW: mean [95% t interval] |", "| --- | --- | --- | --- | --- | --- |",
+             f"| AdamW | {_mean_iv(ad)} | 0 | | 1.00x | 1.00x |"]
 
-    def row(label, m, k):
-        v, vt = vals(m, k), vals(m, k, "step_cost")
+    def row(label, m, k, direction=verdicts.GRADIENT):
+        v, vt = vals(m, k, direction=direction), vals(m, k, "step_cost", direction)
         gain = verdicts.interval(list(verdicts.paired(ad, v).values()))
-        ret = verdicts.retention(ad, ex, v) if s["fresh_seeds"] else None
-        rv = "inconclusive (no fresh seeds)" if ret is None else ret["verdict"] + (f" ({ret['note']})" if ret["note"] else "")
+        exact = direction == verdicts.GRADIENT and k == 1
+        if exact:
+            rv = "(the reference)"
+        elif not s["fresh_seeds"]:
+            rv = "inconclusive (no fresh seeds)"
+        else:
+            ret = verdicts.retention(ad, ex, v)
+            kept = f", point share {ret['kept_point']:.0%}" if ret.get("kept_point") is not None else ""
+            rv = (f"{verdicts.fmt_interval(ret['parts'][0])}{kept}: **{ret['verdict']}**"
+                  + (f" ({ret['note']})" if ret["note"] else ""))
         cost = verdicts.interval([vt[x] / ad_t[x] for x in sorted(set(vt) & set(ad_t)) if ad_t[x]])
         cs = "not measured" if cost["mean"] is None else (f"{cost['mean']:.2f}x" + (
-            f" [{cost['lo']:.2f}, {cost['hi']:.2f}]" if cost["lo"] is not None else ""))
-        return f"| {label} | {_mean_iv(v)} | {verdicts.fmt_interval(gain)} | {rv} | {cs} |"
-    for m in s["every_methods"]:
+            f" [{cost['lo']:.2f}, {cost['hi']:.2f}] (n={cost['n']})" if cost["lo"] is not None
+            else f" (n={cost['n']}, no interval)"))
+        model = compute_model(m, k, direction)["ratio"]
+        return f"| {label} | {_mean_iv(v)} | {verdicts.fmt_interval(gain)} | {rv} | {model:.2f}x | {cs} |"
+    for m in methods:
         lines.append(row(f"{m} (exact)", m, 1))
-        for k in s["every"]:
-            lines.append(row(f"{m} ascent_every {k}", m, k))
+        if m in (s.get("every_methods") or []):
+            for k in every:
+                lines.append(row(f"{m} ascent_every {k}", m, k))
+        if m in mom:
+            lines.append(row(f"{m} ascent_direction momentum", m, 1, verdicts.MOMENTUM))
     return lines + [""]
 
 
@@ -573,7 +652,7 @@ def horizon_section(data: dict) -> List[str]:
     if k <= 1:
         return []
     steps = s["steps"] * k
-    runs = [r for r in data["runs"] if r["steps"] == steps and r["seed"] in s["fresh_seeds"]]
+    runs = [r for r in data["runs"] if r["steps"] == steps and r["seed"] in s["fresh_seeds"] and verdicts.is_exact(r)]
     ad = {r["seed"]: r["eval_loss"] for r in runs if r["method"] == "AdamW"}
     pf = {r["seed"]: r["eval_loss"] for r in runs if r["method"] == "PreconditionedFunctionalSAM"}
     p = verdicts.compare(pf, ad, "less")
@@ -583,7 +662,8 @@ def horizon_section(data: dict) -> List[str]:
             f"paired difference PFSAM - AdamW {verdicts.fmt_interval(p)}: **{p['verdict']}** (claim: PFSAM lower).", ""]
 
 
-def write_report(a, res: Dict[str, Any], every_runs: List[dict], horizon_runs: List[dict]) -> Path:
+def write_report(a, res: Dict[str, Any], every_runs: List[dict], horizon_runs: List[dict],
+                 momentum_runs: Optional[List[dict]] = None) -> Path:
     from fsam_ds import plot as plot_runs
 
     img_dir = a.docs.parent / a.docs.stem if a.plots_dir is None else a.plots_dir
@@ -595,7 +675,7 @@ def write_report(a, res: Dict[str, Any], every_runs: List[dict], horizon_runs: L
     made = plot_runs.plot_all(curves, img_dir, sharp_runs=curves, sweep_runs=sweep_dirs,
                               baseline_runs=[run_dir / r["name"] for r in res["lr_runs"] if r["lr"] == res["lr"]])
     plots = {title: os.path.relpath(path, a.docs.parent) for title, path in made.items()}
-    data = collect(a, res, every_runs, horizon_runs, plots)
+    data = collect(a, res, every_runs, horizon_runs, plots, momentum_runs)
     (a.out / "results.json").write_text(json.dumps(data, indent=1) + "\n")
     a.json.parent.mkdir(parents=True, exist_ok=True)
     a.json.write_text(json.dumps(data, indent=1) + "\n")
@@ -679,10 +759,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sharpness-every", type=int, default=100, help="diagnostics interval of the fresh runs")
     p.add_argument("--lambda-rows", type=int, default=4, help="training blocks in the final lambda_max batch")
     p.add_argument("--lambda-iters", type=int, default=12, help="Lanczos products per final lambda_max")
-    p.add_argument("--extra-runs", default="", help="after the grid: 'ascent_every' runs each of --every-methods "
-                   "with ascent_every k in --every at its selected rho on the fresh seeds and adds a section")
+    p.add_argument("--extra-runs", default="", help="after the grid, comma-separated: 'ascent_every' runs each of "
+                   "--every-methods with ascent_every k in --every, 'momentum' each of them with ascent_direction "
+                   "\"momentum\" (run names ending -momentum-s<seed>), at its selected rho on the fresh seeds; "
+                   "the report gets a sub-2x section")
     p.add_argument("--every-methods", default=EXTRA_METHOD,
-                   help=f"SAM types of --extra-runs ascent_every (comma-separated; default {EXTRA_METHOD})")
+                   help=f"SAM types of --extra-runs (comma-separated; default {EXTRA_METHOD})")
     p.add_argument("--every", type=lambda t: [int(x) for x in t.split(",")], default=[2, 4],
                    help="ascent_every values of --extra-runs ascent_every (default 2,4)")
     p.add_argument("--in-process", action="store_true", help="run fsam-train inside this process instead of one "
@@ -766,20 +848,22 @@ def main(argv: Optional[List[str]] = None) -> int:
     a.command = ("python -m tools.reproduce " + " ".join(shlex.quote(x) for x in argv)).strip()
     extras = [x for x in a.extra_runs.split(",") if x.strip()]
     a.every_methods = [m.strip() for m in a.every_methods.split(",") if m.strip()]
-    if any(x != "ascent_every" for x in extras) or any(k < 2 for k in a.every) or \
+    extras = [x.strip() for x in extras]
+    if any(x not in EXTRAS for x in extras) or any(k < 2 for k in a.every) or \
             (extras and any(m not in a.methods or m == "AdamW" for m in a.every_methods + [EXTRA_METHOD])):
         return _err(f"--extra-runs {a.extra_runs!r} / --every / --every-methods: accepted: --extra-runs "
-                    "ascent_every with --every integers >= 2, --methods including " + EXTRA_METHOD + " and "
-                    "--every-methods a comma-separated list of SAM types among --methods")
+                    "ascent_every, momentum or ascent_every,momentum with --every integers >= 2, --methods including "
+                    + EXTRA_METHOD + " and --every-methods a comma-separated list of SAM types among --methods")
     if a.horizon > 1 and (not a.fresh_seeds or any(m not in a.methods for m in HORIZON_METHODS)):
         return _err(f"--horizon {a.horizon}: accepted: fresh seeds and --methods including "
                     + " and ".join(HORIZON_METHODS))
-    if not extras:
+    if "ascent_every" not in extras:
         a.every = []
     res = run_grid(a)
     every_runs = run_ascent_every(a, res) if "ascent_every" in extras else []
+    momentum_runs = run_momentum(a, res) if "momentum" in extras else []
     horizon_runs = run_horizon(a, res) if a.horizon > 1 else []
-    write_report(a, res, every_runs, horizon_runs)
+    write_report(a, res, every_runs, horizon_runs, momentum_runs)
     log("finished")
     return 0
 

@@ -24,7 +24,9 @@ holds that variant in that setting). Exactly:
   resolution is not what it says); not met iff d - u > A; not resolved otherwise. Over several
   files: not met if any is, met if all are, not resolved otherwise.
 * Eval-loss retention (the variant keeps >= share of the exact method's gain over AdamW), from
-  ``fsam-reproduce`` JSON, fresh seeds only: :func:`tools.verdicts.retention` (per seed
+  ``fsam-reproduce`` JSON, fresh seeds only (the exact method and AdamW: rows that
+  :func:`tools.verdicts.is_exact` accepts; the variant: its ``ascent_every`` and
+  ``ascent_direction``): :func:`tools.verdicts.retention` (per seed
   ``(AdamW - variant) - share (AdamW - exact)``, its 95% t interval above 0, decided only where the
   exact method's own gain is reproduced): reproduced -> met, contradicted -> not met, inconclusive
   -> not resolved.
@@ -71,6 +73,16 @@ TARGETS: List[Dict[str, Any]] = (
     + [{"kind": "retention", "method": "PreconditionedFunctionalSAM", "every": 4, "share": 0.8,
         "variant": "PreconditionedFunctionalSAM ascent_every 4",
         "title": "sub-2x mode: PreconditionedFunctionalSAM `ascent_every: 4` keeps >= 80% of exact "
+                 "PreconditionedFunctionalSAM's eval-loss gain over AdamW (fresh seeds)"}]
+    # ascent_direction "momentum": compute model 4/3 (a forward at theta for g_F plus pass 2, no
+    # pass-1 backward); the bound allows 5% over it for the ascent's elementwise work
+    + [{"kind": "time", "variant": "PreconditionedFunctionalSAM+momentum", "bound": 1.40, "setting": s,
+        "title": f"sub-2x mode: PreconditionedFunctionalSAM `ascent_direction: \"momentum\"` <= 1.40x AdamW step "
+                 f"time, {_where(s)}"}
+       for s in (Z0_2M, Z3_2M)]
+    + [{"kind": "retention", "method": "PreconditionedFunctionalSAM", "every": 1, "direction": "momentum",
+        "share": 0.8, "variant": "PreconditionedFunctionalSAM ascent_direction momentum",
+        "title": "sub-2x mode: PreconditionedFunctionalSAM `ascent_direction: \"momentum\"` keeps >= 80% of exact "
                  "PreconditionedFunctionalSAM's eval-loss gain over AdamW (fresh seeds)"}]
 )
 
@@ -191,14 +203,16 @@ def retention_result(target: Mapping[str, Any], reproduces: Sequence[Mapping[str
         rows = [r for r in doc["runs"] if r["seed"] in fresh and r.get("steps") in (None, s["steps"])]
         rho, lr = doc["best_rho"].get(m), doc.get("lr")
 
-        def vals(method, every, rows=rows, rho=rho, lr=lr):
+        def vals(method, every, direction=verdicts.GRADIENT, rows=rows, rho=rho, lr=lr):
             return {r["seed"]: r["eval_loss"] for r in rows
-                    if r["method"] == method and r.get("ascent_every", 1) == every and r.get("eval_loss") is not None
+                    if r["method"] == method and verdicts.is_variant(r, every, direction)
+                    and r.get("eval_loss") is not None
                     and (method == "AdamW" and abs(r["lr"] - lr) < 1e-15 or method != "AdamW" and rho is not None
                          and abs(r["rho"] - rho) < 1e-12)}
-        v = vals(m, k)
+        v = vals(m, k, target.get("direction", verdicts.GRADIENT))
         if not v:
             continue
+        # AdamW and the exact method: verdicts.is_exact rows only (never a momentum or every-k run)
         ret = verdicts.retention(vals("AdamW", 1), vals(m, 1), v, share=target["share"])
         r = {verdicts.REPRODUCED: MET, verdicts.CONTRADICTED: NOT_MET}.get(ret["verdict"], NOT_RESOLVED)
         results.append(r)

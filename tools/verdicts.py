@@ -209,19 +209,45 @@ def seeds_needed(sd: float, half_width: float, level: float = LEVEL, normal: boo
 # ---------------------------------------------------------------------------------------------
 
 
+GRADIENT, MOMENTUM = "gradient", "momentum"  # the values of a row's "ascent_direction"
+
+
+def ascent_every_of(row: Mapping[str, Any]) -> int:
+    """A row's ``ascent_every`` (1 when absent)."""
+    return int(row.get("ascent_every") or 1)
+
+
+def direction_of(row: Mapping[str, Any]) -> str:
+    """A row's ``ascent_direction``: "gradient" (this step's pass-1 gradient, also every row
+    written before the field existed) or "momentum" (AdamW's first moment)."""
+    return str(row.get("ascent_direction") or GRADIENT)
+
+
+def is_variant(row: Mapping[str, Any], ascent_every: int = 1, direction: str = GRADIENT) -> bool:
+    """Whether ``row`` is the run of that ascent variant (``ascent_every``, ``ascent_direction``)."""
+    return ascent_every_of(row) == ascent_every and direction_of(row) == direction
+
+
+def is_exact(row: Mapping[str, Any]) -> bool:
+    """The exact method: ``ascent_every`` 1 and the ascent from this step's gradient. Every verdict
+    on a method (and every "exact" reference of a sub-2x variant) takes only these rows."""
+    return is_variant(row, 1, GRADIENT)
+
+
 def _rows(rows: Iterable[Mapping[str, Any]], fresh: Iterable[int], steps: Optional[int] = None) -> List[dict]:
-    """The exact-method rows of fresh seeds (no ascent_every variant, the grid's horizon)."""
+    """The exact-method rows of fresh seeds (no ascent_every or momentum variant, the grid's horizon)."""
     fs = set(fresh)
-    return [dict(r) for r in rows if r.get("seed") in fs and int(r.get("ascent_every") or 1) == 1
+    return [dict(r) for r in rows if r.get("seed") in fs and is_exact(r)
             and (steps is None or r.get("steps") in (None, steps))]
 
 
 def values(rows: Iterable[Mapping[str, Any]], method: str, rho: Optional[float] = None, key: str = "eval_loss",
-           ascent_every: int = 1, steps: Optional[int] = None) -> Dict[int, float]:
-    """{seed: row[key]} of one configuration (rho None: any; AdamW's rho is 0)."""
+           ascent_every: int = 1, steps: Optional[int] = None, direction: str = GRADIENT) -> Dict[int, float]:
+    """{seed: row[key]} of one configuration (rho None: any; AdamW's rho is 0); by default the
+    exact method's rows (``ascent_every`` 1, ``direction`` "gradient")."""
     out = {}
     for r in rows:
-        if r.get("method") != method or int(r.get("ascent_every") or 1) != ascent_every:
+        if r.get("method") != method or not is_variant(r, ascent_every, direction):
             continue
         if rho is not None and method != "AdamW" and not math.isclose(float(r.get("rho", 0.0)), rho):
             continue
