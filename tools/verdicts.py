@@ -20,7 +20,9 @@ Every verdict comes from an interval, never from the sign of a difference:
 
 Only *fresh* seeds enter a verdict: the seeds used to choose the learning rate and rho (the
 selection seeds) are never among the rows given to :func:`claims` (the runner filters them, and
-:func:`claims` takes the fresh seeds explicitly and drops every other row).
+:func:`claims` takes the fresh seeds explicitly and drops every other row). Only the exact
+methods enter a claim or stand as the exact reference of a sub-2x variant: :func:`is_exact`
+(``ascent_every`` 1 and ``ascent_direction`` "gradient"; a row without the field is "gradient").
 """
 from __future__ import annotations
 
