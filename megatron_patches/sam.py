@@ -1,65 +1,102 @@
 """The method on megatron-core: one optimizer step across tensor, pipeline and data parallel groups.
 
-:class:`MegatronSAM` runs, with megatron-core's own pieces only:
+:class:`MegatronSAM` runs the step of :class:`fsam_ds.step.SAMStep` (pass 1, the ascent,
+theta + eps, pass 2 with pass 1's random state, restore), with megatron-core's own pieces only:
 
-1. pass 1 at theta through ``get_forward_backward_func()`` (any schedule: no pipelining, 1F1B,
-   interleaved). For FunctionalSAM, :class:`LogitGradCache` keeps ``g_F`` of every micro-batch:
-   the gradient arriving at the output layer's vocab-parallel logits, i.e. already divided the
-   way the schedule and the loss function divide the loss (micro-batch count, token count, fp16
-   loss scale), sharded along the vocabulary across the tensor-parallel group, in the order the
-   last pipeline stage runs the micro-batches;
-2. the ascent from the optimizer's own main gradients (the distributed optimizer: this rank's
-   shard; otherwise the data-parallel-reduced gradients), with AdamW's ``exp_avg_sq`` of the same
-   elements when preconditioned. The norm counts every element once by megatron-core's own rule
-   (``get_main_grads_for_grad_norm``: no tensor-parallel duplicates, no shared copies) and is
-   reduced over megatron's grad-stats group (TP x PP for the plain optimizer, TP x PP x DP for the
-   distributed one), one all-reduce of a 2-vector;
-3. the optimizer's main parameters moved to theta + eps and spread to the model parameters the
-   way the optimizer's step spreads them (``_copy_main_params_to_model_params`` and the
-   distributed optimizer's parameter all-gather);
-4. pass 2 through the same schedule on the same micro-batches, with the random state of pass 1:
-   SAM backpropagates the loss; FunctionalSAM injects ``g_F`` at the logits, which is the gradient
-   of the surrogate ``sum F(theta + eps) * stopgrad(g_F)``;
-5. theta restored bit-exactly from a copy of the main parameters, spread again, then the
-   optimizer's ordinary ``step()`` (clipping, loss scale, AdamW) on the pass-2 gradients.
+* the passes (:class:`SchedulePasses`) are ``get_forward_backward_func()`` (any schedule: no
+  pipelining, 1F1B, interleaved) over the step's micro-batches, recorded in pass 1 and replayed in
+  pass 2. For FunctionalSAM, :class:`OutputLayerHooks` keeps ``g_F`` of every micro-batch in a
+  :mod:`fsam_ds.caches` cache (``logit_grad_cache`` ``"device"`` or ``"host"``): the gradient
+  arriving at the output layer's vocab-parallel logits, i.e. already divided the way the schedule
+  and the loss function divide the loss (micro-batch count, token count, fp16 loss scale),
+  sharded along the vocabulary across the tensor-parallel group, in the order the last pipeline
+  stage runs the micro-batches; pass 2 injects it at the logits, which is the gradient of the
+  surrogate ``sum F(theta + eps) * stopgrad(g_F)``;
+* what this rank holds (:class:`MainParams`, a :class:`fsam_ds.step.RankView`) is the
+  optimizer's main parameters and main gradients (the distributed optimizer: this rank's shard;
+  otherwise the data-parallel-reduced gradients), with AdamW's moments of the same elements. The
+  norm counts every element once by megatron-core's own rule (``get_main_grads_for_grad_norm``:
+  no tensor-parallel duplicates, no shared copies) and is reduced over megatron's grad-stats group
+  (TP x PP for the plain optimizer, TP x PP x DP for the distributed one), one all-reduce of a
+  2-vector. theta + eps is written into the main parameters and spread to the model parameters
+  the way the optimizer's step spreads them (``_copy_main_params_to_model_params`` and the
+  distributed optimizer's parameter all-gather); theta comes back bit-exactly from a copy;
+* then the optimizer's ordinary ``step()`` (clipping, loss scale, AdamW) on the pass-2 gradients.
+  In bf16 and fp32 a non-finite loss (either pass) or gradient on any rank skips the step on
+  every rank (one all-reduce of a flag over the world): no update, gradients cleared,
+  ``update_successful`` False, so the caller holds its LR schedule; fp16 keeps megatron-core's
+  own found-inf check of the gradients (and its loss-scale update).
 
-The algorithm itself is :func:`fsam_ds.method.ascent_direction`, shared with the DeepSpeed engine.
+``ascent_every: k`` reuses the stored direction between the computing steps (the cycle counts
+optimizer steps taken, skipped ones included); on a reusing step SAM has no pass 1 and
+FunctionalSAM's pass 1 only produces ``g_F`` at theta: without pipelining the output layer hands
+the loss detached logits, so only the loss's backward runs; with a pipeline (the stages exchange
+gradients) it is a full pass-1 backward whose gradients are discarded. ``ascent_direction:
+"momentum"`` takes the ascent from AdamW's ``exp_avg`` the same way. The rho warm-up counts
+applied AdamW updates (a skipped step does not advance it).
+
+Refused, with one line before any work: ``logit_grad_cache: "recompute"`` and a nonzero
+``sharpness_every`` (:func:`check_sam_config`).
 """
 from __future__ import annotations
 
 import contextlib
 import time
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Mapping, Optional
 
 import torch
 
-from fsam_ds.config import SAMConfig
-from fsam_ds.method import Ascent, ascent_direction, rho_at
+from fsam_ds.caches import LogitGradCache, make_logit_grad_cache
+from fsam_ds.config import FSAMConfigError, SAMConfig
+from fsam_ds.method import Ascent, adam_denominator
+from fsam_ds.step import SAMStep, StepOutcome, step_metrics
 
 from .layout import unwrap
+
+#: logit_grad_cache modes megatron-core runs
+LOGIT_GRAD_CACHES = ("device", "host")
+
+
+def check_sam_config(sam: SAMConfig, key_names: Optional[Mapping[str, str]] = None) -> None:
+    """Raise one :class:`FSAMConfigError` for a setting megatron-core does not run; errors name
+    a setting by its entry in ``key_names`` (a command-line flag), else by its key."""
+    names = dict(key_names or {})
+    if sam.functional and sam.logit_grad_cache not in LOGIT_GRAD_CACHES:
+        key = names.get("logit_grad_cache", "logit_grad_cache")
+        raise FSAMConfigError(f"{key} {sam.logit_grad_cache!r} is not supported on megatron-core (its output layer "
+                              "is a vocab-parallel linear inside the schedule); accepted: "
+                              f"{', '.join(LOGIT_GRAD_CACHES)}")
+    if sam.sharpness_every:
+        key = names.get("sharpness_every", "sharpness_every")
+        raise FSAMConfigError(f"{key} {sam.sharpness_every} is not supported on megatron-core (the sharpness "
+                              "diagnostics run on the DeepSpeed engine); accepted: 0")
 
 
 # ---- g_F capture and injection ------------------------------------------------------------------
 
-class LogitGradCache:
-    """Per-micro-batch ``g_F`` at the output layer of the last pipeline stage.
+class OutputLayerHooks:
+    """``g_F`` of every micro-batch at the output layer of the last pipeline stage, kept in a
+    :mod:`fsam_ds.caches` cache (``put(k, g)`` in pass 1, ``get(k)`` in pass 2).
 
     ``capture()``: a context in which every forward of the output layer registers a gradient hook
-    on its logits that keeps the incoming gradient (``grads[k]`` for the k-th micro-batch this
-    stage runs). ``inject()``: a context in which the hook *replaces* the incoming gradient by the
-    kept ``grads[k]``, so the backward pass is that of ``sum F * stopgrad(g_F)`` whatever loss
+    on its logits that puts the incoming gradient into the cache (key ``k`` for the k-th
+    micro-batch this stage runs); with ``cut=True`` the forward hook hands the rest of the model
+    detached logits that require grad, so a backward stops there (``g_F`` without a backward
+    through the model). ``inject()``: a context in which the hook *replaces* the incoming gradient
+    by the kept one, so the backward pass is that of ``sum F * stopgrad(g_F)`` whatever loss
     function follows. Only the logits' own shard is kept: ``tokens x vocab / tp`` values per
     micro-batch, in the logits' dtype.
     """
 
-    def __init__(self, model_chunks):
+    def __init__(self, model_chunks, cache: LogitGradCache):
         self.layers = [unwrap(c).output_layer for c in model_chunks
                        if getattr(unwrap(c), "post_process", False) and hasattr(unwrap(c), "output_layer")]
         for c in model_chunks:
             if getattr(unwrap(c).config, "mtp_num_layers", None):
                 raise ValueError("multi-token prediction (mtp_num_layers) is not supported by the functional "
                                  "SAM types; accepted: mtp_num_layers None")
-        self.grads: List[torch.Tensor] = []
+        self.cache = cache
+        self._kept: set = set()
         self._count = 0
 
     @contextlib.contextmanager
@@ -72,8 +109,8 @@ class LogitGradCache:
             for h in handles:
                 h.remove()
 
-    def capture(self):
-        self.grads = []
+    def capture(self, cut: bool = False):
+        self._kept = set()
 
         def hook(module, args, output):
             logits = output[0] if isinstance(output, tuple) else output
@@ -81,14 +118,18 @@ class LogitGradCache:
                 return None
             k = self._count
             self._count += 1
-            self.grads.append(None)
 
             def keep(grad, k=k):
-                self.grads[k] = grad.detach()
+                self.cache.put(k, grad.detach())
+                self._kept.add(k)
                 return None
 
-            logits.register_hook(keep)
-            return None
+            if not cut:
+                logits.register_hook(keep)
+                return None
+            leaf = logits.detach().requires_grad_(True)
+            leaf.register_hook(keep)
+            return (leaf, *output[1:]) if isinstance(output, tuple) else leaf
 
         return self._hooked(hook)
 
@@ -99,9 +140,10 @@ class LogitGradCache:
                 return None
             k = self._count
             self._count += 1
-            if k >= len(self.grads) or self.grads[k] is None:
+            if k not in self._kept:
                 raise RuntimeError(f"no logit gradient kept for micro-batch {k} of pass 1")
-            g = self.grads[k]
+            self._kept.discard(k)
+            g = self.cache.get(k)
             if g.shape != logits.shape:
                 raise RuntimeError(f"logit gradient {tuple(g.shape)} does not match the logits {tuple(logits.shape)}")
             logits.register_hook(lambda grad, g=g: g.to(grad.dtype))
@@ -110,7 +152,8 @@ class LogitGradCache:
         return self._hooked(hook)
 
     def clear(self):
-        self.grads = []
+        self.cache.clear()
+        self._kept = set()
 
     def check_count(self, expected: Optional[int], which: str) -> None:
         """Raise unless the pass just run made exactly ``expected`` output-layer forwards (one per
@@ -125,7 +168,7 @@ class LogitGradCache:
                                "(no extra forward of the model inside the step)")
 
 
-# ---- the optimizer's shards ----------------------------------------------------------------------
+# ---- what this rank's optimizer holds -----------------------------------------------------------
 
 def _step_count(value) -> int:
     """An Adam step count held as an int, a float or a (0-dim) tensor."""
@@ -146,12 +189,24 @@ def _is_distributed(o) -> bool:
 
 
 class MainParams:
-    """What this rank's optimizer(s) hold: main parameters, their gradients, AdamW's state."""
+    """What this rank's optimizer(s) hold: main parameters, their gradients, AdamW's state
+    (a :class:`fsam_ds.step.RankView`).
 
-    def __init__(self, optimizer):
+    The tensors are the optimizer's main parameters in its own order (``params``, fixed for the
+    optimizer's life): ``grads()`` are their gradients as the optimizer's step will see them
+    (before unscaling), ``weights()`` megatron-core's norm rule for each (1 counted, 0 a
+    tensor-parallel duplicate or a shared copy), ``perturb``/``restore`` write them and spread
+    them to the model parameters. ``model_chunks``: the DDP chunks whose gradient buffers
+    ``zero_grad()`` clears.
+    """
+
+    def __init__(self, optimizer, model_chunks=()):
+        from megatron.core import tensor_parallel
         from megatron.core.optimizer.optimizer import MixedPrecisionOptimizer
+        from megatron.core.transformer.module import param_is_not_shared
 
         self.optimizer = optimizer
+        self.model_chunks = list(model_chunks)
         self.inner = [o for o in _inner_optimizers(optimizer) if not getattr(o, "is_stub_optimizer", False)]
         for o in self.inner:
             if getattr(o.config, "use_precision_aware_optimizer", False):
@@ -164,15 +219,31 @@ class MainParams:
         if len(groups) > 1:
             raise ValueError("optimizers with different grad-stats groups (e.g. expert-parallel MoE) are not "
                              "supported by the SAM types")
-        self.group = groups.pop() if groups else None
+        self.norm_group = groups.pop() if groups else None
         self.params = [p for o in self.inner for g in o.optimizer.param_groups for p in g["params"]]
         self._owner = {id(p): (o, g) for o in self.inner for g in o.optimizer.param_groups for p in g["params"]}
+        # megatron-core's rule (get_main_grads_for_grad_norm), per parameter
+        self._weights = [1.0 if param_is_not_shared(p) and tensor_parallel.param_is_not_tensor_parallel_duplicate(
+            p, getattr(self._owner[id(p)][0], "tp_group", None)) else 0.0 for p in self.params]
         self._saved: Optional[List[torch.Tensor]] = None
 
+    @property
+    def group(self):
+        return self.norm_group
+
+    @property
+    def fp16(self) -> bool:
+        """Whether a loss scaler checks the gradients (megatron-core's own found-inf path)."""
+        return any(getattr(o, "grad_scaler", None) is not None for o in self.inner)
+
+    @property
+    def grad_scale(self) -> float:
+        return float(self.inner[0].get_loss_scale()) if self.inner else 1.0
+
     @torch.no_grad()
-    def read_grads(self):
-        """Main gradients as the optimizer's step will see them (before unscaling), the per-tensor
-        weights of megatron's norm rule (1 counted, 0 duplicate/shared) and the loss scale."""
+    def grads(self) -> List[torch.Tensor]:
+        """Main gradients as the optimizer's step will see them (the model's gradients copied in
+        the way its step copies them; a parameter without one reads as zeros)."""
         for o, mixed in zip(self.inner, self.mixed):
             if mixed:
                 o._copy_model_grads_to_main_grads()
@@ -181,20 +252,25 @@ class MainParams:
                     for p in group["params"]:
                         if hasattr(p, "main_grad"):
                             p.grad = p.main_grad
-        counted = {id(g) for o in self.inner for g in o.get_main_grads_for_grad_norm()}
-        grads, weights, params = [], [], []
-        for p in self.params:
-            if p.grad is None:
-                continue
-            params.append(p)
-            grads.append(p.grad)
-            weights.append(1.0 if id(p.grad) in counted else 0.0)
-        scale = float(self.inner[0].get_loss_scale()) if self.inner else 1.0
-        return params, grads, weights, scale
+        return [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.params]
+
+    def weights(self) -> List[float]:
+        return self._weights
+
+    def local_shapes(self) -> List[torch.Size]:
+        return [p.shape for p in self.params]
+
+    def region(self, params):
+        return None  # the shares of ||eps||^2 are not reported on megatron-core (share_params {})
+
+    def zero_grad(self) -> None:
+        for chunk in self.model_chunks:
+            chunk.zero_grad_buffer()
+        self.optimizer.zero_grad()
 
     @torch.no_grad()
-    def adam_step(self) -> int:
-        """AdamW updates taken so far, read the way megatron-core reads it
+    def adam_updates(self) -> int:
+        """AdamW updates applied so far, read the way megatron-core reads it
         (``DistributedOptimizer.state_dict``): torch's Adam/AdamW keep ``step`` in every
         parameter's state; TransformerEngine's and apex's FusedAdam (which megatron-core picks
         first when installed) keep it in ``param_groups[i]["step"]`` (a group without parameters
@@ -240,26 +316,34 @@ class MainParams:
                     return True
         return False
 
-    def denominators(self, params, step: int):
-        """AdamW's ``sqrt(v / (1 - beta2^t)) + eps`` for each parameter (its own group's beta2, eps and
-        bias_correction), or None before the first step (``step`` 0). After it, a parameter without
-        ``exp_avg_sq`` is an error, not a silent fall-back to the unpreconditioned method."""
-        if step == 0:
-            return None
-        from fsam_ds.method import adam_denominator
+    def _state(self, p, adam_updates: int, key: str) -> torch.Tensor:
+        o, _ = self._owner[id(p)]
+        st = o.optimizer.state.get(p)
+        if not st or key not in st:
+            raise RuntimeError(
+                f"{type(o.optimizer).__name__} has taken {adam_updates} Adam step(s) but holds no {key} for a "
+                f"parameter of shape {tuple(p.shape)}; the SAM types that read AdamW's moments need them for "
+                "every parameter (optimizer 'adam')")
+        return st[key]
 
+    def denominators(self, adam_updates: int) -> Optional[List[torch.Tensor]]:
+        """AdamW's ``sqrt(v / (1 - beta2^t)) + eps`` for each parameter (its own group's beta2, eps and
+        bias_correction), or None before the first update (``adam_updates`` 0). After it, a parameter
+        without ``exp_avg_sq`` is an error, not a silent fall-back to the unpreconditioned method."""
+        if adam_updates == 0:
+            return None
         out = []
-        for p in params:
-            o, group = self._owner[id(p)]
-            st = o.optimizer.state.get(p)
-            if not st or "exp_avg_sq" not in st:
-                raise RuntimeError(
-                    f"{type(o.optimizer).__name__} has taken {step} Adam step(s) but holds no exp_avg_sq for a "
-                    f"parameter of shape {tuple(p.shape)}; the preconditioned SAM types need AdamW's second "
-                    "moment of every parameter (optimizer 'adam')")
-            out.append(adam_denominator(st["exp_avg_sq"], group["betas"][1], group["eps"], step,
-                                        group.get("bias_correction", True)))
+        for p in self.params:
+            group = self._owner[id(p)][1]
+            out.append(adam_denominator(self._state(p, adam_updates, "exp_avg_sq"), group["betas"][1], group["eps"],
+                                        adam_updates, group.get("bias_correction", True)))
         return out
+
+    def first_moments(self, adam_updates: int) -> Optional[List[torch.Tensor]]:
+        """AdamW's ``exp_avg`` of each parameter; None before the first update."""
+        if adam_updates == 0:
+            return None
+        return [self._state(p, adam_updates, "exp_avg") for p in self.params]
 
     @torch.no_grad()
     def spread(self):
@@ -272,19 +356,76 @@ class MainParams:
                     chunk.start_param_sync(force_sync=True)
 
     @torch.no_grad()
-    def perturb(self, params, ascent: Ascent):
-        self._saved = [p.detach().clone() for p in params]
-        self._perturbed = params
-        if params:
-            torch._foreach_add_(params, ascent.directions, alpha=float(ascent.coef))
+    def perturb(self, ascent: Ascent) -> None:
+        self._saved = [p.detach().clone() for p in self.params]
+        if self.params:
+            torch._foreach_add_(self.params, ascent.directions, alpha=float(ascent.coef))
         self.spread()
 
     @torch.no_grad()
-    def restore(self):
-        if self._perturbed:
-            torch._foreach_copy_(self._perturbed, self._saved)
-        self._saved = self._perturbed = None
+    def restore(self) -> None:
+        if self._saved is not None and self.params:
+            torch._foreach_copy_(self.params, self._saved)
+        self._saved = None
         self.spread()
+
+
+# ---- the passes ----------------------------------------------------------------------------------
+
+class SchedulePasses:
+    """The passes of one step through megatron-core's schedule (a :class:`fsam_ds.step.Passes`).
+
+    ``forward_backward_func(data_iterator=..., **schedule_kw)`` runs the step's micro-batches;
+    pass 1 records the micro-batches it draws and the random state it starts from (the CPU and
+    CUDA generators and megatron's RNG tracker), pass 2 replays both. ``hooks``: FunctionalSAM's
+    :class:`OutputLayerHooks` (None for SAM and AdamW); ``cut``: whether a forward for ``g_F``
+    only may stop the backward at the logits (no pipeline). ``pass2_losses``: pass 2's
+    ``losses_reduced``.
+    """
+
+    def __init__(self, forward_backward_func: Callable, schedule_kw: Dict[str, Any], data_iterator,
+                 hooks: Optional[OutputLayerHooks], cut: bool = False, record: bool = True):
+        self.run = forward_backward_func
+        self.kw = schedule_kw
+        self.data = data_iterator
+        self.hooks = hooks
+        self.cut = cut
+        self.record = record
+        self.expected = schedule_kw.get("num_microbatches")
+        self.pass2_losses: Optional[list] = None
+
+    def _pass1(self, cut: bool):
+        recorded = _record(self.data) if self.record else self.data
+        rng = _rng_state() if self.record else None
+        with (self.hooks.capture(cut=cut) if self.hooks is not None else contextlib.nullcontext()):
+            losses = self.run(data_iterator=recorded, **self.kw)
+        if self.hooks is not None:
+            self.hooks.check_count(self.expected, "pass 1")
+        return losses, ((recorded, rng) if self.record else None)
+
+    def pass1(self):
+        return self._pass1(cut=False)
+
+    def forward_pass(self):
+        return self._pass1(cut=self.cut)
+
+    def pass2(self, replay):
+        if replay is None:  # SAM reusing a direction: no pass 1 ran, this is the step's only pass
+            self.pass2_losses = self.run(data_iterator=self.data, **self.kw)
+            return self.pass2_losses
+        recorded, rng = replay
+        _set_rng_state(rng)
+        with (self.hooks.inject() if self.hooks is not None else contextlib.nullcontext()):
+            self.pass2_losses = self.run(data_iterator=_replay(recorded), **self.kw)
+        if self.hooks is not None:
+            self.hooks.check_count(self.expected, "pass 2")
+        return self.pass2_losses
+
+    def rng_state(self):
+        return _rng_state()
+
+    def set_rng_state(self, state):
+        _set_rng_state(state)
 
 
 # ---- data and random state replay ----------------------------------------------------------------
@@ -345,76 +486,88 @@ class MegatronSAM:
 
     ``model_chunks``: the list of (DDP-wrapped) ``GPTModel`` chunks of this rank, as given to the
     schedule; ``optimizer``: what ``get_megatron_optimizer`` returned (distributed or not, fp32,
-    bf16 or fp16). ``last_metrics`` holds the latest step's ``method``, ``loss`` (pass 1, on the
-    last pipeline stage), ``grad_norm`` (global ``||g||`` of pass 1), ``eps_norm``, ``rho``,
-    ``update_successful`` and ``step_time``.
+    bf16 or fp16). ``last_metrics`` holds the latest step's :func:`fsam_ds.step.step_metrics`
+    (``method``, ``loss`` of pass 1 on the last pipeline stage, ``grad_norm`` the global ``||g||``
+    of pass 1, ``eps_norm``, ``rho``, ``lr``, ``skipped``, ``step_time``, ...) and
+    ``update_successful``. ``state_dict()``: what this rank needs beyond the model, optimizer and
+    scheduler to continue exactly (the stored direction of ``ascent_every``), one per rank.
     """
 
     def __init__(self, model_chunks, optimizer, sam: SAMConfig):
+        check_sam_config(sam)
         self.model = list(model_chunks)
         self.optimizer = optimizer
         self.sam = sam
-        self.main = MainParams(optimizer)
-        if sam.preconditioned:
-            kinds = {getattr(o.config, "optimizer", "adam") for o in self.main.inner}
-            if kinds - {"adam"}:
-                raise ValueError(f"{sam.method} preconditions with AdamW's second moment; the optimizer is "
-                                 f"{'/'.join(sorted(kinds))}; accepted: optimizer 'adam'")
-        self.cache = LogitGradCache(self.model) if sam.functional else None
-        self.skip_unperturbed_pass2 = True
-        self.steps = 0
+        self.main = MainParams(optimizer, self.model)
+        kinds = {getattr(o.config, "optimizer", "adam") for o in self.main.inner}
+        if sam.preconditioned and kinds - {"adam"}:
+            raise ValueError(f"{sam.method} preconditions with AdamW's second moment; the optimizer is "
+                             f"{'/'.join(sorted(kinds))}; accepted: optimizer 'adam'")
+        if sam.is_sam and kinds - {"adam"} and (sam.rho_warmup_steps or sam.ascent_direction == "momentum"):
+            what = "rho_warmup_steps counts AdamW updates" if sam.rho_warmup_steps else \
+                'ascent_direction "momentum" reads AdamW\'s first moment'
+            raise ValueError(f"{what}; the optimizer is {'/'.join(sorted(kinds))}; accepted: optimizer 'adam'")
+        self.hooks = (OutputLayerHooks(self.model, make_logit_grad_cache(sam.logit_grad_cache))
+                      if sam.functional else None)
+        self.steps = 0  # optimizer steps taken by this object (skipped ones included)
+        self._iteration = 0
+        self.core = SAMStep(sam, self.main, adam_updates=self.main.adam_updates, step_index=lambda: self._iteration)
+        self._cut = self._can_cut_backward()
         self._t0: Optional[float] = None
+        self._step_losses: list = []
+        self.outcome: Optional[StepOutcome] = None
         self.last_metrics: Dict[str, Any] = {}
 
+    def _can_cut_backward(self) -> bool:
+        """Whether a forward for ``g_F`` only may stop the backward at the logits: one model chunk,
+        no pipeline (the stages exchange the gradients of their outputs), and gradient reduction
+        not overlapped with the backward (its buckets expect every gradient)."""
+        from megatron.core import parallel_state as ps
+
+        if len(self.model) != 1 or ps.get_pipeline_model_parallel_world_size() != 1:
+            return False
+        ddp = getattr(self.model[0], "ddp_config", None)
+        return not getattr(ddp, "overlap_grad_reduce", False)
+
+    @property
+    def skip_unperturbed_pass2(self) -> bool:
+        return self.core.skip_unperturbed_pass2
+
+    @skip_unperturbed_pass2.setter
+    def skip_unperturbed_pass2(self, value: bool) -> None:
+        self.core.skip_unperturbed_pass2 = bool(value)
+
     def zero_grad(self):
-        for chunk in self.model:
-            chunk.zero_grad_buffer()
-        self.optimizer.zero_grad()
+        self.main.zero_grad()
+
+    def _lr(self) -> Optional[float]:
+        groups = getattr(self.optimizer, "param_groups", None)
+        return float(groups[0]["lr"]) if groups else None
 
     def forward_backward(self, forward_backward_func: Callable, forward_step_func, data_iterator, **schedule_kw):
-        """Pass 1 and, for the SAM types, the ascent and pass 2; ends with zero or pass-2
-        gradients in place (the optimizer has not stepped). Returns pass 1's losses_reduced."""
+        """Pass 1 and, for the SAM types, the ascent and pass 2; ends with pass-1 (no pass 2) or
+        pass-2 gradients in place (the optimizer has not stepped). Returns pass 1's
+        losses_reduced (pass 2's for SAM reusing a direction: it has no pass 1). ``iteration``:
+        optimizer steps taken so far, skipped ones included (the ``ascent_every`` cycle); default
+        the steps this object took."""
         sam, t0 = self.sam, time.perf_counter()
         self._t0 = t0  # step_time runs from here to the end of optimizer_step()
         iteration = schedule_kw.pop("iteration", None)
-        step = self.steps if iteration is None else int(iteration)
-        rho = rho_at(step, sam.rho, sam.rho_warmup_steps) if sam.is_sam else 0.0
+        self._iteration = self.steps if iteration is None else int(iteration)
         kw = dict(forward_step_func=forward_step_func, model=self.model, forward_only=False, **schedule_kw)
-        self.zero_grad()
-        if not sam.is_sam:
-            losses = forward_backward_func(data_iterator=data_iterator, **kw)
-            self.last_metrics = {"method": sam.method, "rho": 0.0, "eps_norm": 0.0, "grad_norm": None,
-                                 "loss": _mean_loss(losses)}
-            return losses
-        recorded = _record(data_iterator)
-        rng_before = _rng_state()
-        with (self.cache.capture() if self.cache is not None else contextlib.nullcontext()):
-            losses = forward_backward_func(data_iterator=recorded, **kw)
-        expected = kw.get("num_microbatches")
-        if self.cache is not None:
-            self.cache.check_count(expected, "pass 1")
-        params, grads, weights, scale = self.main.read_grads()
-        denoms = self.main.denominators(params, self.main.adam_step()) if sam.preconditioned else None
-        ascent = ascent_direction(grads, rho, denoms, sam.precondition_norm, group=self.main.group,
-                                  grad_scale=scale, weights=weights)
-        self.last_metrics = {"method": sam.method, "rho": rho, "grad_norm": float(ascent.grad_norm),
-                             "eps_norm": float(ascent.eps_norm), "loss": _mean_loss(losses)}
-        if not (ascent.is_zero and self.skip_unperturbed_pass2):
-            rng_after = _rng_state()
-            self.main.perturb(params, ascent)
-            del ascent, grads
-            self.zero_grad()
-            _set_rng_state(rng_before)
-            with (self.cache.inject() if self.cache is not None else contextlib.nullcontext()):
-                forward_backward_func(data_iterator=_replay(recorded), **kw)
-            _set_rng_state(rng_after)
-            self.main.restore()
-            if self.cache is not None:
-                self.cache.check_count(expected, "pass 2")
-        if self.cache is not None:
-            self.cache.clear()
+        self.main.zero_grad()
+        passes = SchedulePasses(forward_backward_func, kw, data_iterator, self.hooks, cut=self._cut,
+                                record=sam.is_sam)
+        try:
+            out = self.core.run(passes)
+        finally:
+            if self.hooks is not None:
+                self.hooks.clear()
+        self.outcome = out
+        self._step_losses = [out.losses, passes.pass2_losses]
+        self.last_metrics = step_metrics(sam, out, _mean_loss(out.losses), self._lr(), False, 0.0, have_shares=False)
         self.last_metrics["pass_time"] = time.perf_counter() - t0
-        return losses
+        return out.losses
 
     def step(self, forward_backward_func: Callable, forward_step_func, data_iterator, num_microbatches: int,
              seq_length: int, micro_batch_size: int, decoder_seq_length: Optional[int] = None,
@@ -429,17 +582,57 @@ class MegatronSAM:
         update_successful, grad_norm, num_zeros = self.optimizer_step()
         return losses, update_successful, grad_norm, num_zeros
 
+    def finite_everywhere(self) -> bool:
+        """Whether the step's losses (both passes) and, in bf16/fp32, the gradients the update
+        would apply are finite on every rank: one all-reduce of a flag over the world, so that a
+        data-parallel rank's infinite loss, or the last pipeline stage's, skips the step on all
+        ranks. fp16 leaves the gradients to megatron-core's own found-inf check."""
+        import torch.distributed as dist
+
+        from fsam_ds.distributed import comm_device, world_size
+
+        flags = [torch.isfinite(v.detach()).all() for losses in self._step_losses for d in (losses or [])
+                 if isinstance(d, dict) for v in d.values() if torch.is_tensor(v)]
+        if not self.main.fp16:
+            grads = [g for g in self.main.grads() if g.numel()]
+            if grads:
+                flags.append(torch.isfinite(torch.stack(torch._foreach_norm(grads))).all())
+        device = comm_device()
+        bad = torch.zeros(1, device=device)
+        if flags:
+            bad += (~torch.stack([f.to(device) for f in flags]).all()).float()
+        if world_size() > 1:
+            dist.all_reduce(bad, op=dist.ReduceOp.MAX)
+        return bool(bad.item() == 0)
+
     def optimizer_step(self):
         """The optimizer's own step on the gradients :meth:`forward_backward` left (the second half
-        of :meth:`step`). Returns ``(update_successful, grad_norm, num_zeros_in_grad)``."""
+        of :meth:`step`), or the skip of a step with a non-finite loss or gradient
+        (:meth:`finite_everywhere`: no update, gradients cleared). Returns ``(update_successful,
+        grad_norm, num_zeros_in_grad)``; the caller holds its LR schedule when the update was not
+        successful."""
         t0 = self._t0
-        update_successful, grad_norm, num_zeros = self.optimizer.step()
+        if self.finite_everywhere():
+            update_successful, grad_norm, num_zeros = self.optimizer.step()
+        else:
+            self.main.zero_grad()
+            update_successful, grad_norm, num_zeros = False, None, None
         self.steps += 1
-        self.last_metrics.update(update_successful=bool(update_successful))
+        self.last_metrics.update(update_successful=bool(update_successful), skipped=not update_successful)
         if t0 is not None:
             self.last_metrics["step_time"] = time.perf_counter() - t0
         self._t0 = None
+        self._step_losses = []
         return update_successful, grad_norm, num_zeros
+
+    # ---- checkpointing ----------------------------------------------------------------------
+    def state_dict(self) -> Dict[str, Any]:
+        """This rank's :meth:`fsam_ds.step.SAMStep.state_dict` (save one per rank)."""
+        return self.core.state_dict()
+
+    def load_state_dict(self, state: Dict[str, Any]) -> None:
+        device = self.main.params[0].device if self.main.params else torch.device("cpu")
+        self.core.load_state_dict(state, device)
 
 
 def _mean_loss(losses_reduced) -> Optional[float]:

@@ -9,10 +9,11 @@ cannot be undone), by tests/test_megatron_steps.py. Writes a dict of results to 
   (step in every parameter's state) and with an AdamW that keeps its step in
   ``param_groups[i]["step"]`` the way TransformerEngine's and apex's FusedAdam do, at the plain
   fp32 optimizer, the distributed optimizer and bf16 main parameters (with and without it):
-  ``adam_step`` and the denominators after one update, and the trained weights of both;
+  ``adam_updates`` and the denominators after one update, and the trained weights of both;
 * ``missing_step``: the error when the optimizer keeps Adam moments but no step count;
-* ``zero_moments``: ``adam_step`` when megatron's ``init_state_fn`` filled zero moments and no
+* ``zero_moments``: ``adam_updates`` when megatron's ``init_state_fn`` filled zero moments and no
   step (before the first update: 0, no error);
+* ``sgd_warmup_refused``: the error for a rho warm-up (it counts AdamW updates) with SGD;
 * ``stray_forward/<pass>``: the error when a pass makes one output-layer forward too many;
 * ``rerun/<mode>``: ``fsam_train_step`` under megatron-core's ``RerunStateMachine``: the machine's
   iteration count and state after two steps in mode ``disabled``, and the refusal of
@@ -142,10 +143,9 @@ def main():
             runner.step(get_forward_backward_func(), forward_step, iter(mbs), **kw)
             if step == 0:
                 main = MainParams(opt)
-                params, _, _, _ = main.read_grads()
-                t = main.adam_step()
-                d = main.denominators(params, t)
-                info.update(adam_step=t, denominators=None if d is None else [x.clone() for x in d])
+                t = main.adam_updates()
+                d = main.denominators(t)
+                info.update(adam_updates=t, denominators=None if d is None else [x.clone() for x in d])
         info["weights"] = weights(chunks)
         return info
 
@@ -185,7 +185,7 @@ def main():
             for p in group["params"]:
                 inner.state[p]["exp_avg"] = torch.zeros_like(p.data)
                 inner.state[p]["exp_avg_sq"] = torch.zeros_like(p.data)
-        return {"adam_step": MainParams(opt).adam_step()}
+        return {"adam_updates": MainParams(opt).adam_updates()}
     guarded("zero_moments", zero_moments)
 
     def sgd_refused():
@@ -195,6 +195,14 @@ def main():
         MegatronSAM(chunks, opt, SAMConfig(method="PreconditionedSAM", rho=0.05))
         return {"error": None}
     guarded("sgd_refused", sgd_refused)
+
+    def sgd_warmup_refused():
+        chunks, _, _ = build()
+        opt = get_megatron_optimizer(OptimizerConfig(optimizer="sgd", lr=1e-2, weight_decay=0.0,
+                                                     params_dtype=torch.float32), chunks)
+        MegatronSAM(chunks, opt, SAMConfig(method="SAM", rho=0.05, rho_warmup_steps=3))
+        return {"error": None}
+    guarded("sgd_warmup_refused", sgd_warmup_refused)
 
     # -- item 7: one output-layer forward per micro-batch in each pass ----------------------------
     for which in ("pass 1", "pass 2", "pass 2 short"):
@@ -231,7 +239,7 @@ def main():
         runner = MegatronSAM(chunks, opt, SAMConfig(method="PreconditionedFunctionalSAM", rho=0.05))
         mbs, kw = batches(0)
         runner.step(get_forward_backward_func(), forward_step, iter(mbs), **kw)
-        return {"error": None, "count": runner.cache._count}
+        return {"error": None, "count": runner.hooks._count}
     guarded("stray_forward/none", clean_count)
 
     # -- item 7: the rerun state machine ----------------------------------------------------------

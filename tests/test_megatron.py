@@ -35,14 +35,39 @@ STEPS, MICRO, LR, RHO = 3, 4, 1e-2, 0.05
 TOL = 2e-3 * LR * STEPS  # fp32 round-off, in weight units (the DeepSpeed tests use the same)
 
 BF16 = "PreconditionedFunctionalSAM,PreconditionedSAM"
+# ascent_every 2 over 4 steps (computed at 0 and 2, reused at 1 and 3), FunctionalSAM with both
+# logit_grad_cache modes; an infinity injected at steps 1, 3 and 5 of 7 against the run on the data
+# of steps 0, 2, 4, 6 only (the LR and rho warming up over the applied updates)
+EVERY = "SAM,FunctionalSAM,FunctionalSAM@host,PreconditionedFunctionalSAM"
+FAULTY = "PreconditionedFunctionalSAM,PreconditionedSAM"
+FAULT_ARGS = f"--via-train-step --rho-warmup 3 --lr-warmup 2 --methods {FAULTY}"
+
+
+def _fault_runs(name, layout, faults):
+    """The --also pair of a fault run (7 steps, infinities at 1, 3, 5) and its reference (the
+    data of steps 0, 2, 4, 6 only)."""
+    return ["--also", f"{name}_faults:{layout} --steps 7 --faults {faults} {FAULT_ARGS}",
+            "--also", f"{name}_faults_ref:{layout} --steps 4 --data-steps 0,2,4,6 {FAULT_ARGS}"]
+
+
 LAYOUTS = {  # name: (ranks, worker arguments); each --also is one more layout in the same launch
     "single": (1, ["--methods", "AdamW," + ",".join(SAM_TYPES), "--microbatches", str(MICRO)]),
     "tp2": (2, ["--tp", "2", "--microbatches", str(MICRO),
                 # dropout 0.1, rho 0, pass 2 forced: SAM is AdamW bit for bit (the random states replayed)
                 "--also", f"tp2_dropout:--tp 2 --dropout 0.1 --rho 0 --microbatches {MICRO} "
-                          "--methods AdamW,SAM,SAM@noreplay,SAM@notracker"]),
-    "pp2": (2, ["--pp", "2", "--microbatches", str(MICRO)]),
-    "dp2": (2, ["--distopt", "--via-train-step", "--microbatches", str(MICRO // 2)]),
+                          "--methods AdamW,SAM,SAM@noreplay,SAM@notracker",
+                "--also", f"tp2_every:--tp 2 --microbatches {MICRO} --steps 4 --ascent-every 2 --methods {EVERY}",
+                "--also", f"tp2_momentum:--tp 2 --microbatches {MICRO} --ascent-direction momentum "
+                          "--methods SAM,PreconditionedFunctionalSAM",
+                # a loss fault on TP rank 1 only, gradient faults in pass 1 and pass 2
+                *_fault_runs("tp2", f"--tp 2 --microbatches {MICRO}", "1:loss:1:1,3:grad:1:0,5:grad:2:1")]),
+    "pp2": (2, ["--pp", "2", "--microbatches", str(MICRO),
+                "--also", f"pp2_every:--pp 2 --microbatches {MICRO} --steps 4 --ascent-every 2 --methods {EVERY}",
+                # the last stage (rank 1) alone sees the loss and the logits
+                *_fault_runs("pp2", f"--pp 2 --microbatches {MICRO}", "1:loss:1:1,3:grad:1:1,5:grad:2:1")]),
+    "dp2": (2, ["--distopt", "--via-train-step", "--microbatches", str(MICRO // 2),
+                # an infinite loss on data-parallel rank 1 only
+                *_fault_runs("dp2", f"--distopt --microbatches {MICRO // 2}", "1:loss:1:1,3:grad:1:0,5:grad:2:1")]),
     "interleaved": (2, ["--pp", "2", "--vpp", "2", "--layers", "4", "--microbatches", str(MICRO),
                         "--methods", "FunctionalSAM,PreconditionedFunctionalSAM"]),
     "pp2_tied": (2, ["--pp", "2", "--tied", "--microbatches", str(MICRO), "--methods", "SAM,FunctionalSAM,SAM@twice"]),
@@ -141,7 +166,7 @@ def test_tied_embeddings_across_pipeline_stages(runs, method):
 
 def _probe_rows(got):
     rows = got["probe"]
-    assert [r["adam_step"] for r in rows] == list(range(STEPS))
+    assert [r["adam_updates"] for r in rows] == list(range(STEPS))
     return rows
 
 
@@ -162,7 +187,7 @@ def test_bf16_perturbation_matches_the_fp32_formula(runs, layout, method):
     for row in _probe_rows(got):
         assert row["formula"]["rel"] < 2e-5 and row["formula"]["cos"] > 1 - 1e-9, row
         assert row["applied_norm"] == pytest.approx(RHO, rel=1e-5)
-        if row["adam_step"] > 0:  # preconditioned from the first update on
+        if row["adam_updates"] > 0:  # preconditioned from the first update on
             assert row["unpreconditioned"]["cos"] < 0.99 and row["unpreconditioned"]["rel"] > 0.5, row
             assert row["gradient_norm"]["rel"] > 0.5, row
             assert min(row["step_minus_1"]["rel"], row["step_plus_1"]["rel"]) > 2e-5, row
@@ -313,3 +338,89 @@ def test_tp2_logit_grads_concatenate_to_tp1(runs, method):
         leaf = model(input_ids=ids).logits.detach().requires_grad_(True)
         (g,) = torch.autograd.grad(_ce(leaf, ids) / MICRO, leaf)
         assert torch.allclose(a, g[:, :-1].transpose(0, 1), rtol=1e-4, atol=1e-8)
+
+
+EVERY_STEPS = 4
+TOL_EVERY = 2e-3 * LR * EVERY_STEPS  # fp32 round-off over 4 steps
+
+
+@functools.lru_cache(maxsize=None)
+def reference_variant(method: str, steps: int, **kw):
+    """The reference with ``ascent_every`` / ``ascent_direction`` (tests/reference.py)."""
+    model = tiny_llama(seed=0)
+    losses = reference_train(model, steps, 1, MICRO, method, RHO, lr=LR, **dict(kw))
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}, losses
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("layout", ["tp2_every", "pp2_every"])
+@pytest.mark.parametrize("method", EVERY.split(","))
+def test_ascent_every_matches_reference(runs, layout, method):
+    """ascent_every 2 over 4 steps at TP=2 (a reusing FunctionalSAM step cuts the backward at the
+    logits) and PP=2 (its pass-1 backward runs and is discarded), against the reference's
+    direction computed at steps 0 and 2 and reused, times rho, at 1 and 3 (SAM: no pass 1 there,
+    the loss is pass 2's). Measured 4e-6 (functional types) and 3.6e-5 (SAM), tolerance 8e-5;
+    the exact method (ascent_every 1) is 0.04 to 0.05 away."""
+    base = method.partition("@")[0]
+    got = runs[layout][method]
+    ref, ref_losses = reference_variant(base, EVERY_STEPS, ascent_every=2)
+    assert weight_distance(got["weights"], ref) < TOL_EVERY
+    assert weight_distance(got["weights"], reference_variant(base, EVERY_STEPS)[0]) > 100 * TOL_EVERY
+    assert got["restore_exact"]
+    if layout == "tp2_every":  # rank 0 is not the last pipeline stage at PP=2: no loss there
+        assert got["losses"] == pytest.approx(ref_losses, rel=1e-5)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("layout", ["tp2_every", "pp2_every"])
+def test_host_logit_grad_cache_is_bit_identical_to_device(runs, layout):
+    """logit_grad_cache "host" and "device" give the same weights and losses bit for bit (and
+    both follow the reference, test above); ascent_every 2 makes both keep g_F on computing and
+    reusing steps."""
+    device, host = runs[layout]["FunctionalSAM"], runs[layout]["FunctionalSAM@host"]
+    assert all(torch.equal(w, device["weights"][k]) for k, w in host["weights"].items())
+    assert host["losses"] == device["losses"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["SAM", "PreconditionedFunctionalSAM"])
+def test_momentum_direction_matches_reference(runs, method):
+    """ascent_direction "momentum" at TP=2: from AdamW's first update on the ascent comes from its
+    exp_avg (SAM: no pass 1; FunctionalSAM: a forward for g_F, its backward cut at the logits).
+    Tolerance the fp32 round-off TOL; the gradient direction lands more than 5 TOL away."""
+    got = runs["tp2_momentum"][method]
+    ref, ref_losses = reference_variant(method, STEPS, ascent_direction="momentum")
+    assert weight_distance(got["weights"], ref) < TOL
+    assert weight_distance(got["weights"], reference(method)[0]) > 5 * TOL
+    assert got["restore_exact"]
+    assert got["losses"] == pytest.approx(ref_losses, rel=1e-5)
+
+
+FAULT_STEPS = [1, 3, 5]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("layout", ["tp2", "pp2", "dp2"])
+@pytest.mark.parametrize("method", FAULTY.split(","))
+def test_injected_inf_skips_the_step_on_every_rank(runs, layout, method):
+    """An infinite loss with finite gradients on one rank in pass 1 of step 1 (a TP rank, the last
+    pipeline stage, a data-parallel rank), an infinite gradient in pass 1 of step 3 and in pass 2
+    of step 5: each of these steps is skipped on every rank with the weights untouched, and the
+    run equals bit for bit the run on the data of steps 0, 2, 4, 6 alone, with the same learning
+    rates (megatron-core's scheduler held by fsam_train_step) and the same rho (the warm-up
+    counts applied updates: counting iterations, rho at step 2 would be 2/3 of rho, not 1/3)."""
+    got, ref = runs[f"{layout}_faults"][method], runs[f"{layout}_faults_ref"][method]
+    steps = got["metrics"]["steps"]
+    assert [i for i, m in enumerate(steps) if m["skipped"]] == FAULT_STEPS
+    for per_rank in got["metrics"]["skipped_per_rank"]:
+        assert per_rank == [m["skipped"] for m in steps]
+    assert all(steps[i]["unchanged"] for i in FAULT_STEPS)
+    kept = [m for i, m in enumerate(steps) if i not in FAULT_STEPS]
+    ref_steps = ref["metrics"]["steps"]
+    assert not any(m["skipped"] for m in ref_steps)
+    for key in ("lr", "rho", "loss"):
+        assert [m[key] for m in kept] == [m[key] for m in ref_steps], key
+    assert len({m["lr"] for m in kept}) > 1 and len({m["rho"] for m in kept}) == len(kept)  # both move
+    assert not any(m["unchanged"] for m in kept[1:])  # the kept steps do update (step 0 has lr 0)
+    assert all(torch.equal(w, ref["weights"][k]) for k, w in got["weights"].items())
+    assert got["restore_exact"]

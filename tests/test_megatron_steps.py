@@ -48,7 +48,7 @@ def _ok(case):
 def test_step_in_param_groups_keeps_the_preconditioner(results, layout):
     case = _ok(results[f"group_step/{layout}"])
     torch_run, group_run, sam_run = case["torch"], case["group"], case["sam"]
-    assert torch_run["adam_step"] == group_run["adam_step"] == 1
+    assert torch_run["adam_updates"] == group_run["adam_updates"] == 1
     # before the fix: None (the step was looked for in the parameters' state only)
     assert group_run["denominators"] is not None
     assert len(group_run["denominators"]) == len(torch_run["denominators"]) > 0
@@ -69,7 +69,7 @@ def test_missing_step_count_raises(results):
 
 
 def test_zero_moments_before_the_first_update_are_step_zero(results):
-    assert _ok(results["zero_moments"])["adam_step"] == 0
+    assert _ok(results["zero_moments"])["adam_updates"] == 0
 
 
 def test_preconditioned_types_refuse_sgd(results):
@@ -104,3 +104,62 @@ def test_rerun_modes_other_than_disabled_are_refused_before_any_work(results, mo
                              "replays its micro-batches itself for pass 2); accepted: --rerun-mode disabled")
     assert "\n" not in case["error"]
     assert case["losses"] == [] and case["unchanged"] and case["iteration"] == -1
+
+
+def test_rho_warmup_with_sgd_is_refused(results):
+    """The rho warm-up counts applied AdamW updates; SGD has no such count (it would stay at 0)."""
+    case = results["sgd_warmup_refused"]
+    assert "traceback" in case and "rho_warmup_steps counts AdamW updates" in case["error"]
+    assert "accepted: optimizer 'adam'" in case["error"]
+
+
+# Every SAMConfig field on megatron-core: honoured (with the test that shows it) or refused.
+HONOURED = {
+    "method": "tests/test_megatron.py (every type against the reference, every layout)",
+    "rho": "tests/test_megatron.py",
+    "precondition_norm": "tests/test_megatron.py::test_bf16_perturbation_matches_the_fp32_formula",
+    "rho_warmup_steps": "tests/test_megatron.py::test_injected_inf_skips_the_step_on_every_rank",
+    "logit_grad_cache": "device and host: tests/test_megatron.py::test_host_logit_grad_cache_is_bit_identical_to_device",
+    "ascent_every": "tests/test_megatron.py::test_ascent_every_matches_reference",
+    "ascent_direction": "tests/test_megatron.py::test_momentum_direction_matches_reference",
+}
+REFUSED = {  # field: (a refused value, what the one-line error says)
+    "logit_grad_cache": ("recompute", "logit_grad_cache 'recompute' is not supported on megatron-core"),
+    "sharpness_every": (5, "sharpness_every 5 is not supported on megatron-core"),
+}
+
+
+def test_every_sam_config_field_is_honoured_or_refused():
+    import dataclasses
+
+    from fsam_ds.config import SAMConfig
+
+    assert {f.name for f in dataclasses.fields(SAMConfig)} == set(HONOURED) | set(REFUSED)
+
+
+@pytest.mark.parametrize("field", sorted(REFUSED))
+def test_unsupported_settings_are_refused_in_one_line_before_any_work(field):
+    from fsam_ds.config import FSAMConfigError, SAMConfig
+    from megatron_patches.sam import MegatronSAM, check_sam_config
+
+    value, message = REFUSED[field]
+    sam = SAMConfig(method="FunctionalSAM", rho=0.05, **{field: value})
+    with pytest.raises(FSAMConfigError) as err:
+        check_sam_config(sam)
+    assert str(err.value).startswith(message) and "accepted: " in str(err.value) and "\n" not in str(err.value)
+    # the step refuses it before it looks at the model or the optimizer
+    with pytest.raises(FSAMConfigError, match="^" + message):
+        MegatronSAM(model_chunks=None, optimizer=None, sam=sam)
+    # the command line names its flag
+    with pytest.raises(FSAMConfigError, match="^--sam-x "):
+        check_sam_config(sam, {field: "--sam-x"})
+
+
+def test_supported_settings_pass_the_check():
+    from fsam_ds.config import SAMConfig
+    from megatron_patches.sam import check_sam_config
+
+    for sam in (SAMConfig(method="FunctionalSAM", rho=0.05, logit_grad_cache="host", ascent_every=3),
+                SAMConfig(method="PreconditionedSAM", rho=0.05, ascent_direction="momentum", rho_warmup_steps=4),
+                SAMConfig(method="SAM", rho=0.05, logit_grad_cache="recompute")):  # no g_F: the cache is unused
+        check_sam_config(sam)
