@@ -23,19 +23,21 @@ import torch.distributed as dist
 from fsam_ds.config import SAM_DEFAULTS, FSAMConfigError, SAMConfig, canonical_method, sam_config
 from fsam_ds.names import METHODS, PRECONDITION_NORMS
 
-from .sam import MegatronSAM
+from .sam import MegatronSAM, check_sam_config
 
 #: Megatron-style flags and the optimizer.params keys of the DeepSpeed JSON they correspond to.
 SAM_FLAGS = {"sam_rho": "rho", "sam_precondition_norm": "precondition_norm",
-             "sam_rho_warmup_steps": "rho_warmup_steps"}
+             "sam_rho_warmup_steps": "rho_warmup_steps", "sam_logit_grad_cache": "logit_grad_cache",
+             "sam_ascent_every": "ascent_every", "sam_ascent_direction": "ascent_direction"}
 #: How errors call the method's settings here: by their flags.
 SAM_TYPE_FLAG = "--sam-type"
 FLAG_OF_KEY = {key: "--" + dest.replace("_", "-") for dest, key in SAM_FLAGS.items()}
 
 
 def add_sam_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """Add ``--sam-type``, ``--sam-rho``, ``--sam-precondition-norm``, ``--sam-rho-warmup-steps``
-    (usable as Megatron-LM's ``extra_args_provider``)."""
+    """Add ``--sam-type``, ``--sam-rho``, ``--sam-precondition-norm``, ``--sam-rho-warmup-steps``,
+    ``--sam-logit-grad-cache``, ``--sam-ascent-every``, ``--sam-ascent-direction`` (usable as
+    Megatron-LM's ``extra_args_provider``)."""
     group = parser.add_argument_group("fsam-ds (SAM / Functional-SAM)")
     group.add_argument("--sam-type", default="AdamW",
                        help=f"one of {', '.join(METHODS)} (any case); AdamW runs the plain step")
@@ -43,7 +45,14 @@ def add_sam_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     group.add_argument("--sam-precondition-norm", default=SAM_DEFAULTS["precondition_norm"],
                        help=f"preconditioned types: {' or '.join(PRECONDITION_NORMS)}")
     group.add_argument("--sam-rho-warmup-steps", type=int, default=SAM_DEFAULTS["rho_warmup_steps"],
-                       help="rho ramps linearly from 0 over this many iterations")
+                       help="rho ramps linearly from 0 over this many applied AdamW updates (a skipped step "
+                            "does not count)")
+    group.add_argument("--sam-logit-grad-cache", default=SAM_DEFAULTS["logit_grad_cache"],
+                       help="functional types: where g_F waits for pass 2, device or host")
+    group.add_argument("--sam-ascent-every", type=int, default=SAM_DEFAULTS["ascent_every"],
+                       help="compute the ascent direction every k optimizer steps and reuse it in between (1: exact)")
+    group.add_argument("--sam-ascent-direction", default=SAM_DEFAULTS["ascent_direction"],
+                       help="gradient, or momentum (from AdamW's first moment after its first update)")
     return parser
 
 
@@ -53,7 +62,9 @@ def sam_config_from_args(args) -> SAMConfig:
     if method == "AdamW":
         return SAMConfig(method="AdamW")
     params = {key: getattr(args, flag) for flag, key in SAM_FLAGS.items() if getattr(args, flag, None) is not None}
-    return sam_config(method, params, key_names=FLAG_OF_KEY)
+    sam = sam_config(method, params, key_names=FLAG_OF_KEY)
+    check_sam_config(sam, FLAG_OF_KEY)  # what megatron-core does not run: refused here, before any work
+    return sam
 
 
 def _megatron_lm_args():

@@ -565,7 +565,8 @@ class MegatronSAM:
                 self.hooks.clear()
         self.outcome = out
         self._step_losses = [out.losses, passes.pass2_losses]
-        self.last_metrics = step_metrics(sam, out, _mean_loss(out.losses), self._lr(), False, 0.0, have_shares=False)
+        loss = _mean_loss(out.losses)  # None off the last pipeline stage
+        self.last_metrics = step_metrics(sam, out, loss, self._lr(), False, 0.0, have_shares=False)  # type: ignore[arg-type]
         self.last_metrics["pass_time"] = time.perf_counter() - t0
         return out.losses
 
@@ -640,8 +641,8 @@ def _mean_loss(losses_reduced) -> Optional[float]:
     from losses_reduced entries ``{"lm loss": value}`` or ``{"lm loss": [sum, tokens]}``."""
     if not losses_reduced:
         return None
-    vals = [x.get("lm loss") for x in losses_reduced if isinstance(x, dict)]
-    vals = [v.detach().float().view(-1) for v in vals if torch.is_tensor(v)]
+    entries = [x.get("lm loss") for x in losses_reduced if isinstance(x, dict)]
+    vals = [v.detach().float().view(-1) for v in entries if isinstance(v, torch.Tensor)]
     if not vals:
         return None
     if vals[0].numel() == 2:

@@ -339,9 +339,24 @@ def _rng_object(run: Run, same_layout: bool):
                          (ps.get_pipeline_model_parallel_rank(), ps.get_tensor_model_parallel_rank(), run.dp_rank))
 
 
-def sharded_state_dict(run: Run, is_loading: bool, iteration: int, micro_step: int, with_rng: bool = True):
+def _step_object(run: Run, same_layout: bool):
+    """This rank's state of the SAM step (the stored direction of ``--sam-ascent-every``, in this
+    rank's shard of the main parameters), one shard per rank; restored only by a run with the same
+    TP x PP x DP layout."""
+    from megatron.core import parallel_state as ps
+    from megatron.core.dist_checkpointing.mapping import ShardedObject
+
+    from .megatron_lm import _runner
+    state = _runner([run.model], run.opt, run.sam).state_dict() if same_layout else None
+    return ShardedObject("sam_step", state, (run.pp, run.tp, run.dp),
+                         (ps.get_pipeline_model_parallel_rank(), ps.get_tensor_model_parallel_rank(), run.dp_rank))
+
+
+def sharded_state_dict(run: Run, is_loading: bool, iteration: int, micro_step: int, with_rng: bool = True,
+                       with_step: bool = True):
     """What a checkpoint holds (megatron-core ``dist_checkpointing``): model, optimizer, scheduler,
-    iteration, data position, layout, method, and this rank's random states."""
+    iteration, data position, layout, method, this rank's random states and, with
+    ``--sam-ascent-every`` > 1, this rank's stored ascent direction."""
     from . import layout
 
     a = run.args
@@ -354,9 +369,11 @@ def sharded_state_dict(run: Run, is_loading: bool, iteration: int, micro_step: i
           "layout": {"tp": run.tp, "pp": run.pp, "dp": run.dp,
                      "distributed_optimizer": bool(a.use_distributed_optimizer), "bf16": bool(a.bf16)},
           "sam": {"method": run.sam.method, "rho": run.sam.rho, "precondition_norm": run.sam.precondition_norm,
-                  "rho_warmup_steps": run.sam.rho_warmup_steps}}
+                  "rho_warmup_steps": run.sam.rho_warmup_steps, "ascent_every": run.sam.ascent_every}}
     if with_rng:
         sd["rng_state"] = _rng_object(run, True)
+    if with_rng and with_step and run.sam.is_sam and run.sam.ascent_every > 1:
+        sd["sam_step"] = _step_object(run, True)
     return sd
 
 
@@ -386,10 +403,18 @@ def resume(run: Run) -> None:
         if hasattr(o, "_init_optimizer_states_with_dummy_values"):
             o._init_optimizer_states_with_dummy_values()
     same_layout = (saved.get("tp"), saved.get("pp"), saved.get("dp")) == (run.tp, run.pp, run.dp)
-    state = dist_checkpointing.load(sharded_state_dict(run, True, 0, 0, with_rng=same_layout), str(ckpt))
+    with_step = same_layout and int(common.get("sam", {}).get("ascent_every", 1)) > 1
+    state = dist_checkpointing.load(sharded_state_dict(run, True, 0, 0, with_rng=same_layout, with_step=with_step),
+                                    str(ckpt))
     if same_layout:
         from .sam import _set_rng_state
         _set_rng_state(state["rng_state"])
+    if "sam_step" in state:
+        from .megatron_lm import _runner
+        _runner([run.model], run.opt, run.sam).load_state_dict(state["sam_step"])
+    elif run.sam.is_sam and run.sam.ascent_every > 1:
+        run.say("note: the checkpoint holds no ascent direction for this layout; it is computed afresh at the next "
+                "iteration")
     else:
         run.say(f"note: the checkpoint was written at TP {saved.get('tp')} x PP {saved.get('pp')} x DP "
                 f"{saved.get('dp')}; random streams restart from --seed")
