@@ -82,12 +82,15 @@ import sys
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Type
+
+from . import names
+from .runkit import one_line
 
 PROG = "fsam-convert"
 DTYPES = ("fp32", "bf16")
 DEFAULT_MAX_SHARD_SIZE = "5GB"
-HF_META_DIR = "hf"  # fsam_ds.train.HF_META_DIR: config, generation config and tokenizer per tag
+HF_META_DIR = names.HF_META_DIR  # config, generation config and tokenizer in every checkpoint folder
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
 
 
@@ -132,8 +135,67 @@ def _has_model_states(folder: Path) -> bool:
         return False
 
 
-def _one_line(err: BaseException) -> str:
-    return " ".join(str(err).split()) or type(err).__name__
+@dataclass
+class DeepSpeedTag:
+    """The files of a DeepSpeed tag folder, as :func:`check_deepspeed_tag` found them complete."""
+    header: Path  # rank 0's model-states file
+    head: Dict[str, Any]  # its contents (memory-mapped tensors)
+    world_size: int  # the data-parallel ranks that wrote the checkpoint
+    zero: bool  # a ZeRO optimizer wrote partitioned fp32 masters (one optimizer-states file per rank)
+    partitioned: bool  # ZeRO-3: one model-states file per rank
+    model_files: List[Tuple[str, "re.Match[str]"]] = field(default_factory=list)
+    optim_files: List[Tuple[str, "re.Match[str]"]] = field(default_factory=list)
+
+
+def check_deepspeed_tag(tag_dir: Path, error: Type[Exception] = ValueError) -> DeepSpeedTag:
+    """Raise ``error`` (one line) unless ``tag_dir`` holds every file DeepSpeed's ``load_checkpoint``
+    reads, each complete: the model-states file(s) (one, or one per rank at ZeRO-3) and, for a ZeRO
+    checkpoint, every data-parallel rank's optimizer-states file, for the world size the checkpoint
+    records. A truncated file is one whose zip directory (written last) is missing. The one rule of
+    ``fsam-train --resume`` and ``fsam-convert``."""
+    import zipfile
+
+    import torch
+
+    files = sorted(p.name for p in tag_dir.iterdir())
+    model_files = [(n, m) for n in files if (m := _MODEL_STATES.match(n))]
+    optim_files = [(n, m) for n in files if (m := _OPTIM_STATES.match(n))]
+    if not model_files:
+        raise error(f"{tag_dir}: no *_model_states.pt, not a DeepSpeed checkpoint folder")
+    partitioned = any(m.group(1) is not None for _, m in model_files)  # ZeRO-3: one model file per rank
+    header = tag_dir / ("zero_pp_rank_0_mp_rank_00_model_states.pt" if partitioned else "mp_rank_00_model_states.pt")
+    if not header.is_file():
+        raise error(f"{tag_dir}: missing shard file {header.name} (every rank's files are needed)")
+
+    def readable(path: Path) -> None:
+        try:
+            with zipfile.ZipFile(path) as z:
+                z.namelist()
+        except (zipfile.BadZipFile, OSError, EOFError) as err:
+            raise error(f"{path}: truncated or unreadable checkpoint file ({one_line(err)})") from None
+
+    readable(header)
+    try:
+        head = torch.load(header, map_location="cpu", weights_only=False, mmap=True)
+    except Exception as err:  # truncated or foreign file
+        raise error(f"{header}: cannot read it as a DeepSpeed model-states file ({one_line(err)})") from None
+    if not isinstance(head, dict) or "module" not in head:
+        raise error(f"{header} is not a DeepSpeed model-states file (no 'module' entry)")
+    world = int(head.get("dp_world_size") or 1)
+    zero = head.get("param_shapes") is not None  # a ZeRO optimizer wrote partitioned fp32 masters
+    needed = [header.name]
+    if zero:
+        prefix = "bf16_" if any(n.startswith("bf16_") for n, _ in optim_files) else ""
+        needed += [f"{prefix}zero_pp_rank_{r}_mp_rank_00_optim_states.pt" for r in range(world)]
+    if partitioned:
+        needed += [f"zero_pp_rank_{r}_mp_rank_00_model_states.pt" for r in range(1, world)]
+    missing = sorted((n for n in needed if not (tag_dir / n).is_file()), key=_natural)
+    if missing:
+        raise error(f"{tag_dir}: missing shard file(s) {', '.join(missing)}; the checkpoint was written by "
+                    f"{world} data-parallel rank(s) and needs every rank's files")
+    for name in needed[1:]:
+        readable(tag_dir / name)
+    return DeepSpeedTag(header, head, world, zero, partitioned, model_files, optim_files)
 
 
 class DeepSpeedSource:
@@ -144,7 +206,7 @@ class DeepSpeedSource:
     def detect(self, path: Path) -> bool:
         if not path.is_dir():
             return False
-        if (path / "latest").is_file() or _has_model_states(path):
+        if (path / names.LATEST).is_file() or _has_model_states(path):
             return True
         return any(d.is_dir() and _has_model_states(d) for d in path.iterdir())
 
@@ -159,7 +221,7 @@ class DeepSpeedSource:
         tags = sorted((d.name for d in path.iterdir() if d.is_dir() and _has_model_states(d)), key=_natural)
         available = f"available tags: {', '.join(tags)}" if tags else "the folder holds no tag folders"
         if tag is None:
-            latest = path / "latest"
+            latest = path / names.LATEST
             if latest.is_file():
                 tag = latest.read_text().strip()
                 if not (path / tag).is_dir():
@@ -181,53 +243,27 @@ class DeepSpeedSource:
 
     # -- what ----------------------------------------------------------------------------------
     def read(self, path: Path, tag: Optional[str] = None) -> SourceCheckpoint:
-        import torch
-
         save_dir, tag = self.locate(path, tag)
         tag_dir = save_dir / tag
-        names = sorted(p.name for p in tag_dir.iterdir())
-        model_files = [(n, _MODEL_STATES.match(n)) for n in names if _MODEL_STATES.match(n)]
-        optim_files = [(n, _OPTIM_STATES.match(n)) for n in names if _OPTIM_STATES.match(n)]
+        found = check_deepspeed_tag(tag_dir, ConvertError)
+        model_files, optim_files = found.model_files, found.optim_files
         mp_ranks = {int(m.group(2)) for _, m in model_files + optim_files}
         if mp_ranks != {0}:
             raise ConvertError(f"{tag_dir}: model-parallel DeepSpeed checkpoint (mp_rank_{max(mp_ranks):02d} files); "
                                "accepted: data-parallel checkpoints (mp_rank_00 only, any ZeRO stage)")
-        partitioned = any(m.group(1) is not None for _, m in model_files)  # ZeRO-3: one model file per rank
-        header = tag_dir / ("zero_pp_rank_0_mp_rank_00_model_states.pt" if partitioned
-                            else "mp_rank_00_model_states.pt")
-        if not header.is_file():
-            raise ConvertError(f"{tag_dir}: missing shard file {header.name} (every rank's files are needed)")
-        try:
-            head = torch.load(header, map_location="cpu", weights_only=False, mmap=True)
-        except Exception as err:  # truncated or foreign file
-            raise ConvertError(f"{header}: cannot read it as a DeepSpeed model-states file "
-                               f"({_one_line(err)})") from None
-        if not isinstance(head, dict) or "module" not in head:
-            raise ConvertError(f"{header} is not a DeepSpeed model-states file (no 'module' entry)")
-        world = int(head.get("dp_world_size") or 1)
+        header, head, world, zero, partitioned = found.header, found.head, found.world_size, found.zero, \
+            found.partitioned
         ds_config = head.get("ds_config") if isinstance(head.get("ds_config"), dict) else {}
-        zero = head.get("param_shapes") is not None  # a ZeRO optimizer wrote partitioned fp32 masters
         stage = int((ds_config.get("zero_optimization") or {}).get("stage", 3 if partitioned else (1 if zero else 0)))
         info = {"format": "deepspeed", "checkpoint": str(save_dir), "tag": tag, "zero_stage": stage,
                 "world_size": world, "global_steps": head.get("global_steps")}
 
         if zero:
-            expected = {f"zero_pp_rank_{r}_mp_rank_00_optim_states.pt" for r in range(world)}
-            have = {n[5:] if n.startswith("bf16_") else n for n, _ in optim_files}
-            if partitioned:
-                expected |= {f"zero_pp_rank_{r}_mp_rank_00_model_states.pt" for r in range(world)}
-                have |= {n for n, m in model_files}
-            missing = sorted(expected - have, key=_natural)
-            if missing:
-                prefix = "bf16_" if any(n.startswith("bf16_") for n, _ in optim_files) else ""
-                shown = [(prefix + n) if "optim" in n else n for n in missing]
-                raise ConvertError(f"{tag_dir}: missing shard file(s) {', '.join(shown)}; the checkpoint was written "
-                                   f"by {world} data-parallel rank(s) and needs every rank's files")
             extra = sorted({int(m.group(1)) for _, m in optim_files if int(m.group(1)) >= world})
             if extra:
                 raise ConvertError(f"{tag_dir}: shard files of rank(s) {extra} beyond the checkpoint's {world} rank(s) "
                                    "(files of an older checkpoint in the same tag?)")
-            del head
+            del head, found  # zero_to_fp32 reads the files itself
             from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
             quiet = io.StringIO()  # zero_to_fp32 prints progress; the report says what happened
@@ -236,7 +272,7 @@ class DeepSpeedSource:
                     state = get_fp32_state_dict_from_zero_checkpoint(str(save_dir), tag=tag)
             except (ValueError, FileNotFoundError, KeyError, RuntimeError, NotImplementedError) as err:
                 raise ConvertError(f"{tag_dir}: DeepSpeed's zero_to_fp32 could not consolidate the checkpoint "
-                                   f"({_one_line(err)})") from None
+                                   f"({one_line(err)})") from None
             info["weights_from"] = "fp32 master weights (deepspeed.utils.zero_to_fp32)"
         else:
             module = head["module"]
@@ -264,9 +300,20 @@ class DeepSpeedSource:
 # Megatron-core
 # ---------------------------------------------------------------------------------------------
 
-MEGATRON_LATEST = "latest_checkpointed_iteration.txt"  # megatron_patches.trainer.LATEST
+MEGATRON_LATEST = names.MEGATRON_LATEST
 _ITER_DIR = re.compile(r"^iter_(\d+)$")
 _LEGACY_RANK_DIR = re.compile(r"^mp_rank_\d+(?:_\d+)?$")
+
+
+def _key_mismatch(parts: Sequence[tuple], counts: bool = False) -> str:
+    """``"missing a, b, c ...; unexpected d"``: each non-empty key list of ``parts`` (label, sorted
+    keys) by its first three keys, with its length in parentheses when ``counts``."""
+    what = []
+    for label, keys in parts:
+        if keys:
+            n = f" ({len(keys)})" if counts else ""
+            what.append(f"{label} {', '.join(keys[:3])}{' ...' if len(keys) > 3 else ''}{n}")
+    return "; ".join(what)
 
 
 def _is_megatron_iter(folder: Path) -> bool:
@@ -281,14 +328,6 @@ def _is_megatron_iter(folder: Path) -> bool:
         return False
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @contextlib.contextmanager
 def _single_process_megatron():
     """A 1-rank gloo process group and TP=1 x PP=1 model-parallel state for megatron-core, set up
@@ -296,39 +335,37 @@ def _single_process_megatron():
     import torch
     import torch.distributed as dist
 
-    created_pg = created_mp = False
+    from .distributed import one_rank_group
+
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() != 1:
         raise ConvertError(f"this process is one of {dist.get_world_size()} ranks; convert Megatron checkpoints in "
                            "a single process (fsam-convert reads any TP x PP layout on its own)")
-    if not dist.is_initialized():
-        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1)
-        created_pg = True
-    try:
+    with one_rank_group("gloo"):
+        created_mp = False
         try:
-            import megatron.core  # noqa: F401
-        except ImportError as err:
-            raise ConvertError("--source megatron needs megatron-core: pip install 'fsam-ds[megatron]'") from err
-        from megatron.core import parallel_state as ps
-
-        if not torch.cuda.is_available():
-            from megatron_patches import cpu
-
-            cpu.apply()
-        if ps.model_parallel_is_initialized():
-            if ps.get_tensor_model_parallel_world_size() != 1 or ps.get_pipeline_model_parallel_world_size() != 1:
-                raise ConvertError("megatron-core's model parallelism is already initialised at another layout in "
-                                   "this process; convert Megatron checkpoints in a process of their own")
-        else:
-            ps.initialize_model_parallel(1, 1)
-            created_mp = True
-        yield
-    finally:
-        if created_mp:
+            try:
+                import megatron.core  # noqa: F401
+            except ImportError as err:
+                raise ConvertError("--source megatron needs megatron-core: pip install 'fsam-ds[megatron]'") from err
             from megatron.core import parallel_state as ps
 
-            ps.destroy_model_parallel()
-        if created_pg:
-            dist.destroy_process_group()
+            if not torch.cuda.is_available():
+                from megatron_patches import cpu
+
+                cpu.apply()
+            if ps.model_parallel_is_initialized():
+                if ps.get_tensor_model_parallel_world_size() != 1 or ps.get_pipeline_model_parallel_world_size() != 1:
+                    raise ConvertError("megatron-core's model parallelism is already initialised at another layout "
+                                       "in this process; convert Megatron checkpoints in a process of their own")
+            else:
+                ps.initialize_model_parallel(1, 1)
+                created_mp = True
+            yield
+        finally:
+            if created_mp:
+                from megatron.core import parallel_state as ps
+
+                ps.destroy_model_parallel()
 
 
 class MegatronSource:
@@ -353,9 +390,9 @@ class MegatronSource:
         def normal(t: str) -> str:
             t = str(t).strip()
             if t.isdigit():
-                return f"iter_{int(t):07d}"
+                return names.megatron_iteration_dir(int(t))
             m = _ITER_DIR.match(t)
-            return f"iter_{int(m.group(1)):07d}" if m else t
+            return names.megatron_iteration_dir(int(m.group(1))) if m else t
 
         if _ITER_DIR.match(path.name) and _is_megatron_iter(path):  # an iteration folder itself
             if tag is not None and normal(tag) != path.name:
@@ -410,7 +447,7 @@ class MegatronSource:
         try:
             meta = json.loads((ckpt / "metadata.json").read_text())
         except (OSError, ValueError) as err:
-            raise ConvertError(f"{ckpt / 'metadata.json'}: cannot read it ({_one_line(err)})") from None
+            raise ConvertError(f"{ckpt / 'metadata.json'}: cannot read it ({one_line(err)})") from None
         backend = meta.get("sharded_backend")
         if backend != "torch_dist" or meta.get("common_backend", "torch") != "torch":
             raise ConvertError(f"{ckpt}: sharded backend {backend!r} / common backend "
@@ -422,7 +459,7 @@ class MegatronSource:
         try:
             common = torch.load(common_file, map_location="cpu", weights_only=False)
         except Exception as err:
-            raise ConvertError(f"{common_file}: cannot read it ({_one_line(err)})") from None
+            raise ConvertError(f"{common_file}: cannot read it ({one_line(err)})") from None
         saved = common.get("layout") if isinstance(common, dict) and isinstance(common.get("layout"), dict) else {}
         tp, pp, dp = (int(saved[k]) if saved.get(k) else None for k in ("tp", "pp", "dp"))
         world = tp * pp * dp if None not in (tp, pp, dp) else None
@@ -436,7 +473,7 @@ class MegatronSource:
             dcp = FileSystemReader(str(ckpt)).read_metadata()
         except Exception as err:
             raise ConvertError(f"{ckpt}: cannot read the dist_checkpointing index .metadata "
-                               f"({_one_line(err)})") from None
+                               f"({one_line(err)})") from None
 
         def is_model(key: str) -> bool:
             return not key.startswith("optimizer.") and "_extra_state" not in key
@@ -463,7 +500,7 @@ class MegatronSource:
             try:
                 config = AutoConfig.from_pretrained(str(hf_dir), local_files_only=True)
             except Exception as err:
-                raise ConvertError(f"{hf_dir / 'config.json'}: cannot read it ({_one_line(err)})") from None
+                raise ConvertError(f"{hf_dir / 'config.json'}: cannot read it ({one_line(err)})") from None
         emb = stored.get("embedding.word_embeddings.weight")
         if emb is not None and getattr(config, "vocab_size", None) is not None and emb[0] != config.vocab_size:
             raise ConvertError(f"vocabulary mismatch: the weights have {emb[0]} token embeddings but the config's "
@@ -478,7 +515,7 @@ class MegatronSource:
             try:
                 layout.check_llama(config)
             except layout.LayoutError as err:
-                raise ConvertError(f"{ckpt}: {_one_line(err)}") from None
+                raise ConvertError(f"{ckpt}: {one_line(err)}") from None
             with _single_process_megatron():
                 from megatron.core import dist_checkpointing
                 from megatron.core.dist_checkpointing.dict_utils import nested_values
@@ -488,7 +525,7 @@ class MegatronSource:
                     tcfg = layout.transformer_config(config, 1, 1, dtype, perform_initialization=False)
                     gpt = layout.build_gpt(config, tcfg)
                 except (layout.LayoutError, ValueError, AssertionError) as err:
-                    raise ConvertError(f"config: megatron-core cannot build it ({_one_line(err)})") from None
+                    raise ConvertError(f"config: megatron-core cannot build it ({one_line(err)})") from None
                 probe = gpt.sharded_state_dict()
                 apply_factories(probe)
                 wanted: Dict[str, tuple] = {}
@@ -498,14 +535,9 @@ class MegatronSource:
                 absent = sorted(k for k in wanted if k not in stored)
                 extra = sorted(k for k in stored if k not in wanted)
                 if absent or extra:
-                    what = []
-                    if absent:
-                        what.append(f"missing {', '.join(absent[:3])}{' ...' if len(absent) > 3 else ''}")
-                    if extra:
-                        what.append(f"weights the Llama mapping does not cover: {', '.join(extra[:3])}"
-                                    f"{' ...' if len(extra) > 3 else ''}")
+                    what = _key_mismatch([("missing", absent), ("weights the Llama mapping does not cover:", extra)])
                     raise ConvertError(f"{ckpt}: the checkpoint does not match the GPTModel of the config "
-                                       f"({'; '.join(what)}); accepted: Llama-style GPTModel checkpoints (RMSNorm, "
+                                       f"({what}); accepted: Llama-style GPTModel checkpoints (RMSNorm, "
                                        "RoPE, SwiGLU, no biases) with the config they were trained with")
                 for k, shape in wanted.items():
                     if stored[k] != shape:
@@ -519,13 +551,13 @@ class MegatronSource:
                     gpt.load_state_dict(state["model"], strict=True)
                 except Exception as err:
                     raise ConvertError(f"{ckpt}: dist_checkpointing could not read the model weights "
-                                       f"({_one_line(err)})") from None
+                                       f"({one_line(err)})") from None
                 meg = {k: v.detach() for k, v in gpt.state_dict().items() if "_extra_state" not in k}
                 del state, gpt
         try:
             hf_state = layout.megatron_to_hf(meg, config)
         except layout.LayoutError as err:
-            raise ConvertError(f"{ckpt}: {_one_line(err)}") from None
+            raise ConvertError(f"{ckpt}: {one_line(err)}") from None
 
         info = {"format": "megatron", "checkpoint": str(ckpt.parent), "tag": ckpt.name,
                 "iteration": common.get("iteration") if isinstance(common, dict) else None,
@@ -622,7 +654,7 @@ def _load_tokenizer(spec: Path):
     try:
         return AutoTokenizer.from_pretrained(str(spec), local_files_only=True)
     except Exception as err:
-        raise ConvertError(f"tokenizer {spec}: AutoTokenizer cannot load it ({_one_line(err)})") from None
+        raise ConvertError(f"tokenizer {spec}: AutoTokenizer cannot load it ({one_line(err)})") from None
 
 
 def _embedding_key(model) -> Optional[str]:
@@ -659,7 +691,7 @@ def export_hf(ckpt: SourceCheckpoint, output: Path, *, dtype: str = "fp32",
             model = AutoModelForCausalLM.from_config(config, dtype=torch_dtype)
         except Exception as err:
             raise ConvertError(f"config {getattr(config, 'model_type', '?')!r}: AutoModelForCausalLM cannot build "
-                               f"it ({_one_line(err)})") from None
+                               f"it ({one_line(err)})") from None
     expected = dict(model.state_dict())  # persistent entries, tied names included
     emb_key = _embedding_key(model)
     tied = bool(getattr(config, "tie_word_embeddings", False))
@@ -674,13 +706,8 @@ def export_hf(ckpt: SourceCheckpoint, output: Path, *, dtype: str = "fp32",
     out_key = "lm_head.weight"
     missing = sorted(k for k in expected if k not in state and not (tied and k == out_key and emb_key in state))
     if missing or unexpected:
-        what = []
-        if missing:
-            what.append(f"missing {', '.join(missing[:3])}{' ...' if len(missing) > 3 else ''} ({len(missing)})")
-        if unexpected:
-            what.append(f"unexpected {', '.join(unexpected[:3])}{' ...' if len(unexpected) > 3 else ''} "
-                        f"({len(unexpected)})")
-        raise ConvertError(f"the weights do not match the {type(model).__name__} of the config: {'; '.join(what)}")
+        what = _key_mismatch([("missing", missing), ("unexpected", unexpected)], counts=True)
+        raise ConvertError(f"the weights do not match the {type(model).__name__} of the config: {what}")
     for k, v in state.items():
         if tuple(v.shape) != tuple(expected[k].shape):
             raise ConvertError(f"the weights do not match the config: {k} has shape {tuple(v.shape)}, the config "
@@ -877,10 +904,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     except SystemExit as exc:  # --help
         return int(exc.code or 0)
     except ConvertError as err:
-        print(f"{PROG}: error: {_one_line(err)}", file=sys.stderr, flush=True)
+        print(f"{PROG}: error: {one_line(err)}", file=sys.stderr, flush=True)
         return 2
     except OSError as err:
-        print(f"{PROG}: error: {_one_line(err)}", file=sys.stderr, flush=True)
+        print(f"{PROG}: error: {one_line(err)}", file=sys.stderr, flush=True)
         return 2
     print(json.dumps(report) if args.json else summary(report), flush=True)
     return 0

@@ -9,6 +9,7 @@ around their loops:
 * the run's files: :class:`MetricsLog` (``metrics.jsonl``), the random states of a rank
   (:func:`rng_state`, :func:`set_rng_state`, :func:`save_rng_state`, :func:`load_rng_state`),
   :func:`publish_latest` (the atomic ``latest`` file), :func:`write_hf_meta`;
+* the phases: :class:`RunBase` (what they hand each other) and :func:`run_phases` (``main()``);
 * :func:`seed_everything`, :func:`cpu_threads_per_rank`, :func:`all_ranks_ok`.
 
 Nothing heavy is imported at module level: a bad argument is reported before torch or
@@ -23,7 +24,8 @@ import math
 import os
 import sys
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Type, TypeVar
 
 from .names import LATEST, TMP_SUFFIX
 
@@ -100,6 +102,68 @@ def preset_names() -> List[str]:
 def fmt(x: Optional[float], spec: str) -> str:
     """``format(x, spec)``, or ``n/a`` for None."""
     return "n/a" if x is None else format(x, spec)
+
+
+# ---------------------------------------------------------------------------------------------
+# The phases
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(kw_only=True)
+class RunBase:
+    """What both trainers' phases hand each other: the checked inputs first, then what each phase
+    adds (each trainer's ``Run`` adds its own fields)."""
+
+    args: argparse.Namespace
+    sam: Any  # fsam_ds.config.SAMConfig
+    save_dir: Path
+    is_preset: bool
+    # set_up
+    rank: int = 0
+    dp_rank: int = 0
+    device: Any = None
+    # load_data
+    tokenizer: Any = None
+    train_set: Any = None
+    eval_set: Any = None
+    # build
+    model: Any = None
+    n_params: int = 0
+    # resume (the data position advances with the loop)
+    micro_step: int = 0
+    data_seed: int = 0
+    # open_data (Any: set before the loop reads them)
+    train_iter: Any = None  # Iterator of micro-batches
+    eval_list: Any = None  # List of evaluation micro-batches
+    metrics: Any = None  # MetricsLog
+
+
+R = TypeVar("R", bound=RunBase)
+
+
+def run_phases(prog: str, argv: Optional[List[str]], parse: Callable[[Optional[List[str]]], R],
+               before_loop: Sequence[Callable[[R], None]], loop: Callable[[R], None],
+               refused: Tuple[Type[BaseException], ...]) -> int:
+    """A trainer's phases in order: ``parse(argv)``, each of ``before_loop``, then ``loop``; returns
+    the exit status. ``--help`` exits 0; a ``refused`` error of parse, or a :class:`UsageError` or
+    :class:`DataError` of a phase before the loop, is one line ``<prog>: error: ...`` and exit
+    status 2 (a :class:`DataError` without a message: the failing rank has said it, the others exit
+    quietly)."""
+    try:
+        run = parse(argv)
+    except SystemExit as exc:  # --help
+        return int(exc.code or 0)
+    except refused as err:
+        return fail(prog, one_line(err))
+    try:
+        for phase in before_loop:
+            phase(run)
+    except DataError as err:  # the failing rank has the message; the others exit quietly
+        return fail(prog, str(err)) if str(err) else 2
+    except UsageError as err:  # already one line
+        return fail(prog, str(err))
+    loop(run)
+    return 0
 
 
 # ---------------------------------------------------------------------------------------------

@@ -43,7 +43,6 @@ the next unseen batch instead of starting the epoch again.
 from __future__ import annotations
 
 import argparse
-import re
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -52,10 +51,10 @@ from typing import Any, Dict, List, Optional
 # absolute imports: the deepspeed launcher may run this file as a script (deepspeed fsam_ds/train.py)
 from fsam_ds.names import (ENGINE_FILE, EVAL_LOSS, HF_META_DIR, LATEST, METRICS_FILE, OPTIONAL_STEP_METRICS,
                            RNG_FILE, SHARPNESS_METRICS, SHORT_NAMES, deepspeed_tag)
-from fsam_ds.runkit import (DataError, Formatter, MetricsLog, Parser, UsageError, all_ranks_ok, cpu_threads_per_rank,
-                            fmt, int_at_least, load_rng_state, one_line, prepare_data, prepare_data_in_turn,
-                            preset_names, publish_latest, resume_micro_step, rng_state, save_rng_state,
-                            seed_everything, set_rng_state, write_hf_meta)
+from fsam_ds.runkit import (DataError, Formatter, MetricsLog, Parser, RunBase, UsageError, all_ranks_ok,
+                            cpu_threads_per_rank, fmt, int_at_least, load_rng_state, one_line, prepare_data,
+                            prepare_data_in_turn, preset_names, publish_latest, resume_micro_step, rng_state,
+                            run_phases, save_rng_state, seed_everything, set_rng_state, write_hf_meta)
 
 # The names above stay importable from here (fsam_ds.train.UsageError, ...); save() calls rng_state
 # and publish_latest through this module, where a fault-injection harness may wrap them.
@@ -160,70 +159,14 @@ def validate(args: argparse.Namespace) -> Dict[str, Any]:
             "model_name": model_name}
 
 
-_MODEL_STATES = re.compile(r"^(?:zero_pp_rank_(\d+)_)?mp_rank_(\d+)_model_states\.pt$")
-_OPTIM_STATES = re.compile(r"^(?:bf16_)?zero_pp_rank_(\d+)_mp_rank_(\d+)_optim_states\.pt$")
-
-
-def _natural(text: str):
-    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", text)]
-
-
 def check_checkpoint_files(tag_dir: Path) -> Dict[str, Any]:
     """Raise ValueError (one line) unless ``tag_dir`` holds every file DeepSpeed's
-    ``load_checkpoint`` will read, each complete: the model-states file(s) (one, or one per rank at
-    ZeRO-3) and, for a ZeRO checkpoint, every data-parallel rank's optimizer-states file, for the
-    world size the checkpoint records. The rule fsam_ds/convert.py (``fsam-convert``) applies to the
-    same folder; a truncated file is one whose zip directory (written last) is missing. Returns
-    ``{"world_size", "zero", "partitioned"}``."""
-    import zipfile
+    ``load_checkpoint`` will read, each complete (:func:`fsam_ds.convert.check_deepspeed_tag`, the
+    rule ``fsam-convert`` applies to the same folder). Returns ``{"world_size", "zero", "partitioned"}``."""
+    from fsam_ds.convert import check_deepspeed_tag
 
-    import torch
-
-    names = sorted(p.name for p in tag_dir.iterdir())
-    model_files = [(n, m) for n in names if (m := _MODEL_STATES.match(n))]
-    optim_files = [(n, m) for n in names if (m := _OPTIM_STATES.match(n))]
-    if not model_files:
-        raise ValueError(f"{tag_dir}: no *_model_states.pt, not a DeepSpeed checkpoint folder")
-    partitioned = any(m.group(1) is not None for _, m in model_files)  # ZeRO-3: one model file per rank
-    header = tag_dir / ("zero_pp_rank_0_mp_rank_00_model_states.pt" if partitioned else "mp_rank_00_model_states.pt")
-    if not header.is_file():
-        raise ValueError(f"{tag_dir}: missing shard file {header.name} (every rank's files are needed)")
-
-    def readable(path: Path) -> None:
-        try:
-            with zipfile.ZipFile(path) as z:
-                z.namelist()
-        except (zipfile.BadZipFile, OSError, EOFError) as err:
-            raise ValueError(f"{path}: truncated or unreadable checkpoint file ({one_line(err)})") from None
-
-    readable(header)
-    try:
-        head = torch.load(header, map_location="cpu", weights_only=False, mmap=True)
-    except Exception as err:  # truncated or foreign file
-        raise ValueError(f"{header}: cannot read it as a DeepSpeed model-states file ({one_line(err)})") from None
-    if not isinstance(head, dict) or "module" not in head:
-        raise ValueError(f"{header} is not a DeepSpeed model-states file (no 'module' entry)")
-    world = int(head.get("dp_world_size") or 1)
-    zero = head.get("param_shapes") is not None  # a ZeRO optimizer wrote partitioned fp32 masters
-    del head
-    needed = [header.name]
-    if zero:
-        prefix = "bf16_" if any(n.startswith("bf16_") for n, _ in optim_files) else ""
-        needed += [f"{prefix}zero_pp_rank_{r}_mp_rank_00_optim_states.pt" for r in range(world)]
-    if partitioned:
-        needed += [f"zero_pp_rank_{r}_mp_rank_00_model_states.pt" for r in range(1, world)]
-    missing = sorted((n for n in needed if not (tag_dir / n).is_file()), key=_natural)
-    if missing:
-        raise ValueError(f"{tag_dir}: missing shard file(s) {', '.join(missing)}; the checkpoint was written by "
-                         f"{world} data-parallel rank(s) and needs every rank's files")
-    for name in needed[1:]:
-        readable(tag_dir / name)
-    return {"world_size": world, "zero": zero, "partitioned": partitioned}
-
-
-def _fail(message: str) -> int:
-    print(f"{PROG}: error: {message}", file=sys.stderr, flush=True)
-    return 2
+    found = check_deepspeed_tag(tag_dir)
+    return {"world_size": found.world_size, "zero": found.zero, "partitioned": found.partitioned}
 
 
 def evaluate(engine, batches, group, world: int) -> float:
@@ -243,42 +186,23 @@ def evaluate(engine, batches, group, world: int) -> float:
 # ---------------------------------------------------------------------------------------------
 
 
-@dataclass
-class Run:
-    """What the phases hand each other: the checked inputs first, then what each phase adds."""
+@dataclass(kw_only=True)
+class Run(RunBase):
+    """What the phases hand each other (:class:`~fsam_ds.runkit.RunBase`, and DeepSpeed's part)."""
 
-    args: argparse.Namespace
     ds_config: Dict[str, Any]
-    sam: Any  # fsam_ds.config.SAMConfig
-    save_dir: Path
-    is_preset: bool
     # set_up
-    rank: int = 0
-    device: Any = None
     is_main: bool = False
-    # load_data
-    tokenizer: Any = None
-    train_set: Any = None
-    eval_set: Any = None
     # build
-    model: Any = None
     engine: Any = None
-    n_params: int = 0
     micro: int = 0
     gas: int = 0
     dp_world: int = 1
     dp_group: Any = None
-    dp_rank: int = 0
     tokens_per_step: int = 0
-    # resume (the data position advances with the loop)
+    # resume
     start_step: int = 0
-    micro_step: int = 0
-    data_seed: int = 0
     load_path: Optional[str] = None
-    # open_data (Any: set before the loop reads them)
-    train_iter: Any = None  # Iterator of micro-batches
-    eval_list: Any = None  # List of evaluation micro-batches
-    metrics: Any = None  # MetricsLog
 
     def say(self, *parts) -> None:
         if self.is_main:
@@ -552,25 +476,9 @@ def _main(argv: Optional[List[str]] = None) -> int:
     """The phases in order; a refusal at any of them is one line and exit status 2."""
     from fsam_ds.config import FSAMConfigError
 
-    try:
-        run = parse(argv)
-    except SystemExit as exc:  # --help
-        return int(exc.code or 0)
-    except (UsageError, FSAMConfigError, ValueError, FileNotFoundError) as err:
-        return _fail(one_line(err))
-    try:
-        set_up(run)
-        load_data(run)
-        build(run)
-        resume(run)
-        open_data(run)
-    except DataError as err:  # the failing rank has the message; the others exit quietly
-        return _fail(str(err)) if str(err) else 2
-    except UsageError as err:  # already one line
-        return _fail(str(err))
-    end = train_loop(run)
-    finish(run, end)
-    return 0
+    return run_phases(PROG, argv, parse, (set_up, load_data, build, resume, open_data),
+                      lambda run: finish(run, train_loop(run)),
+                      refused=(UsageError, FSAMConfigError, ValueError, FileNotFoundError))
 
 
 if __name__ == "__main__":

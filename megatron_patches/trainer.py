@@ -34,9 +34,9 @@ from typing import Any, List, Optional
 
 from fsam_ds.names import EVAL_LOSS, HF_META_DIR, METRICS_FILE, megatron_iteration_dir
 from fsam_ds.names import MEGATRON_LATEST as LATEST
-from fsam_ds.runkit import (DataError, Formatter, MetricsLog, Parser, UsageError, cpu_threads_per_rank, fail, fmt,
+from fsam_ds.runkit import (Formatter, MetricsLog, Parser, RunBase, UsageError, cpu_threads_per_rank, fmt,
                             int_at_least, one_line, prepare_data_in_turn, preset_names, publish_latest,
-                            resume_micro_step, seed_everything, write_hf_meta)
+                            resume_micro_step, run_phases, seed_everything, write_hf_meta)
 
 PROG = "fsam-megatron-train"
 LR_DECAY_STYLES = ("constant", "linear", "cosine")
@@ -159,46 +159,27 @@ def _initial_weights(args, hf_config):
 # ---------------------------------------------------------------------------------------------
 
 
-@dataclass
-class Run:
-    """What the phases hand each other: the checked inputs first, then what each phase adds."""
+@dataclass(kw_only=True)
+class Run(RunBase):
+    """What the phases hand each other (:class:`~fsam_ds.runkit.RunBase`, and megatron-core's part)."""
 
-    args: argparse.Namespace
-    sam: Any  # fsam_ds.config.SAMConfig
     dp: int
     num_micro: int
-    save_dir: Path
-    is_preset: bool
     world: int
     # set_up
     tp: int = 1
     pp: int = 1
-    rank: int = 0
-    dp_rank: int = 0
-    device: Any = None
     reporter: bool = False  # the last pipeline stage's first TP rank of DP rank 0 logs and writes metrics
-    # load_data
-    tokenizer: Any = None
-    train_set: Any = None
-    eval_set: Any = None
     # build
     hf_config: Any = None
     cfg: Any = None
-    model: Any = None
     opt: Any = None
     sched: Any = None
-    n_params: int = 0
     gbs: int = 0
     forward_step: Any = None  # megatron-core's forward_step_func
     fwd_bwd: Any = None  # megatron-core's pipeline schedule
-    # resume (the data position advances with the loop)
+    # resume
     start_iter: int = 0
-    micro_step: int = 0
-    data_seed: int = 0
-    # open_data (Any: set before the loop reads them)
-    train_iter: Any = None  # Iterator of micro-batches
-    eval_list: Any = None  # List of evaluation micro-batches
-    metrics: Any = None  # MetricsLog
 
     @property
     def is_main(self) -> bool:
@@ -213,9 +194,21 @@ def parse(argv: Optional[List[str]]) -> Run:
     """1. The arguments and every check that costs no model, data or process group."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     args = build_parser().parse_args(argv)
+    _require_megatron_core()
     sam, dp, num_micro, save_dir, is_preset = validate(args, world)
     return Run(args=args, sam=sam, dp=dp, num_micro=num_micro, save_dir=save_dir, is_preset=is_preset, world=world,
                data_seed=args.seed)
+
+
+def _require_megatron_core() -> None:
+    import importlib.util
+
+    try:
+        found = importlib.util.find_spec("megatron.core") is not None
+    except ImportError:  # no megatron package at all
+        found = False
+    if not found:
+        raise UsageError("megatron-core is not installed: pip install 'fsam-ds[megatron]'")
 
 
 def set_up(run: Run) -> None:
@@ -571,25 +564,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     one line ``fsam-megatron-train: error: ...``)."""
     from fsam_ds.config import FSAMConfigError
 
-    try:
-        run = parse(argv)
-    except SystemExit as exc:  # --help
-        return int(exc.code or 0)
-    except (UsageError, FSAMConfigError, ValueError) as err:
-        return fail(PROG, one_line(err))
-    try:
-        set_up(run)
-        load_data(run)
-        build(run)
-        resume(run)
-        open_data(run)
-    except DataError as err:  # the failing rank has the message; the others exit quietly
-        return fail(PROG, str(err)) if str(err) else 2
-    except UsageError as err:  # already one line
-        return fail(PROG, str(err))
-    end = train_loop(run)
-    finish(run, end)
-    return 0
+    return run_phases(PROG, argv, parse, (set_up, load_data, build, resume, open_data),
+                      lambda run: finish(run, train_loop(run)), refused=(UsageError, FSAMConfigError, ValueError))
 
 
 if __name__ == "__main__":
