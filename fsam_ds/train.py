@@ -481,5 +481,13 @@ def _main(argv: Optional[List[str]] = None) -> int:
                       refused=(UsageError, FSAMConfigError, ValueError, FileNotFoundError))
 
 
+def cli() -> None:
+    """The ``fsam-train`` command: :func:`main`, then the process ends with its exit status
+    (:func:`fsam_ds.runkit.exit_process`: no native teardown that could abort a finished run)."""
+    from fsam_ds.runkit import exit_process
+
+    exit_process(main())
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    cli()

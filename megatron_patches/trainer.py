@@ -568,5 +568,13 @@ def main(argv: Optional[List[str]] = None) -> int:
                       lambda run: finish(run, train_loop(run)), refused=(UsageError, FSAMConfigError, ValueError))
 
 
+def cli() -> None:
+    """The ``fsam-megatron-train`` command: :func:`main`, then the process ends with its exit status
+    (:func:`fsam_ds.runkit.exit_process`: no native teardown that could abort a finished run)."""
+    from fsam_ds.runkit import exit_process
+
+    exit_process(main())
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    cli()
