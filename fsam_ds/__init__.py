@@ -9,24 +9,18 @@ Usage mirrors ``deepspeed.initialize``::
 from __future__ import annotations
 
 import os
-import socket
 from typing import Any, Callable, Mapping, Optional, Union
 
 from .config import METHODS, SAM_METHODS, FSAMConfigError, SAMConfig, parse_config
-from .method import (adam_denominator, ascent_direction, causal_lm_loss, functional_surrogate, global_norm,
-                     rho_at)
+from .distributed import free_port
+from .lm import causal_lm_loss
+from .method import adam_denominator, ascent_direction, functional_surrogate, global_norm, rho_at
 
 __version__ = "0.1.0"
 
 __all__ = ["initialize", "attach", "parse_config", "FSAMConfigError", "SAMConfig", "METHODS", "SAM_METHODS",
            "ascent_direction", "adam_denominator", "functional_surrogate", "global_norm", "causal_lm_loss",
            "rho_at", "init_distributed", "__version__"]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 _ONE_RANK_ENV = False
@@ -47,7 +41,7 @@ def init_distributed(dist_backend: Optional[str] = None) -> None:
         os.environ.update({"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "LOCAL_WORLD_SIZE": "1"})
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
         # a fresh port each time: an earlier group's store may still hold the previous one
-        os.environ["MASTER_PORT"] = str(_free_port())
+        os.environ["MASTER_PORT"] = str(free_port())
     deepspeed.init_distributed(dist_backend=dist_backend)
 
 

@@ -40,20 +40,22 @@ import gc
 import json
 import os
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
+
+from . import names as _names
+from .distributed import free_port
 
 PROG = "fsam-bench"
 SCHEMA = "fsam-bench/2"
 MMAP_THRESHOLD = 131072  # bytes: glibc's default threshold, fixed (no dynamic growth) for the memory pass
-METHODS = ("AdamW", "SAM", "PreconditionedSAM", "FunctionalSAM", "PreconditionedFunctionalSAM")
-CACHES = ("device", "host", "recompute")
+METHODS = _names.METHODS
+CACHES = _names.LOGIT_GRAD_CACHES
 
 
 # ---------------------------------------------------------------------------------------------
@@ -340,16 +342,10 @@ def worker(a) -> int:
 # ---------------------------------------------------------------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _machine() -> str:
-    import platform
-
-    cpu = platform.machine()
+def cpu_cores_and_model(default: str) -> Tuple[Optional[int], str]:
+    """The CPU cores this process may run on and the CPU's model name (``/proc/cpuinfo``;
+    ``default`` where that file has none)."""
+    cpu = default
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
@@ -358,6 +354,13 @@ def _machine() -> str:
     except OSError:
         pass
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return cores, cpu
+
+
+def _machine() -> str:
+    import platform
+
+    cores, cpu = cpu_cores_and_model(platform.machine())
     try:
         load = " load average %.2f %.2f %.2f at start" % os.getloadavg()
     except OSError:
@@ -538,7 +541,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             launcher = shutil.which("deepspeed")
             if launcher is None:
                 return _error("--world-size > 1 needs the deepspeed launcher on PATH")
-            cmd = [launcher, "--num_gpus", str(a.world_size), "--master_port", str(_free_port()),
+            cmd = [launcher, "--num_gpus", str(a.world_size), "--master_port", str(free_port()),
                    "--module", "fsam_ds.bench"] + args
         proc = subprocess.run(cmd, env=penv, capture_output=True, text=True)
         if proc.returncode != 0:

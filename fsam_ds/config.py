@@ -23,7 +23,7 @@ import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, Mapping, Optional, Tuple, Union
+from typing import Any, Dict, Mapping, Optional, Sequence, Tuple, Union
 
 from .names import ASCENT_DIRECTIONS, LOGIT_GRAD_CACHES, METHODS, PRECONDITION_NORMS, SAM_METHODS
 
@@ -78,6 +78,18 @@ class SAMConfig:
 
 def _is_number(v: Any) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _check_int_at_least(label: str, value: Any, low: int, note: str = "") -> None:
+    """Refuse ``value`` unless it is an integer (not a bool) >= ``low``; ``note`` follows the bound."""
+    if not isinstance(value, int) or isinstance(value, bool) or value < low:
+        raise FSAMConfigError(f"{label} must be an integer >= {low}{note}, got {value!r}")
+
+
+def _check_one_of(label: str, value: Any, accepted: Sequence[str]) -> None:
+    """Refuse ``value`` unless it is one of the strings ``accepted``."""
+    if not isinstance(value, str) or value not in accepted:
+        raise FSAMConfigError(f"{label} {value!r} is not supported; accepted: {', '.join(accepted)}")
 
 
 def load_json_config(config: Union[str, os.PathLike[str], Mapping[str, Any]]) -> Dict[str, Any]:
@@ -142,23 +154,15 @@ def sam_config(method: str, params: Mapping[str, Any], key_names: Optional[Mappi
     if not _is_number(rho) or rho < 0:
         raise FSAMConfigError(f"{key('rho')} must be a number >= 0, got {rho!r}")
     norm = values["precondition_norm"]
-    if norm not in PRECONDITION_NORMS:
-        raise FSAMConfigError(f"{key('precondition_norm')} {norm!r} is not supported; accepted: "
-                              f"{', '.join(PRECONDITION_NORMS)}")
+    _check_one_of(key("precondition_norm"), norm, PRECONDITION_NORMS)
     warm = values["rho_warmup_steps"]
-    if not isinstance(warm, int) or isinstance(warm, bool) or warm < 0:
-        raise FSAMConfigError(f"{key('rho_warmup_steps')} must be an integer >= 0, got {warm!r}")
+    _check_int_at_least(key("rho_warmup_steps"), warm, 0)
     cache = values["logit_grad_cache"]
-    if cache not in LOGIT_GRAD_CACHES:
-        raise FSAMConfigError(f"{key('logit_grad_cache')} {cache!r} is not supported; accepted: "
-                              f"{', '.join(LOGIT_GRAD_CACHES)}")
+    _check_one_of(key("logit_grad_cache"), cache, LOGIT_GRAD_CACHES)
     every = values["ascent_every"]
-    if not isinstance(every, int) or isinstance(every, bool) or every < 1:
-        raise FSAMConfigError(f"{key('ascent_every')} must be an integer >= 1 (1: exact), got {every!r}")
+    _check_int_at_least(key("ascent_every"), every, 1, " (1: exact)")
     direction = values["ascent_direction"]
-    if not isinstance(direction, str) or direction not in ASCENT_DIRECTIONS:
-        raise FSAMConfigError(f"{key('ascent_direction')} {direction!r} is not supported; accepted: "
-                              f"{', '.join(ASCENT_DIRECTIONS)}")
+    _check_one_of(key("ascent_direction"), direction, ASCENT_DIRECTIONS)
     if direction == "momentum" and every > 1:
         raise FSAMConfigError(f'{key("ascent_direction")} "momentum" with ascent_every > 1 is not supported '
                               f"(got ascent_every {every}); accepted: ascent_every 1 with \"momentum\", or "
@@ -203,8 +207,7 @@ def take_sam_section(ds_config: Dict[str, Any]) -> SAMConfig:
     _check_adamw_params(params)
     sam = sam_config(method, params) if method in SAM_METHODS else SAMConfig(method=method)
     every = params.get("sharpness_every", 0)
-    if not isinstance(every, int) or isinstance(every, bool) or every < 0:
-        raise FSAMConfigError(f"optimizer.params.sharpness_every must be an integer >= 0 (0: off), got {every!r}")
+    _check_int_at_least("optimizer.params.sharpness_every", every, 0, " (0: off)")
     if every:
         sam = dataclasses.replace(sam, sharpness_every=every)
 
@@ -254,5 +257,5 @@ def _check_sam_compatibility(ds_config: Mapping[str, Any]) -> None:
                               "would count tensor-parallel shards per rank); accepted: 0 or 1, or use Megatron-core "
                               "(megatron_patches) for tensor parallelism")
     gas = ds_config.get("gradient_accumulation_steps", 1)
-    if gas != "auto" and (not isinstance(gas, int) or isinstance(gas, bool) or gas < 1):
-        raise FSAMConfigError(f"gradient_accumulation_steps must be an integer >= 1, got {gas!r}")
+    if gas != "auto":
+        _check_int_at_least("gradient_accumulation_steps", gas, 1)

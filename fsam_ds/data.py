@@ -247,7 +247,14 @@ def _rows_to_documents(rows: Sequence[str]) -> list[str]:
 
 
 def _load_hub(spec: str, eval_fraction: float, seed: int) -> tuple[list[str], list[str]]:
-    import datasets
+    try:
+        import datasets
+    except ImportError:
+        raise ValueError(
+            f"cannot load texts {spec!r}: it is not an embedded corpus ({', '.join(EMBEDDED_CORPORA)}) nor an "
+            "existing local file or folder, and texts from the Hugging Face Hub need the datasets package: "
+            "pip install 'fsam-ds[hub]'"
+        ) from None
 
     name, _, config = spec.partition(":")
     try:

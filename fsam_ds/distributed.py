@@ -16,14 +16,18 @@ from __future__ import annotations
 import contextlib
 import os
 import socket
-from typing import Any, Iterator, Optional
+from typing import TYPE_CHECKING, Any, Iterator, Optional
+
+if TYPE_CHECKING:
+    import torch
 
 
 def free_port() -> int:
     """A TCP port nobody listens on at 127.0.0.1 (free now; a caller binds it soon after)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+        port: int = s.getsockname()[1]
+        return port
 
 
 def default_backend() -> str:
@@ -33,7 +37,7 @@ def default_backend() -> str:
     return "nccl" if torch.cuda.is_available() else "gloo"
 
 
-def comm_device(group: Any = None):
+def comm_device(group: Any = None) -> "torch.device":
     """The device the tensors of a collective on ``group`` live on: the current CUDA device for
     an NCCL group, the CPU otherwise (gloo, or no process group at all)."""
     import torch
@@ -49,10 +53,11 @@ def world_size(group: Any = None) -> int:
     """The ranks in ``group`` (1 without a process group)."""
     import torch.distributed as dist
 
-    return dist.get_world_size(group) if dist.is_available() and dist.is_initialized() else 1
+    n: int = dist.get_world_size(group) if dist.is_available() and dist.is_initialized() else 1
+    return n
 
 
-def mean_over(tensor, group: Any = None):
+def mean_over(tensor: "torch.Tensor", group: Any = None) -> "torch.Tensor":
     """``tensor`` averaged over the ranks of ``group`` in place (unchanged on one rank); returns it."""
     import torch.distributed as dist
 

@@ -62,9 +62,10 @@ from .caches import (CudaCopyOps, HostLogitGradCache, LogitGradCache,  # noqa: F
 from .config import FSAMConfigError, SAMConfig
 from .lm import (LossFn, default_loss, finite_or_nan, labels_of, logit_grad, logits_of,  # noqa: F401
                  model_inputs)
+from .distributed import mean_over
 from .method import functional_surrogate, global_norm
 from .shards import PlainView, make_view
-from .step import SHARE_KEYS, SAMStep, StepOutcome, step_metrics
+from .step import SAMStep, StepOutcome, step_metrics
 
 def _no_update(*args, **kwargs):
     return None
@@ -72,7 +73,7 @@ def _no_update(*args, **kwargs):
 
 def share_params(module: torch.nn.Module) -> Dict[str, list]:
     """The trainable parameters of the input embedding (``get_input_embeddings()``, its weight)
-    and of the output layer (:func:`fsam_ds.loop.output_layer`) by :data:`SHARE_KEYS`; empty when
+    and of the output layer (:func:`fsam_ds.loop.output_layer`) by :data:`fsam_ds.names.SHARE_KEYS`; empty when
     the model names neither."""
     from .loop import model_layer, output_layer
 
@@ -267,28 +268,26 @@ class FSAMEngine:
         per micro-batch (no graph kept), ``g_F`` by autograd on the detached logits only.
         Returns (losses, rng state before each micro-batch)."""
         losses, states = [], []
-        recompute = isinstance(logit_grads, RecomputeLogitGradCache)
-        if recompute:
-            logit_grads.capturing = True
+        hidden = logit_grads if isinstance(logit_grads, RecomputeLogitGradCache) else None
+        if hidden is not None:
+            hidden.capturing = True
         for i, batch in enumerate(batches):
             states.append(self._rng_state())
             _, logits = self._forward_logits(batch)
-            if recompute:
-                logit_grads.put_hidden(i, logits)
+            if hidden is not None:
+                hidden.put_hidden(i, logits)
             loss, g_f = logit_grad(self.loss_fn, logits, batch)
             del logits
             logit_grads.put(i, g_f)
             losses.append(loss.detach().float())
-        if recompute:
-            logit_grads.capturing = False
+        if hidden is not None:
+            hidden.capturing = False
         return losses, states
 
     def _mean_loss(self, losses) -> torch.Tensor:
         loss = torch.stack(losses).mean()
         if dist.is_initialized() and self._engine.dp_world_size > 1:
-            loss = loss.clone()
-            dist.all_reduce(loss, group=self._engine.data_parallel_group)
-            loss /= self._engine.dp_world_size
+            loss = mean_over(loss.clone(), self._engine.data_parallel_group)
         return loss
 
     def adam_updates(self) -> int:
@@ -474,7 +473,9 @@ class BatchPasses:
         return fsam._backward_pass(self.batches, logit_grads=fsam.logit_grads, keep_logit_grads=fsam.sam.functional)
 
     def forward_pass(self) -> Tuple[list, Any]:
-        return self.fsam._forward_pass(self.batches, self.fsam.logit_grads)
+        cache = self.fsam.logit_grads
+        assert cache is not None  # forward_pass is FunctionalSAM's, which has a cache
+        return self.fsam._forward_pass(self.batches, cache)
 
     def pass2(self, replay) -> list:
         fsam = self.fsam

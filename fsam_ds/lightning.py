@@ -14,7 +14,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from lightning.pytorch.strategies import DeepSpeedStrategy
+try:
+    from lightning.pytorch.strategies import DeepSpeedStrategy
+except ImportError as err:
+    raise ImportError("fsam_ds.lightning needs Lightning: pip install 'fsam-ds[lightning]'") from err
 
 from .config import load_json_config, take_sam_section
 from .hf import attach_engine
@@ -27,7 +30,7 @@ class FSAMDeepSpeedStrategy(DeepSpeedStrategy):
         cfg = load_json_config(config) if config is not None else None
         self.fsam_sam = take_sam_section(cfg) if cfg is not None and "optimizer" in cfg else None
         self.fsam_engine = None
-        super().__init__(*args, config=cfg, **kwargs)
+        super().__init__(*args, config=cfg, **kwargs)  # type: ignore[misc]  # config is not in args
 
     def _setup_model_and_optimizer(self, *args: Any, **kwargs: Any):
         engine, optimizer = super()._setup_model_and_optimizer(*args, **kwargs)

@@ -27,9 +27,9 @@ from typing import Iterable, List, Optional, Sequence, Tuple, Union, cast
 import torch
 import torch.distributed as dist
 
+from .distributed import comm_device
 from .lm import causal_lm_loss  # noqa: F401  (the causal-LM loss lives in fsam_ds.lm)
-
-PRECONDITION_NORMS = ("perturbation", "gradient")
+from .names import PRECONDITION_NORMS
 
 Group = Union[None, "dist.ProcessGroup", Sequence["dist.ProcessGroup"]]
 # a part of the model as this rank holds it: (index of a local tensor, first element of its flattened
@@ -60,12 +60,6 @@ def all_reduce_sum(values: torch.Tensor, group: Group = None) -> torch.Tensor:
     return values
 
 
-def _comm_device(group: Group) -> torch.device:
-    if torch.cuda.is_available() and dist.is_initialized() and dist.get_backend() == "nccl":
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")
-
-
 def local_sq_sum(tensors: Iterable[torch.Tensor], weights: Optional[Sequence[float]] = None) -> torch.Tensor:
     """Sum of squares of the given local tensors, accumulated in float32 on their device.
 
@@ -74,7 +68,7 @@ def local_sq_sum(tensors: Iterable[torch.Tensor], weights: Optional[Sequence[flo
     """
     tensors = [t for t in tensors]
     if not tensors:
-        return torch.zeros((), dtype=torch.float32, device=_comm_device(None))
+        return torch.zeros((), dtype=torch.float32, device=comm_device())
     norms = torch._foreach_norm([t if t.dtype in (torch.float32, torch.float64) else t.float() for t in tensors])
     sq = torch.stack([n.to(torch.float32) for n in norms]) ** 2
     if weights is not None:
@@ -119,7 +113,7 @@ class Ascent:
 
     directions: Tensors
     coef: torch.Tensor
-    grad_norm: torch.Tensor
+    grad_norm: Optional[torch.Tensor]  # None for a direction reused from an earlier step
     eps_norm: torch.Tensor
     shares: Optional[torch.Tensor] = None
     _zero: Optional[bool] = field(default=None, init=False, repr=False)
@@ -185,7 +179,7 @@ def ascent_direction(grads: Sequence[torch.Tensor], rho: float,
         parts += [_region_sq(dirs, r, weights).to(g_sq.device) for r in regions]
         sums = torch.stack(parts)
     else:  # this rank holds nothing (possible for tiny models under sharding)
-        sums = torch.zeros(2 + len(regions), dtype=torch.float32, device=_comm_device(group))
+        sums = torch.zeros(2 + len(regions), dtype=torch.float32, device=comm_device())  # the default group's backend
     sums = all_reduce_sum(sums, group)
     g_norm = sums[0].sqrt()
     d_norm = sums[1].sqrt() if preconditioned else g_norm

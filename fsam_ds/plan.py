@@ -40,11 +40,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List, Optional
 
+from .names import METHODS
+
 PROG = "fsam-plan"
 GiB = 2 ** 30
 # Llama-2-style shapes for the published table (hidden, layers, heads, kv heads, ffn, vocab)
 EXTRA_SHAPES = {"7b": (4096, 32, 32, 32, 11008, 32000), "70b": (8192, 80, 64, 8, 28672, 32000)}
-METHOD_ROWS = ("AdamW", "SAM", "PreconditionedSAM", "FunctionalSAM", "PreconditionedFunctionalSAM")
+METHOD_ROWS = METHODS
 
 
 @dataclass
@@ -78,8 +80,8 @@ def load_shape(spec: str) -> Shape:
 
     if spec in models.PRESETS:
         c = models.llama_config(spec)
-        return Shape(spec, c.hidden_size, c.num_hidden_layers, c.num_attention_heads, c.num_key_value_heads,
-                     c.intermediate_size, c.vocab_size, bool(getattr(c, "tie_word_embeddings", False)))
+        return Shape(spec, c.hidden_size, c.num_hidden_layers, c.num_attention_heads,
+                     c.num_key_value_heads or c.num_attention_heads, c.intermediate_size, c.vocab_size, bool(getattr(c, "tie_word_embeddings", False)))
     path = Path(spec)
     if path.is_dir():
         path = path / "config.json"

@@ -20,7 +20,9 @@ import json
 import math
 import sys
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+
+from .names import METRICS_FILE
 
 PROG = "fsam-plot"
 COLORS = {"AdamW": "#444444", "SAM": "#d62728", "PreconditionedSAM": "#ff7f0e", "FunctionalSAM": "#1f77b4",
@@ -31,9 +33,9 @@ def load_run(folder) -> Dict:
     """``{"name", "method", "rho", "seed", "steps": [...], "evals": [...]}`` of a run folder."""
     folder = Path(folder)
     recs = []
-    path = folder / "metrics.jsonl"
+    path = folder / METRICS_FILE
     if not path.is_file():
-        raise FileNotFoundError(f"{str(folder)!r} has no metrics.jsonl (accepted: run folders written by fsam-train)")
+        raise FileNotFoundError(f"{str(folder)!r} has no {METRICS_FILE} (accepted: run folders written by fsam-train)")
     for line in path.read_text().splitlines():
         try:
             recs.append(json.loads(line))
@@ -98,13 +100,9 @@ def plot_loss(runs: List[Dict], path: Path) -> Optional[Path]:
         if ev:
             axes[1].plot([r["step"] for r in ev], [r["eval_loss"] for r in ev], "o-", color=c, label=_label(run),
                          ms=3, lw=1.2)
-    axes[0].set(title="train loss (pass 1, smoothed)", xlabel="step", ylabel="loss")
-    axes[1].set(title="held-out eval loss", xlabel="step", ylabel="loss")
-    for ax in axes:
-        ax.grid(alpha=0.3)
     _zoom_tail(axes[1], runs)
-    axes[1].legend(fontsize=7)
-    return _save(fig, path)
+    return _finish(fig, axes, [dict(title="train loss (pass 1, smoothed)", xlabel="step", ylabel="loss"),
+                               dict(title="held-out eval loss", xlabel="step", ylabel="loss")], path, legend=1)
 
 
 def _zoom_tail(ax, runs):
@@ -130,15 +128,8 @@ def plot_norms(runs: List[Dict], path: Path) -> Optional[Path]:
         x, y = _series(run, "eps_norm")
         if x and run["method"] != "AdamW":
             axes[1].plot(x, y, color=c, label=_label(run), lw=1.2)
-    if not any_data:
-        plt.close(fig)
-        return None
-    axes[0].set(title="||g|| (pass-1 gradient, smoothed)", xlabel="step", yscale="log")
-    axes[1].set(title="||eps||", xlabel="step")
-    for ax in axes:
-        ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=7)
-    return _save(fig, path)
+    return _finish(fig, axes, [dict(title="||g|| (pass-1 gradient, smoothed)", xlabel="step", yscale="log"),
+                               dict(title="||eps||", xlabel="step")], path, any_data=any_data)
 
 
 def plot_tau(runs: List[Dict], path: Path) -> Optional[Path]:
@@ -155,15 +146,8 @@ def plot_tau(runs: List[Dict], path: Path) -> Optional[Path]:
         axes[0].plot(x, [r["logit_fraction"] for r in pts], "o-", color=c, label=_label(run), ms=3)
         axes[1].plot(x, [r["tau_logit"] / r["tau_func"] if r["tau_func"] > 0 else float("nan") for r in pts], "o-",
                      color=c, label=_label(run), ms=3)
-    if not any_data:
-        plt.close(fig)
-        return None
-    axes[0].set(title="tau_logit / (tau_logit + tau_func)", xlabel="step", ylim=(0, 1))
-    axes[1].set(title="tau_logit / tau_func", xlabel="step", yscale="log")
-    for ax in axes:
-        ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=7)
-    return _save(fig, path)
+    return _finish(fig, axes, [dict(title="tau_logit / (tau_logit + tau_func)", xlabel="step", ylim=(0, 1)),
+                               dict(title="tau_logit / tau_func", xlabel="step", yscale="log")], path, any_data=any_data)
 
 
 def plot_lambda(runs: List[Dict], path: Path) -> Optional[Path]:
@@ -175,13 +159,8 @@ def plot_lambda(runs: List[Dict], path: Path) -> Optional[Path]:
         if x:
             any_data = True
             ax.plot(x, y, "o-", color=COLORS.get(run["method"]), label=_label(run), ms=3)
-    if not any_data:
-        plt.close(fig)
-        return None
-    ax.set(title="lambda_max of the loss Hessian (in training)", xlabel="step")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
-    return _save(fig, path)
+    return _finish(fig, [ax], [dict(title="lambda_max of the loss Hessian (in training)", xlabel="step")], path,
+                   any_data=any_data)
 
 
 def plot_eval_vs_rho(runs: List[Dict], baseline: Sequence[Dict], path: Path) -> Optional[Path]:
@@ -202,9 +181,23 @@ def plot_eval_vs_rho(runs: List[Dict], baseline: Sequence[Dict], path: Path) -> 
         ax.axhline(mean, color=COLORS["AdamW"], ls="--", label=f"AdamW (mean of {len(base)})")
         if len(base) > 1:
             ax.axhspan(min(base), max(base), color=COLORS["AdamW"], alpha=0.12)
-    ax.set(title="final eval loss against rho", xlabel="rho", ylabel="eval loss", xscale="log")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
+    return _finish(fig, [ax], [dict(title="final eval loss against rho", xlabel="rho", ylabel="eval loss",
+                                    xscale="log")], path)
+
+
+def _finish(fig, axes: Sequence, settings: Sequence[Dict[str, Any]], path: Path, legend: int = 0,
+            any_data: bool = True) -> Optional[Path]:
+    """Titles and labels (``settings``, one dict per axes), a grid on each, the legend on
+    ``axes[legend]``, then the figure saved to ``path``; a figure without data is closed and
+    nothing written (None)."""
+    if not any_data:
+        _plt().close(fig)
+        return None
+    for ax, kwargs in zip(axes, settings):
+        ax.set(**kwargs)
+    for ax in axes:
+        ax.grid(alpha=0.3)
+    axes[legend].legend(fontsize=7)
     return _save(fig, path)
 
 
@@ -227,11 +220,13 @@ def plot_all(runs, out_dir, sharp_runs=None, sweep_runs=None, baseline_runs=None
     base = [load_run(r) for r in baseline_runs] if baseline_runs is not None else \
         [r for r in main if r["method"] == "AdamW"]
     made = {}
-    for title, fn, args in (("train and eval loss", plot_loss, (main,)),
-                            ("gradient and perturbation norms", plot_norms, (main,)),
-                            ("where the sharpness goes: tau ratios", plot_tau, (sharp,)),
-                            ("lambda_max over training", plot_lambda, (sharp,)),
-                            ("eval loss against rho", plot_eval_vs_rho, (sweep, base))):
+    plots: List[Tuple[str, Callable[..., Optional[Path]], tuple]] = [
+        ("train and eval loss", plot_loss, (main,)),
+        ("gradient and perturbation norms", plot_norms, (main,)),
+        ("where the sharpness goes: tau ratios", plot_tau, (sharp,)),
+        ("lambda_max over training", plot_lambda, (sharp,)),
+        ("eval loss against rho", plot_eval_vs_rho, (sweep, base))]
+    for title, fn, args in plots:
         name = {"plot_loss": "loss", "plot_norms": "norms", "plot_tau": "tau", "plot_lambda": "lambda_max",
                 "plot_eval_vs_rho": "eval_vs_rho"}[fn.__name__]
         path = fn(*args, out_dir / f"{name}.png")

@@ -47,12 +47,14 @@ from __future__ import annotations
 import contextlib
 import math
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Union
+from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Union, cast
 
 import torch
 from torch.func import functional_call
 
+from .distributed import comm_device
 from .lm import default_loss, labels_of, logits_of
+from .names import SHARPNESS_METRICS
 
 __all__ = ["sharpness_terms", "lambda_max", "LambdaMax", "calibration", "CalibrationStats",
            "model_calibration", "Problem", "plain_module", "training_diagnostics", "TRAINING_KEYS"]
@@ -167,8 +169,9 @@ class Problem:
         self.batch = {k: (v.to(dev) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
         self._inputs = {k: v for k, v in self.batch.items() if k != "labels"}
         self._logits_of = logits_of
-        self._hvp_graph = None
-        self._gn_graph = None
+        # (leaves, loss, gradients with their graph) and (leaves, logits, logit leaf, g_F with its graph)
+        self._hvp_graph: Optional[tuple[List[torch.Tensor], torch.Tensor, List[Optional[torch.Tensor]]]] = None
+        self._gn_graph: Optional[tuple[List[torch.Tensor], torch.Tensor, torch.Tensor, torch.Tensor]] = None
 
     # ---- plumbing ------------------------------------------------------------------------------
     @contextlib.contextmanager
@@ -215,26 +218,24 @@ class Problem:
         return [torch.zeros_like(p) if g is None else g for g, p in zip(gs, inputs)]
 
     # ---- loss, gradient, products -----------------------------------------------------------------
-    def _build_hvp_graph(self):
-        with self._eval_mode():
-            leaves = [self.params[n].clone().requires_grad_(True) for n in self.names]
-            loss = self.loss_of_logits(self.logits(dict(zip(self.names, leaves))))
-            grads = torch.autograd.grad(loss, leaves, create_graph=True, allow_unused=True)
-        self._hvp_graph = (leaves, loss.detach(), list(grads))
+    def _hvp_graph_built(self) -> tuple[List[torch.Tensor], torch.Tensor, List[Optional[torch.Tensor]]]:
+        if self._hvp_graph is None:
+            with self._eval_mode():
+                leaves = [self.params[n].clone().requires_grad_(True) for n in self.names]
+                loss = self.loss_of_logits(self.logits(dict(zip(self.names, leaves))))
+                grads = torch.autograd.grad(loss, leaves, create_graph=True, allow_unused=True)
+            self._hvp_graph = (leaves, loss.detach(), list(grads))
+        return self._hvp_graph
 
     def loss_and_grad(self) -> tuple:
         """(loss, flat gradient)."""
-        if self._hvp_graph is None:
-            self._build_hvp_graph()
-        leaves, loss, grads = self._hvp_graph
+        leaves, loss, grads = self._hvp_graph_built()
         return loss, torch.cat([(torch.zeros_like(p) if g is None else g.detach()).reshape(-1)
                                 for g, p in zip(grads, leaves)])
 
     def hvp(self, v: torch.Tensor) -> torch.Tensor:
         """``H_L v`` (flat in, flat out) by double backward through a cached gradient graph."""
-        if self._hvp_graph is None:
-            self._build_hvp_graph()
-        leaves, _, grads = self._hvp_graph
+        leaves, _, grads = self._hvp_graph_built()
         vs = self.unflat(v)
         pairs = [(g, vs[n]) for g, n in zip(grads, self.names) if g is not None and g.requires_grad]
         if not pairs:
@@ -242,26 +243,26 @@ class Problem:
         dot = sum((g * u).sum() for g, u in pairs)
         return torch.cat([x.reshape(-1) for x in self._grads(dot, leaves, retain_graph=True)])
 
-    def _build_gn_graph(self):
-        with self._eval_mode():
-            leaves = [self.params[n].clone().requires_grad_(True) for n in self.names]
-            logits = self.logits(dict(zip(self.names, leaves)))
-            f_leaf = logits.detach().requires_grad_(True)
-            (g_f,) = torch.autograd.grad(self.loss_of_logits(f_leaf), f_leaf, create_graph=True)
-        self._gn_graph = (leaves, logits, f_leaf, g_f)
+    def _gn_graph_built(self) -> tuple[List[torch.Tensor], torch.Tensor, torch.Tensor, torch.Tensor]:
+        if self._gn_graph is None:
+            with self._eval_mode():
+                leaves = [self.params[n].clone().requires_grad_(True) for n in self.names]
+                logits = self.logits(dict(zip(self.names, leaves)))
+                f_leaf = logits.detach().requires_grad_(True)
+                (g_f,) = torch.autograd.grad(self.loss_of_logits(f_leaf), f_leaf, create_graph=True)
+            self._gn_graph = (leaves, logits, f_leaf, g_f)
+        return self._gn_graph
 
     def jvp(self, v: torch.Tensor) -> torch.Tensor:
         """``J v``: the logits' directional derivative, by forward-mode autodiff."""
         with self._eval_mode():
-            _, jv = torch.func.jvp(self.logits, (dict(self.params),), (self.unflat(v),))
+            jv: torch.Tensor = torch.func.jvp(self.logits, (dict(self.params),), (self.unflat(v),))[1]
         return jv
 
     def gnvp(self, v: torch.Tensor) -> torch.Tensor:
         """``H_G v = J^T H_ell J v``: a jvp, the loss Hessian in logit space (double backward of
         the loss with respect to the logits), then a vjp through a cached graph."""
-        if self._gn_graph is None:
-            self._build_gn_graph()
-        leaves, logits, f_leaf, g_f = self._gn_graph
+        leaves, logits, f_leaf, g_f = self._gn_graph_built()
         jv = self.jvp(v)
         if g_f.requires_grad:
             (h_jv,) = torch.autograd.grad(g_f, f_leaf, grad_outputs=jv.to(g_f.dtype), retain_graph=True,
@@ -411,7 +412,8 @@ def lambda_max(model, batch: Mapping[str, Any], matrix: str = "hessian", method:
         basis: List[torch.Tensor] = [q]
         alphas: List[float] = []
         betas: List[float] = []
-        value, s = 0.0, None
+        value = 0.0
+        s: Optional[torch.Tensor] = None  # the Ritz vector in the Krylov basis
         for k in range(min(iters, n)):
             w = op(basis[-1])
             products += 1
@@ -432,7 +434,8 @@ def lambda_max(model, batch: Mapping[str, Any], matrix: str = "hessian", method:
             if k + 1 < min(iters, n):
                 betas.append(beta)
                 basis.append(w / beta)
-        vec = sum(float(c) * b for c, b in zip(s, basis))
+        assert s is not None, "lambda_max: iters must be >= 1"
+        vec = cast(torch.Tensor, sum(float(c) * b for c, b in zip(s, basis)))
         vec = vec / vec.norm()
     av = op(vec)
     value = _dot(vec, av) if method == "power" else value
@@ -489,9 +492,7 @@ class CalibrationStats:
         import torch.distributed as dist
 
         if dist.is_available() and dist.is_initialized() and dist.get_world_size(group) > 1:
-            dev = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend(group) == "nccl" \
-                else torch.device("cpu")
-            t = self.sums.to(dev)
+            t = self.sums.to(comm_device(group))
             dist.all_reduce(t, group=group)
             self.sums = t.cpu()
         return self
@@ -537,6 +538,8 @@ def model_calibration(model, batches: Iterable[Mapping[str, Any]], n_bins: int =
             batch = {k: (v.to(dev) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
             out = functional_call(module, params, (), {k: v for k, v in batch.items() if k != "labels"})
             logits = logits_of(out)
+            if logits is None:
+                raise ValueError(f"model_calibration: the model's output ({type(out).__name__}) holds no logits")
             labels = labels_of(batch)
             if shift:
                 logits, labels = logits[..., :-1, :], labels[..., 1:]
@@ -554,8 +557,7 @@ def model_calibration(model, batches: Iterable[Mapping[str, Any]], n_bins: int =
 # ---------------------------------------------------------------------------------------------
 
 #: The keys :func:`training_diagnostics` adds to ``engine.last_metrics`` and ``metrics.jsonl``.
-TRAINING_KEYS = ("tau_logit", "tau_func", "tau_cross", "hvp_sq_norm", "logit_fraction", "curv_hessian",
-                 "curv_gn", "lambda_max", "lambda_max_iters", "lambda_max_residual", "sharpness_time")
+TRAINING_KEYS = SHARPNESS_METRICS
 #: Lanczos products per in-training lambda_max (warm-started from the previous estimate).
 TRAINING_LANCZOS_ITERS = 8
 
@@ -582,9 +584,7 @@ def training_diagnostics(engine, batch: Mapping[str, Any], init: Optional[torch.
     world = int(getattr(ds, "dp_world_size", 1))
     if world > 1 and dist.is_initialized():
         keys = list(values)
-        t = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64)
-        if dist.get_backend() == "nccl":
-            t = t.cuda()
+        t = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64, device=comm_device())
         dist.all_reduce(t, group=ds.data_parallel_group)
         values = {k: float(x) / world for k, x in zip(keys, t.cpu())}
         values["lambda_max_iters"] = int(round(values["lambda_max_iters"]))

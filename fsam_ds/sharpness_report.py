@@ -32,20 +32,22 @@ import sys
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
+from .names import HF_META_DIR, LATEST
+from .runkit import fail
+
 PROG = "fsam-sharpness"
 
 
-def _fail(message: str) -> int:
-    print(f"{PROG}: error: {' '.join(str(message).split())}", file=sys.stderr, flush=True)
-    return 2
+def _fail(message: object) -> int:
+    return fail(PROG, " ".join(str(message).split()))
 
 
 def _resolve(path: Path, tag: Optional[str]) -> tuple:
     """(kind, folder): kind 'hf' (a model folder) or 'ds' (a checkpoint tag folder)."""
-    if (path / "config.json").is_file() and not (path / "latest").is_file():
+    if (path / "config.json").is_file() and not (path / LATEST).is_file():
         return "hf", path
-    if (path / "latest").is_file() or tag:
-        tag = tag or (path / "latest").read_text().strip()
+    if (path / LATEST).is_file() or tag:
+        tag = tag or (path / LATEST).read_text().strip()
         folder = path / tag
         if not folder.is_dir():
             raise FileNotFoundError(f"--tag {tag!r}: no folder {str(folder)!r}")
@@ -91,7 +93,7 @@ def load_model(path, tag: Optional[str] = None) -> Dict[str, Any]:
         return {"model": model, "args": {}, "tag": None, "folder": folder, "kind": kind}
     state, client = _ds_state(folder)
     args = dict(client.get("args") or {})
-    hf = folder / "hf"
+    hf = folder / HF_META_DIR
     vocab = next(v.shape[0] for k, v in state.items() if k.endswith("embed_tokens.weight"))
     if (hf / "config.json").is_file():
         from transformers import AutoConfig, AutoModelForCausalLM
@@ -125,8 +127,8 @@ def load_data(loaded: Dict[str, Any], dataset: Optional[str] = None, seq_len: Op
     seq = int(seq_len or args.get("seq_len") or 128)
     train_texts, eval_texts = fdata.load_texts(spec)
     folder = loaded["folder"]
-    if (folder / "hf" / "tokenizer.json").is_file():
-        tok = fdata.get_tokenizer(str(folder / "hf"), vocab_size=0)
+    if (folder / HF_META_DIR / "tokenizer.json").is_file():
+        tok = fdata.get_tokenizer(str(folder / HF_META_DIR), vocab_size=0)
     elif loaded["kind"] == "hf" and any((folder / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json")):
         tok = fdata.get_tokenizer(str(folder), vocab_size=0)
     elif args.get("tokenizer"):

@@ -25,15 +25,13 @@ correction of the preconditioner.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, List, Optional, Protocol, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Mapping, Optional, Protocol, Sequence, Tuple
 
 import torch
 
 from .config import SAMConfig
-from .method import Ascent, Region, ascent_direction, rho_at
-
-# last_metrics keys of the share of ||eps||^2 on the input-embedding matrix and on the output layer
-SHARE_KEYS = ("eps_share_embed", "eps_share_output")
+from .method import Ascent, Region, Tensors, ascent_direction, rho_at
+from .names import SHARE_KEYS  # the last_metrics keys of the shares of ||eps||^2 (input embedding, output layer)
 
 
 class RankView(Protocol):
@@ -89,14 +87,14 @@ class Passes(Protocol):
     it from pass 1 to pass 2.
     """
 
-    def pass1(self) -> Tuple[list, Any]:
+    def pass1(self) -> Tuple[List[Any], Any]:
         """Forward and backward at theta; FunctionalSAM keeps ``g_F``. Returns (losses, replay)."""
 
-    def forward_pass(self) -> Tuple[list, Any]:
+    def forward_pass(self) -> Tuple[List[Any], Any]:
         """FunctionalSAM only: ``g_F`` at theta without a backward through the model (the
         direction of this step is not taken from its gradient). Returns (losses, replay)."""
 
-    def pass2(self, replay: Any) -> list:
+    def pass2(self, replay: Any) -> List[Any]:
         """The step's micro-batches at theta + eps (``replay`` None: no pass 1 ran, SAM reusing a
         direction). Returns pass 2's losses."""
 
@@ -111,7 +109,7 @@ class Passes(Protocol):
 class StepOutcome:
     """What passes 1-5 produced, for the update and the metrics of the step."""
 
-    losses: list  # pass 1's (pass 2's when no pass 1 ran: SAM reusing a direction)
+    losses: Optional[List[Any]]  # pass 1's (pass 2's when no pass 1 ran: SAM reusing a direction)
     rho: float
     grad_norm: Optional[torch.Tensor] = None  # ||g|| of pass 1 (None when no ascent was computed)
     eps_norm: Optional[torch.Tensor] = None
@@ -131,7 +129,8 @@ class SAMStep:
     """
 
     def __init__(self, sam: SAMConfig, view: RankView, adam_updates: Callable[[], int],
-                 step_index: Callable[[], int], share_params: Optional[Dict[str, list]] = None):
+                 step_index: Callable[[], int],
+                 share_params: Optional[Mapping[str, Sequence[torch.nn.Parameter]]] = None):
         self.sam = sam
         self.view = view
         self.adam_updates = adam_updates
@@ -142,7 +141,7 @@ class SAMStep:
         self.skip_unperturbed_pass2 = True
         # ascent_every > 1: the last direction at rho = 1 (this rank's tensors, fp32), its global
         # norm, whether it is a real perturbation, its shares and the step it was computed at
-        self._eps_unit: Optional[list] = None
+        self._eps_unit: Optional[Tensors] = None
         self._eps_unit_norm: Optional[torch.Tensor] = None
         self._eps_unit_ok = False
         self._eps_unit_shares: Optional[torch.Tensor] = None
@@ -182,7 +181,7 @@ class SAMStep:
         return ascent_direction(tensors, rho, denoms, self.sam.precondition_norm, group=view.norm_group,
                                 grad_scale=scale, weights=view.weights(), regions=regions)
 
-    def _stored_ascent(self, rho: float) -> Tuple[Ascent, torch.Tensor]:
+    def _stored_ascent(self, rho: float) -> Tuple[Ascent, Optional[torch.Tensor]]:
         """``ascent_every: k > 1`` on a computing step: the direction at rho = 1, stored; returns
         (the ascent at ``rho``, ``||g||``)."""
         unit = self.compute_ascent(1.0)
@@ -194,12 +193,13 @@ class SAMStep:
         return self._reused_ascent(rho), unit.grad_norm
 
     def _reused_ascent(self, rho: float) -> Ascent:
+        assert self._eps_unit is not None and self._eps_unit_norm is not None  # reuses_ascent() holds
         ok = self._eps_unit_ok and rho > 0
         coef = torch.tensor(float(rho) if ok else 0.0, dtype=torch.float32, device=self._eps_unit_norm.device)
         return Ascent(directions=self._eps_unit, coef=coef, grad_norm=None, eps_norm=self._eps_unit_norm * coef,
                       shares=self._eps_unit_shares)
 
-    def _exact_ascent(self, rho: float) -> Tuple[Ascent, torch.Tensor]:
+    def _exact_ascent(self, rho: float) -> Tuple[Ascent, Optional[torch.Tensor]]:
         if self.sam.ascent_every > 1:
             return self._stored_ascent(rho)
         ascent = self.compute_ascent(rho)
@@ -213,7 +213,7 @@ class SAMStep:
         return not self.skip_unperturbed_pass2 and grad_norm is not None and bool(torch.isfinite(grad_norm))
 
     # ---- the step -----------------------------------------------------------------------------
-    def run(self, passes: Passes, pass1: Optional[Tuple[list, Any]] = None) -> StepOutcome:
+    def run(self, passes: Passes, pass1: Optional[Tuple[List[Any], Any]] = None) -> StepOutcome:
         """Passes 1-5. ``pass1``: (losses, replay) of a pass 1 that already ran (loop mode: the
         loop's own forwards and backwards). The update is the caller's."""
         sam = self.sam
@@ -223,6 +223,7 @@ class SAMStep:
         reused = self.reuses_ascent()
         momentum = pass1 is None and not reused and self.uses_momentum()
         grad_norm: Optional[torch.Tensor] = None
+        losses: Optional[List[Any]]
         if reused:
             ascent = self._reused_ascent(rho)
         elif momentum:
@@ -244,7 +245,7 @@ class SAMStep:
                 out.losses = pass2_losses
         return out
 
-    def _perturbed_pass(self, passes: Passes, ascent: Ascent, replay: Any) -> list:
+    def _perturbed_pass(self, passes: Passes, ascent: Ascent, replay: Any) -> List[Any]:
         """Steps 3-5: theta + eps, gradients cleared, pass 2 with pass 1's random state, theta
         and the random state after pass 1 restored."""
         view = self.view
@@ -271,6 +272,7 @@ class SAMStep:
         state: Dict[str, Any] = {"method": self.sam.method, "ascent_every": self.sam.ascent_every,
                                  "eps_step": self._eps_step, "eps_unit": None}
         if self._eps_unit is not None:
+            assert self._eps_unit_norm is not None  # stored with the direction
             state.update(eps_unit=[t.detach().cpu().clone() for t in self._eps_unit],
                          eps_unit_norm=float(self._eps_unit_norm), eps_unit_ok=bool(self._eps_unit_ok),
                          eps_unit_shares=(None if self._eps_unit_shares is None

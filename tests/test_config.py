@@ -165,14 +165,6 @@ def test_shipped_configs_parse():
 # ---- settings refused before training (one process) ------------------------------------------
 # multi-rank refusals stay in their launches
 
-def _sharpness_cfg(method="SAM", **params):
-    p = {"lr": 1e-3}
-    if method != "AdamW":
-        p["rho"] = 0.1
-    p.update(params)
-    return {"train_micro_batch_size_per_gpu": 2, "optimizer": {"type": method, "params": p}}
-
-
 def test_recompute_refuses_a_model_without_linear_output():
     import fsam_ds
     from fsam_ds import FSAMConfigError
@@ -275,11 +267,11 @@ def test_deepspeed_moe_layers_are_refused_for_the_sam_types():
 
 @pytest.mark.parametrize("method", ["AdamW", "PreconditionedFunctionalSAM"])
 def test_sharpness_every_config(method):
-    ds, sam = parse_config(_sharpness_cfg(method, sharpness_every=5))
+    ds, sam = parse_config(cfg_with(method, sharpness_every=5))
     assert sam.sharpness_every == 5 and "sharpness_every" not in ds["optimizer"]["params"]
-    assert parse_config(_sharpness_cfg(method))[1].sharpness_every == 0
+    assert parse_config(cfg_with(method))[1].sharpness_every == 0
     for bad in (-1, 1.5, True, "2", None):
         with pytest.raises(FSAMConfigError) as err:
-            parse_config(_sharpness_cfg(method, sharpness_every=bad))
+            parse_config(cfg_with(method, sharpness_every=bad))
         assert str(err.value).startswith("optimizer.params.sharpness_every must be an integer >= 0")
         assert "\n" not in str(err.value)

@@ -192,14 +192,6 @@ def test_model_calibration_shifts_and_matches(problem):
 # ---------------------------------------------------------------------------------------------
 
 
-def _cfg(method="SAM", **params):
-    p = {"lr": 1e-3}
-    if method != "AdamW":
-        p["rho"] = 0.1
-    p.update(params)
-    return {"train_micro_batch_size_per_gpu": 2, "optimizer": {"type": method, "params": p}}
-
-
 def test_in_training_logging(tmp_path):
     import fsam_ds
     from common import ds_config
@@ -230,10 +222,12 @@ def test_in_training_logging(tmp_path):
 
 def test_metrics_jsonl_from_fsam_train(tmp_path):
     """fsam-train writes the diagnostics into metrics.jsonl on the configured steps."""
+    from common import ds_config
+
     from fsam_ds.train import main
 
-    cfg = _cfg("FunctionalSAM", sharpness_every=2)
-    cfg.update(gradient_clipping=1.0, steps_per_print=10 ** 9)
+    cfg = ds_config("FunctionalSAM", gas=1)
+    cfg["optimizer"]["params"]["sharpness_every"] = 2
     path = tmp_path / "c.json"
     path.write_text(json.dumps(cfg))
     rc = main(["--deepspeed_config", str(path), "--model", "tiny", "--steps", "3", "--seq-len", "32",

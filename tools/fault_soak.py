@@ -53,14 +53,16 @@ import math
 import os
 import random
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
 import threading
 import time
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
+
+from fsam_ds.distributed import free_port
+from fsam_ds.names import LATEST, METRICS_FILE, TMP_SUFFIX, deepspeed_tag
 
 ROOT = Path(__file__).resolve().parents[1]
 ROLE_ENV = "FSAM_SOAK_ROLE"  # "worker": this file runs fsam-train with the fault plan
@@ -161,19 +163,19 @@ def _install(fault: Dict[str, Any], attempt: int, steps: int, save_every: int) -
         st["done"], st["phase"] = done + 1, "after the step"
         return out
 
-    E.FSAMEngine.train_batch = train_batch
+    E.FSAMEngine.train_batch = train_batch  # type: ignore[method-assign]  # the fault injection's patch
 
     original_ascent = E.FSAMEngine.compute_ascent
 
-    def compute_ascent(self, rho):
+    def compute_ascent(self, rho, momentum=False):
         st["phase"] = "ascent"
-        out = original_ascent(self, rho)
+        out = original_ascent(self, rho, momentum)
         st["phase"] = "between the passes"
         if st["kind"] == "between_passes" and in_target():
             _die(f"step {st['target']}: after pass 1 and the ascent, before pass 2")
         return out
 
-    E.FSAMEngine.compute_ascent = compute_ascent
+    E.FSAMEngine.compute_ascent = compute_ascent  # type: ignore[method-assign]
 
     original_backward_pass = E.FSAMEngine._backward_pass
 
@@ -188,7 +190,7 @@ def _install(fault: Dict[str, Any], attempt: int, steps: int, save_every: int) -
             st["phase"] = "update"
         return out
 
-    E.FSAMEngine._backward_pass = _backward_pass
+    E.FSAMEngine._backward_pass = _backward_pass  # type: ignore[method-assign]
 
     original_save = DE.DeepSpeedEngine.save_checkpoint
 
@@ -203,7 +205,7 @@ def _install(fault: Dict[str, Any], attempt: int, steps: int, save_every: int) -
     original_zero = DE.DeepSpeedEngine._save_zero_checkpoint
 
     def _save_zero_checkpoint(self, save_path, tag):
-        if st["kind"] == "save_zero" and str(tag) == f"step{st['target']}":
+        if st["kind"] == "save_zero" and str(tag) == deepspeed_tag(st["target"]):
             _die(f"saving {tag}: DeepSpeed's ZeRO files of this rank")
         return original_zero(self, save_path, tag)
 
@@ -213,18 +215,18 @@ def _install(fault: Dict[str, Any], attempt: int, steps: int, save_every: int) -
 
     def rng_state():
         if st["kind"] == "save_rng" and st["done"] == st["target"]:
-            _die(f"saving step{st['target']}: after DeepSpeed's files, before the RNG state file")
+            _die(f"saving {deepspeed_tag(st['target'])}: after DeepSpeed's files, before the RNG state file")
         return original_rng_state()
 
     T.rng_state = rng_state
 
     original_publish = T.publish_latest
 
-    def publish_latest(save_dir, tag):
-        if st["kind"] == "publish" and tag == f"step{st['target']}":
-            Path(save_dir, "latest.tmp").write_text(tag)
-            _die(f"publishing {tag}: latest.tmp written, not renamed")
-        return original_publish(save_dir, tag)
+    def publish_latest(save_dir: Path, text: str, name: str = LATEST) -> None:
+        if st["kind"] == "publish" and text == deepspeed_tag(st["target"]):
+            Path(save_dir, name + TMP_SUFFIX).write_text(text)
+            _die(f"publishing {text}: {name + TMP_SUFFIX} written, not renamed")
+        original_publish(save_dir, text, name)
 
     T.publish_latest = publish_latest
     if kind == "publish" and int(fault["rank"]) != 0:  # only rank 0 publishes
@@ -264,12 +266,6 @@ def make_plan(faults: int, seed: int, steps: int, save_every: int) -> Dict[str, 
         plan.append({"rank": rng.randrange(2), "kind": kind, "u": round(rng.random(), 4),
                      "delay_seed": rng.randrange(2 ** 31)})
     return {"seed": seed, "steps": steps, "save_every": save_every, "faults": plan}
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _child_env(work: Path, cache: Optional[Path] = None) -> Dict[str, str]:
@@ -334,9 +330,10 @@ def _run(cmd: List[str], cwd: Path, env: Dict[str, str], timeout: float) -> subp
     return subprocess.CompletedProcess(cmd, rc, text, "")
 
 
-def read_records(save_dir: Path):
-    steps, evals = [], []
-    for line in (save_dir / "metrics.jsonl").read_text().splitlines():
+def read_records(save_dir: Path) -> Tuple[List[Dict[str, Any]], List[Dict[str, Any]]]:
+    steps: List[Dict[str, Any]] = []
+    evals: List[Dict[str, Any]] = []
+    for line in (save_dir / METRICS_FILE).read_text().splitlines():
         rec = json.loads(line)
         (steps if "loss" in rec else evals).append(rec)
     return steps, evals
@@ -370,7 +367,7 @@ def soak(work: Path, faults: int, seed: int, steps: int, save_every: int, tolera
     t_start = time.time()
     prepare(work, steps)
     env = _child_env(work, cache)
-    port = _free_port()
+    port = free_port()
 
     # the reference: the same command, no fault, no supervisor
     t0 = time.time()
@@ -391,7 +388,7 @@ def soak(work: Path, faults: int, seed: int, steps: int, save_every: int, tolera
     sup = [sys.executable, "-m", "fsam_ds.supervise", "--max-restarts", str(faults), "--delay", "0.5",
            "--checkpoint-dir", str(work / "soak"), "--log", str(attempts_log), "--"]
     t0 = time.time()
-    proc = _run(sup + train_command(work, "soak", steps, save_every, _free_port()), work, senv,
+    proc = _run(sup + train_command(work, "soak", steps, save_every, free_port()), work, senv,
                 timeout * (faults + 1))
     (work / "soak.log").write_text(proc.stdout + proc.stderr)
     soak_seconds = time.time() - t0
@@ -410,7 +407,7 @@ def soak(work: Path, faults: int, seed: int, steps: int, save_every: int, tolera
     expected_resumes = []
     for i, fault in enumerate(plan["faults"]):
         m = fired.get(i)
-        row = {"fault": i + 1, "planned": f"{fault['kind']} on rank {fault['rank']}", "injected": m is not None,
+        row: Dict[str, Any] = {"fault": i + 1, "planned": f"{fault['kind']} on rank {fault['rank']}", "injected": m is not None,
                "survived": False}
         att = next((a for a in attempts if a["attempt"] == i), None)
         nxt = next((a for a in attempts if a["attempt"] == i + 1), None)
@@ -455,7 +452,7 @@ def soak(work: Path, faults: int, seed: int, steps: int, save_every: int, tolera
     # the records and the weights against the reference
     ref_steps, ref_evals = read_records(work / "reference")
     max_rel = 0.0
-    if (work / "soak" / "metrics.jsonl").is_file():
+    if (work / "soak" / METRICS_FILE).is_file():
         got_steps, got_evals = read_records(work / "soak")
         ref_by = {r["step"]: r for r in ref_steps}
         seen: Dict[int, int] = {}
@@ -487,11 +484,11 @@ def soak(work: Path, faults: int, seed: int, steps: int, save_every: int, tolera
         else:
             max_rel = max(max_rel, _rel(got_final[-1], ref_final[-1]))
     else:
-        problems.append("no metrics.jsonl from the supervised job")
+        problems.append(f"no {METRICS_FILE} from the supervised job")
         data_lost += len(ref_steps)
     report["max_rel_diff_records"] = max_rel
 
-    tag = f"step{steps}"
+    tag = deepspeed_tag(steps)
     if finished and (work / "soak" / tag).is_dir():
         a, b = _weights(work / "reference", tag), _weights(work / "soak", tag)
         if set(a) != set(b):
@@ -502,7 +499,7 @@ def soak(work: Path, faults: int, seed: int, steps: int, save_every: int, tolera
         report["max_abs_diff_weights"] = wdiff
         if wdiff > tolerance:
             problems.append(f"final weights differ from the reference by up to {wdiff:.3g}")
-        start = _weights(work / "reference", f"step{save_every}") if save_every < steps else None
+        start = _weights(work / "reference", deepspeed_tag(save_every)) if save_every < steps else None
         if start is not None:  # the comparison can fail: training moved the weights
             report["weights_moved"] = max(float((a[k].detach().float() - start[k].detach().float()).abs().max()) for k in a)
         cs_ref, cs_got = _client_state(work / "reference", tag), _client_state(work / "soak", tag)

@@ -49,13 +49,12 @@ import platform
 import re
 import shlex
 import signal
-import statistics
 import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional, cast
 
 PROG = "gpu-check"
 REPO = Path(__file__).resolve().parents[1]
@@ -481,7 +480,6 @@ def _trainer_state(method: str, stage: int, dtype: str):
     _tests_path()
     import tempfile
 
-    import torch
     from transformers import TrainingArguments
 
     from common import GAS, LR, STEPS, full_state
@@ -491,10 +489,12 @@ def _trainer_state(method: str, stage: int, dtype: str):
 
     from accelerate.state import PartialState
 
+    from fsam_ds.distributed import default_backend
+
     # the Trainer uses the process state set up here (use_configured_state): nccl on a GPU, gloo on CPU,
     # on the process group fsam_ds.initialize already started
     os.environ["ACCELERATE_USE_DEEPSPEED"] = "true"
-    PartialState(backend="nccl" if torch.cuda.is_available() else "gloo")
+    PartialState(backend=default_backend())
     reset_accelerate()
     cfg = ds_json(method, stage)
     if dtype == "bf16":
@@ -513,9 +513,11 @@ def _trainer_state(method: str, stage: int, dtype: str):
 
 def _loss_scale(opt) -> Optional[float]:
     for name in ("loss_scale", "cur_scale"):
-        v = getattr(opt, name, None)
-        if isinstance(v, (int, float)) or hasattr(v, "item"):
+        v: Any = getattr(opt, name, None)
+        if isinstance(v, (int, float)):
             return float(v)
+        if hasattr(v, "item"):
+            return float(v.item())
     cfg = getattr(opt, "loss_scale_config", None)
     return float(cfg.cur_scale) if cfg is not None else None
 
@@ -627,17 +629,20 @@ def _backward_scale_probe(stage: int, dtype: str) -> Dict[str, Any]:
     engine.backward(loss)
     ref_loss = causal_lm_loss(twin(input_ids=ids).logits, ids)
     ref_loss.backward()
-    ref = torch.sqrt(sum((p.grad.float() ** 2).sum() for p in twin.parameters() if p.grad is not None))
+    ref = torch.sqrt(cast(torch.Tensor, sum((p.grad.float() ** 2).sum() for p in twin.parameters()
+                                            if p.grad is not None)))
     if stage == 0:
-        got = torch.sqrt(sum((p.grad.float() ** 2).sum() for p in engine.module.parameters() if p.grad is not None))
+        got = torch.sqrt(cast(torch.Tensor, sum((p.grad.float() ** 2).sum() for p in engine.module.parameters()
+                                                if p.grad is not None)))
     else:  # ZeRO 1/2: the reduced fp16 gradient partitions the optimizer holds
         from fsam_ds.shards import make_view
 
         grads = make_view(engine).grads()
-        got = torch.sqrt(sum((g.float() ** 2).sum() for g in grads))
+        got = torch.sqrt(cast(torch.Tensor, sum((g.float() ** 2).sum() for g in grads)))
     scale = _loss_scale(engine.optimizer)
     ratio = float(got / ref)
-    verdict = ("scales the loss" if abs(ratio / scale - 1) < 0.05 else
+    verdict = ("no loss scale found on the optimizer" if scale is None else
+               "scales the loss" if abs(ratio / scale - 1) < 0.05 else
                "does NOT scale the loss" if abs(ratio - 1) < 0.05 else "neither 1 nor the scale")
     return {"optimizer": type(engine.optimizer).__name__, "scale": scale, "ratio": ratio, "verdict": verdict}
 
@@ -645,17 +650,15 @@ def _backward_scale_probe(stage: int, dtype: str) -> Dict[str, Any]:
 def w_megatron(a) -> int:
     """megatron-core TP=1 with the Adam it picks; where the step lives and what the SAM step reads."""
     _tests_path()
-    import socket
     import torch
     import torch.distributed as dist
 
+    from fsam_ds.distributed import default_backend, free_port
+
     cuda = torch.cuda.is_available()
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     if cuda:
         torch.cuda.set_device(0)
-    dist.init_process_group("nccl" if cuda else "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+    dist.init_process_group(default_backend(), init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
     import megatron.core  # noqa: F401
     from megatron_patches import cpu
     cpu.apply()  # nothing on a GPU machine

@@ -48,14 +48,15 @@ import time
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
+from fsam_ds import names
+from fsam_ds.runkit import fail
 from tools import verdicts
 
 PROG = "fsam-reproduce"
 REPO = Path(__file__).resolve().parents[1]
-SAM_TYPES = ("SAM", "PreconditionedSAM", "FunctionalSAM", "PreconditionedFunctionalSAM")
-METHODS = ("AdamW",) + SAM_TYPES
-SHORT = {"AdamW": "adamw", "SAM": "sam", "PreconditionedSAM": "psam", "FunctionalSAM": "fsam",
-         "PreconditionedFunctionalSAM": "pfsam"}
+SAM_TYPES = names.SAM_METHODS
+METHODS = names.METHODS
+SHORT = names.ABBREVIATIONS
 BASE_SEED = 1234
 SCHEMA = "fsam-reproduce/2"
 
@@ -97,7 +98,7 @@ def run_name(method: str, lr: float, rho: float, seed: int) -> str:
 
 
 def read_metrics(folder: Path) -> List[dict]:
-    path = folder / "metrics.jsonl"
+    path = folder / names.METRICS_FILE
     if not path.is_file():
         return []
     out = []
@@ -406,16 +407,11 @@ def _fmt(x: Optional[float], spec: str = ".4f") -> str:
 
 
 def _machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     import torch
+
+    from fsam_ds.bench import cpu_cores_and_model
+
+    cores, cpu = cpu_cores_and_model(platform.processor() or platform.machine())
 
     gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "no GPU"
     return (f"{cores} CPU cores ({cpu}), {platform.system()} {platform.release()}, Python "
@@ -776,8 +772,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _err(msg: str) -> int:
-    print(f"{PROG}: error: {msg}", file=sys.stderr)
-    return 2
+    return fail(PROG, msg)
 
 
 def main(argv: Optional[List[str]] = None) -> int:
