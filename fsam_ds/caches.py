@@ -229,6 +229,8 @@ def make_logit_grad_cache(mode: str, module: Optional[torch.nn.Module] = None,
     """The cache of ``logit_grad_cache`` ``mode`` (``"recompute"`` needs the model ``module`` and
     the ``loss_fn`` whose gradient ``g_F`` is)."""
     if mode == "recompute":
+        if module is None:
+            raise ValueError('logit_grad_cache "recompute" needs the model (module=)')
         return RecomputeLogitGradCache(module, saved_copy, loss_fn)
     if mode == "host":
         return HostLogitGradCache()

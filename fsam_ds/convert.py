@@ -253,7 +253,7 @@ class DeepSpeedSource:
                                "accepted: data-parallel checkpoints (mp_rank_00 only, any ZeRO stage)")
         header, head, world, zero, partitioned = found.header, found.head, found.world_size, found.zero, \
             found.partitioned
-        ds_config = head.get("ds_config") if isinstance(head.get("ds_config"), dict) else {}
+        ds_config = _dict_at(head, "ds_config")
         stage = int((ds_config.get("zero_optimization") or {}).get("stage", 3 if partitioned else (1 if zero else 0)))
         info = {"format": "deepspeed", "checkpoint": str(save_dir), "tag": tag, "zero_stage": stage,
                 "world_size": world, "global_steps": head.get("global_steps")}
@@ -303,6 +303,12 @@ class DeepSpeedSource:
 MEGATRON_LATEST = names.MEGATRON_LATEST
 _ITER_DIR = re.compile(r"^iter_(\d+)$")
 _LEGACY_RANK_DIR = re.compile(r"^mp_rank_\d+(?:_\d+)?$")
+
+
+def _dict_at(obj: Any, key: str) -> Dict[str, Any]:
+    """``obj[key]`` where ``obj`` is a dict and that entry one too, else an empty dict."""
+    value = obj.get(key) if isinstance(obj, dict) else None
+    return value if isinstance(value, dict) else {}
 
 
 def _key_mismatch(parts: Sequence[tuple], counts: bool = False) -> str:
@@ -460,9 +466,9 @@ class MegatronSource:
             common = torch.load(common_file, map_location="cpu", weights_only=False)
         except Exception as err:
             raise ConvertError(f"{common_file}: cannot read it ({one_line(err)})") from None
-        saved = common.get("layout") if isinstance(common, dict) and isinstance(common.get("layout"), dict) else {}
+        saved = _dict_at(common, "layout")
         tp, pp, dp = (int(saved[k]) if saved.get(k) else None for k in ("tp", "pp", "dp"))
-        world = tp * pp * dp if None not in (tp, pp, dp) else None
+        world = tp * pp * dp if tp is not None and pp is not None and dp is not None else None
         written_by = (f"{world} rank(s) (TP {tp} x PP {pp} x DP {dp})" if world else "its ranks")
 
         # which tensors the checkpoint holds and which files hold them (torch.distributed.checkpoint)
@@ -719,7 +725,7 @@ def export_hf(ckpt: SourceCheckpoint, output: Path, *, dtype: str = "fp32",
     vocab_rows = int(state[emb_key].shape[0]) if emb_key in state else None
 
     # the tokenizer must only produce ids the embeddings have
-    tok_info = None
+    tok_info: Optional[Dict[str, Any]] = None
     if tokenizer is not None:
         n_tok = len(tokenizer)
         if vocab_rows is not None and n_tok > vocab_rows:

@@ -57,8 +57,10 @@ class MicroBatch:
 
     def __init__(self, index: int, args: tuple, kwargs: dict, rng: list):
         self.index, self.args, self.kwargs, self.rng = index, args, kwargs, rng
-        self.logits = self.logits_node = None          # F (FunctionalSAM) until its backward
-        self.source = self.source_node = None          # the model's own output loss until its backward
+        self.logits: Optional[torch.Tensor] = None     # F (FunctionalSAM) until its backward
+        self.logits_node: Any = None                   # its autograd node
+        self.source: Optional[torch.Tensor] = None     # the model's own output loss until its backward
+        self.source_node: Any = None                   # its autograd node
         self.recompute: Optional[Callable[[], torch.Tensor]] = None
         self.loss_grad: Optional[torch.Tensor] = None  # d(loop's loss)/d(source), SAM
         self.has_backward = False
@@ -292,6 +294,7 @@ class LoopMode:
         the loop's own loss sends that gradient to the logits."""
         from .shards import loss_scale_of
 
+        assert rec.logits is not None  # FunctionalSAM records F before its backward
         _, ref = logit_grad(self.fsam.loss_fn, rec.logits.detach(), rec.batch())
         if self._scale_wrt_gas:
             ref = ref / self.ds.gradient_accumulation_steps()
@@ -445,6 +448,7 @@ class LoopMode:
                     g = cache.get(i, rec.batch())
                     outputs = ds(*rec.args, **rec.kwargs)
                     logits, self._layer_out = self.logits(outputs, self._layer_out), None
+                    assert logits is not None  # pass 1 found them in the same forward
                     if cache.mode == "recompute":  # g_F of loss_fn: DeepSpeed scales it as it scaled the loop's loss
                         self.ds_backward(functional_surrogate(logits, g), scale_wrt_gas=rec.scale_wrt_gas)
                     else:  # g_F already carries every factor of pass 1
@@ -452,6 +456,7 @@ class LoopMode:
                                          scale_wrt_gas=False)
                     del outputs, logits, g
                 elif rec.pass2 == "source":
+                    assert rec.loss_grad is not None and rec.recompute is not None  # set with pass2 "source"
                     grad = rec.loss_grad if scale == 1 else rec.loss_grad / scale
                     self.ds_backward(rec.recompute() * grad, scale_wrt_gas=False)
                 else:

@@ -154,7 +154,7 @@ def llama_config(
         raise ValueError(f"vocab_size must be positive, got {vocab}")
     if max_pos <= 0:
         raise ValueError(f"max_seq_len must be positive, got {max_pos}")
-    return LlamaConfig(
+    return LlamaConfig(  # type: ignore[call-arg]  # transformers' LlamaConfig takes these through **kwargs
         vocab_size=vocab,
         hidden_size=p.hidden_size,
         intermediate_size=p.intermediate_size,
@@ -225,7 +225,7 @@ def build_model(
         with _zero3_context(zero3_config):
             model: PreTrainedModel = LlamaForCausalLM(config)
         if zero3_config is None:
-            model.to(dtype=dtype)
+            model.to(dtype=dtype)  # type: ignore[call-arg]  # transformers' decorator typing of .to
         model.train()
         return model
 
@@ -240,7 +240,7 @@ def build_model(
             attn_implementation=attn_implementation,
         )
         emb = model.get_input_embeddings().weight
-        model_vocab = int(getattr(emb, "ds_shape", emb.shape)[0])
+        model_vocab = int(getattr(emb, "ds_shape", emb.shape)[0])  # type: ignore[index]  # Module.__getattr__'s union
         if vocab_size is not None and vocab_size > model_vocab:
             raise ValueError(
                 f"model in {folder} has {model_vocab} token embeddings, fewer than the "

@@ -24,15 +24,22 @@ Checked against DeepSpeed 0.19.8.
 """
 from __future__ import annotations
 
-from typing import List, Optional
+from typing import Any, Callable, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 from torch._utils import _unflatten_dense_tensors
 
-from .method import Ascent, Region, adam_denominator, adam_denominators
+from .method import Ascent, Region, Tensors, adam_denominator, adam_denominators
+
+Hparams = Tuple[float, float, bool]  # a parameter group's (beta2, eps, bias_correction)
 
 
-def loss_scale_of(engine) -> float:
+def _unflatten(flat: torch.Tensor, like: Sequence[torch.Tensor]) -> List[torch.Tensor]:
+    """Per-tensor views of ``flat`` shaped as ``like`` (torch's own helper, which is unannotated)."""
+    return list(_unflatten_dense_tensors(flat, like))  # type: ignore[no-untyped-call]
+
+
+def loss_scale_of(engine: Any) -> float:
     """The factor ``engine.backward`` multiplies the loss by (mirrors DeepSpeed's own rule)."""
     from deepspeed.runtime.base_optimizer import ZeROOptimizer
 
@@ -46,7 +53,7 @@ def loss_scale_of(engine) -> float:
     return 1.0
 
 
-def _group_hparams(group) -> tuple:
+def _group_hparams(group: Mapping[str, Any]) -> Hparams:
     beta2 = group["betas"][1]
     return beta2, group["eps"], group.get("bias_correction", True)
 
@@ -61,13 +68,13 @@ def _missing_first_moments(layout: str, updates: int) -> RuntimeError:
                         '"ascent_direction": "momentum" needs AdamW\'s first moment (optimizer Adam/AdamW)')
 
 
-def _whole_tensors(params, wanted) -> Region:
+def _whole_tensors(params: Sequence[torch.Tensor], wanted: Sequence[torch.Tensor]) -> Region:
     """Region of ``wanted`` among per-parameter local tensors (``params`` in ``grads()`` order)."""
     ids = {id(p) for p in wanted}
     return [(i, 0, None) for i, p in enumerate(params) if id(p) in ids]
 
 
-def _denominators(vs, hparams, step) -> List[torch.Tensor]:
+def _denominators(vs: Sequence[torch.Tensor], hparams: Sequence[Hparams], step: int) -> List[torch.Tensor]:
     """AdamW's denominators of per-parameter ``exp_avg_sq`` tensors, one foreach call per run of
     parameters sharing (beta2, eps, bias_correction)."""
     out: List[torch.Tensor] = []
@@ -82,7 +89,7 @@ def _denominators(vs, hparams, step) -> List[torch.Tensor]:
     return out
 
 
-def _perturbed_masters(masters: List[torch.Tensor], ascent: Ascent) -> List[torch.Tensor]:
+def _perturbed_masters(masters: List[torch.Tensor], ascent: Ascent) -> Tensors:
     """``master + eps`` as new fp32 tensors, built inside the list of perturbations (one fp32 copy
     of this rank's slice at a time, not two; bit-identical to ``master + eps``)."""
     eps = ascent.perturbations()
@@ -95,7 +102,7 @@ class RankView:
     """Base of the DeepSpeed adapters (each implements :class:`fsam_ds.step.RankView`);
     subclasses fill in the layout-specific parts."""
 
-    def __init__(self, engine):
+    def __init__(self, engine: Any) -> None:
         self.engine = engine
         self._saved: Optional[List[torch.Tensor]] = None
 
@@ -132,7 +139,7 @@ class RankView:
     def first_moments(self, updates: int) -> Optional[List[torch.Tensor]]:
         raise NotImplementedError
 
-    def region(self, params) -> Region:
+    def region(self, params: Sequence[torch.nn.Parameter]) -> Region:
         raise NotImplementedError
 
 
@@ -144,24 +151,25 @@ class PlainView(RankView):
     master copy, so ``perturb`` saves the weights and ``restore`` copies them back.
     """
 
-    def __init__(self, engine):
+    def __init__(self, engine: Any) -> None:
         super().__init__(engine)
         opt = engine.optimizer
         self._buffer: Optional[List[torch.Tensor]] = None
-        self.params, self.hparams = [], []
+        self.params: List[torch.nn.Parameter] = []
+        self.hparams: List[Hparams] = []
         for group in opt.param_groups:
             for p in group["params"]:
                 if p.requires_grad:
                     self.params.append(p)
                     self.hparams.append(_group_hparams(group))
 
-    def grads(self):
+    def grads(self) -> List[torch.Tensor]:
         return [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.params]
 
-    def local_shapes(self):
+    def local_shapes(self) -> List[torch.Size]:
         return [p.shape for p in self.params]
 
-    def denominators(self, updates):
+    def denominators(self, updates: int) -> Optional[List[torch.Tensor]]:
         # DeepSpeed's FusedAdam advances state["step"] only on the last parameter of a group, so
         # the bias-correction step is the engine's count of applied updates.
         state = self.engine.optimizer.state
@@ -179,7 +187,7 @@ class PlainView(RankView):
             out[i] = d
         return out
 
-    def perturb(self, ascent):
+    def perturb(self, ascent: Ascent) -> None:
         data = [p.data for p in self.params]
         # one buffer for theta, allocated at the first perturbation and kept: no allocation per step
         if self._buffer is None:
@@ -189,11 +197,12 @@ class PlainView(RankView):
         if not ascent.is_zero:  # theta += coef * d in place: no separate list of perturbations
             torch._foreach_add_(data, ascent.directions, alpha=float(ascent.coef))
 
-    def restore(self):
+    def restore(self) -> None:
+        assert self._saved is not None  # perturb saved theta
         torch._foreach_copy_([p.data for p in self.params], self._saved)
         self._saved = None
 
-    def first_moments(self, updates):
+    def first_moments(self, updates: int) -> Optional[List[torch.Tensor]]:
         if updates < 1:
             return None
         state = self.engine.optimizer.state
@@ -203,10 +212,10 @@ class PlainView(RankView):
         # a parameter AdamW has never updated has no first moment: no ascent along it
         return [m if m is not None else torch.zeros_like(p, dtype=torch.float32) for m, p in zip(ms, self.params)]
 
-    def region(self, params):
+    def region(self, params: Sequence[torch.nn.Parameter]) -> Region:
         return _whole_tensors(self.params, params)
 
-    def saved_copy(self, param):
+    def saved_copy(self, param: torch.nn.Parameter) -> Optional[Callable[[], torch.Tensor]]:
         """A callable giving ``param`` at theta while the weights are perturbed (the copy
         ``perturb`` saved; the parameter itself when unperturbed), or None if not held here."""
         for i, p in enumerate(self.params):
@@ -214,7 +223,7 @@ class PlainView(RankView):
                 return lambda: self._saved[i] if self._saved is not None else p.data
         return None
 
-    def zero_grad(self):
+    def zero_grad(self) -> None:
         self.engine.zero_grad()
 
 
@@ -226,7 +235,7 @@ class MixedPrecisionView(RankView):
     itself writes after every update.
     """
 
-    def __init__(self, engine):
+    def __init__(self, engine: Any) -> None:
         super().__init__(engine)
         opt = engine.optimizer
         self.lp_groups = opt.fp16_groups
@@ -234,15 +243,15 @@ class MixedPrecisionView(RankView):
         self.inner = opt.optimizer
         self.hparams = [_group_hparams(g) for g in self.inner.param_groups]
         # per-parameter fp32 views of the flat masters
-        self.master_views = [_unflatten_dense_tensors(m, lp) for m, lp in zip(self.masters, self.lp_groups)]
+        self.master_views = [_unflatten(m, lp) for m, lp in zip(self.masters, self.lp_groups)]
 
-    def grads(self):
+    def grads(self) -> List[torch.Tensor]:
         return [p.grad if p.grad is not None else torch.zeros_like(p) for lp in self.lp_groups for p in lp]
 
-    def local_shapes(self):
+    def local_shapes(self) -> List[torch.Size]:
         return [p.shape for lp in self.lp_groups for p in lp]
 
-    def denominators(self, updates):
+    def denominators(self, updates: int) -> Optional[List[torch.Tensor]]:
         # FP16_Optimizer runs one hidden AdamW step (zero gradients) when it is built, so the
         # inner optimizer's own step count (one flat tensor per group) is the bias-correction t.
         if updates < 1:
@@ -254,10 +263,10 @@ class MixedPrecisionView(RankView):
             if v is None:
                 raise _missing_moments("ZeRO stage 0 mixed precision", updates)
             t = int(st.get("step", updates))
-            out.extend(_unflatten_dense_tensors(adam_denominator(v, beta2, eps, t, bc), lp))
+            out.extend(_unflatten(adam_denominator(v, beta2, eps, t, bc), lp))
         return out
 
-    def first_moments(self, updates):
+    def first_moments(self, updates: int) -> Optional[List[torch.Tensor]]:
         if updates < 1:
             return None
         out = []
@@ -265,26 +274,26 @@ class MixedPrecisionView(RankView):
             m = self.inner.state.get(flat, {}).get("exp_avg")
             if m is None:
                 raise _missing_first_moments("ZeRO stage 0 mixed precision", updates)
-            out.extend(_unflatten_dense_tensors(m, lp))
+            out.extend(_unflatten(m, lp))
         return out
 
-    def region(self, params):
+    def region(self, params: Sequence[torch.nn.Parameter]) -> Region:
         return _whole_tensors([p for lp in self.lp_groups for p in lp], params)
 
-    def _lp_params(self):
+    def _lp_params(self) -> List[torch.Tensor]:
         return [p.data for lp in self.lp_groups for p in lp]
 
-    def _master_params(self):
+    def _master_params(self) -> List[torch.Tensor]:
         return [m for views in self.master_views for m in views]
 
-    def perturb(self, ascent):
+    def perturb(self, ascent: Ascent) -> None:
         perturbed = _perturbed_masters(self._master_params(), ascent)
         torch._foreach_copy_(self._lp_params(), perturbed)
 
-    def restore(self):
+    def restore(self) -> None:
         torch._foreach_copy_(self._lp_params(), self._master_params())
 
-    def zero_grad(self):
+    def zero_grad(self) -> None:
         self.engine.optimizer.zero_grad()
 
 
@@ -299,7 +308,7 @@ class PartitionedView(RankView):
     exactly ``master`` rounded to the weights' dtype). Norms sum over the data-parallel group.
     """
 
-    def __init__(self, engine):
+    def __init__(self, engine: Any) -> None:
         super().__init__(engine)
         from deepspeed.runtime.bf16_optimizer import BF16_Optimizer
 
@@ -318,7 +327,7 @@ class PartitionedView(RankView):
         self.norm_group = self.groups[0]
         self.hparams = [_group_hparams(g) for g in opt.optimizer.param_groups]
 
-    def grads(self):
+    def grads(self) -> List[torch.Tensor]:
         opt = self.opt
         if self.bf16_optimizer:
             return list(opt.fp32_groups_gradient_flat_partition)
@@ -334,10 +343,10 @@ class PartitionedView(RankView):
             out.append(flat)
         return out
 
-    def local_shapes(self):
+    def local_shapes(self) -> List[torch.Size]:
         return [m.shape for m in self.masters]
 
-    def denominators(self, updates):
+    def denominators(self, updates: int) -> Optional[List[torch.Tensor]]:
         if updates < 1:
             return None
         out = []
@@ -349,7 +358,7 @@ class PartitionedView(RankView):
             out.append(adam_denominator(v, beta2, eps, int(st.get("step", updates)), bc))
         return out
 
-    def first_moments(self, updates):
+    def first_moments(self, updates: int) -> Optional[List[torch.Tensor]]:
         if updates < 1:
             return None
         out = []
@@ -360,7 +369,7 @@ class PartitionedView(RankView):
             out.append(m)
         return out
 
-    def region(self, params):
+    def region(self, params: Sequence[torch.nn.Parameter]) -> Region:
         # DeepSpeed's own map from each parameter to its fragment of this rank's flat partition
         # (the one its universal checkpoints use); None where this rank holds none of it
         out = []
@@ -372,7 +381,7 @@ class PartitionedView(RankView):
         return out
 
     @torch.no_grad()
-    def _spread(self, flat_partitions):
+    def _spread(self, flat_partitions: Sequence[torch.Tensor]) -> None:
         import torch.distributed as dist
         from deepspeed.runtime.utils import all_gather_dp_groups
 
@@ -383,13 +392,13 @@ class PartitionedView(RankView):
                              start_alignment_factor=self.opt.nccl_start_alignment_factor,
                              allgather_bucket_size=self.opt.allgather_bucket_size)
 
-    def perturb(self, ascent):
+    def perturb(self, ascent: Ascent) -> None:
         self._spread(_perturbed_masters(list(self.masters), ascent))
 
-    def restore(self):
+    def restore(self) -> None:
         self._spread(list(self.masters))
 
-    def zero_grad(self):
+    def zero_grad(self) -> None:
         self.opt.zero_grad()
         # with bf16 weights and fp32 accumulation at stage 2, zero_grad keeps the reduced
         # partition buffer and pass 2 would be added onto pass 1: drop it
@@ -409,7 +418,7 @@ class Zero3View(RankView):
     back (exact: after every step ``ds_tensor`` is the master rounded to its dtype).
     """
 
-    def __init__(self, engine):
+    def __init__(self, engine: Any) -> None:
         super().__init__(engine)
         self.opt = engine.optimizer
         self.params = [p for p in engine.module.parameters() if p.requires_grad]
@@ -422,15 +431,15 @@ class Zero3View(RankView):
         self.hparams = [_group_hparams(groups[self.opt.sub_group_to_group_id[sub_group[id(p)]]])
                         for p in self.params]
 
-    def grads(self):
+    def grads(self) -> List[torch.Tensor]:
         from deepspeed.utils import safe_get_local_grad
 
         return [safe_get_local_grad(p) for p in self.params]
 
-    def local_shapes(self):
+    def local_shapes(self) -> List[torch.Size]:
         return [p.ds_tensor.shape for p in self.params]
 
-    def denominators(self, updates):
+    def denominators(self, updates: int) -> Optional[List[torch.Tensor]]:
         from deepspeed.utils import safe_get_local_optimizer_state
 
         if updates < 1:
@@ -440,7 +449,7 @@ class Zero3View(RankView):
             raise _missing_moments("ZeRO stage 3", updates)
         return _denominators(vs, self.hparams, updates)
 
-    def first_moments(self, updates):
+    def first_moments(self, updates: int) -> Optional[List[torch.Tensor]]:
         from deepspeed.utils import safe_get_local_optimizer_state
 
         if updates < 1:
@@ -450,17 +459,17 @@ class Zero3View(RankView):
             raise _missing_first_moments("ZeRO stage 3", updates)
         return ms
 
-    def region(self, params):
+    def region(self, params: Sequence[torch.nn.Parameter]) -> Region:
         return _whole_tensors(self.params, params)
 
-    def _release_gathered(self):
+    def _release_gathered(self) -> None:
         self.opt._partition_all_parameters()
         invalidate = getattr(self.opt, "invalidate_secondary_tensor", None)
         if invalidate is not None:
             invalidate()
 
     @torch.no_grad()
-    def _write(self, values):
+    def _write(self, values: Sequence[torch.Tensor]) -> None:
         self._release_gathered()
         for p, v in zip(self.params, values):
             p.ds_tensor.copy_(v)
@@ -468,22 +477,22 @@ class Zero3View(RankView):
         if invalidate is not None:
             invalidate()
 
-    def _masters(self):
+    def _masters(self) -> List[torch.Tensor]:
         from deepspeed.utils import safe_get_local_fp32_param
 
         return [safe_get_local_fp32_param(p) for p in self.params]
 
-    def perturb(self, ascent):
+    def perturb(self, ascent: Ascent) -> None:
         self._write(_perturbed_masters(self._masters(), ascent))
 
-    def restore(self):
+    def restore(self) -> None:
         self._write(self._masters())
 
-    def zero_grad(self):
+    def zero_grad(self) -> None:
         self.opt.zero_grad()
 
 
-def make_view(engine) -> RankView:
+def make_view(engine: Any) -> RankView:
     """The adapter for this engine's optimizer layout."""
     from deepspeed.runtime.fp16.fused_optimizer import FP16_Optimizer
 

@@ -119,7 +119,7 @@ class CPURNGStatesTracker:
 
 
 def _patch_current_device():
-    torch.cuda.current_device = lambda: torch.device("cpu")
+    torch.cuda.current_device = lambda: torch.device("cpu")  # type: ignore[assignment,return-value]
 
 
 def _patch_rng():

@@ -266,6 +266,6 @@ def gather_full_state_dict(model_chunks, params: str = "model") -> Dict[str, tor
         dist.all_gather_object(stages, local)
     out: Dict[str, torch.Tensor] = {}
     for st in stages:
-        for k, v in st.items():
+        for k, v in (st or {}).items():  # all_gather_object filled every entry
             out.setdefault(k, v)
     return out

@@ -18,6 +18,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Union
 
 REPO = Path(__file__).resolve().parents[1]
 PROCESS_GROUP_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
@@ -26,6 +27,7 @@ PROCESS_GROUP_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MA
 
 def launch(work: Path, i: int, steps: int, config: str, timeout: float) -> dict:
     from fsam_ds.distributed import free_port
+    from fsam_ds.names import LATEST
 
     save = work / f"run{i}"
     env = {k: v for k, v in os.environ.items() if k not in PROCESS_GROUP_ENV}
@@ -37,11 +39,12 @@ def launch(work: Path, i: int, steps: int, config: str, timeout: float) -> dict:
     t0 = time.perf_counter()
     try:
         proc = subprocess.run(cmd, cwd=str(REPO), env=env, capture_output=True, text=True, timeout=timeout)
-        rc, tail = proc.returncode, (proc.stdout + proc.stderr).splitlines()[-3:]
+        rc: Union[int, str] = proc.returncode
+        tail = (proc.stdout + proc.stderr).splitlines()[-3:]
     except subprocess.TimeoutExpired:
         rc, tail = "timeout", []
     return {"launch": i, "exit": rc, "wall_s": round(time.perf_counter() - t0, 1),
-            "latest": (save / "latest").is_file(), "tail": tail if rc != 0 else []}
+            "latest": (save / LATEST).is_file(), "tail": tail if rc != 0 else []}
 
 
 def main(argv=None) -> int:

@@ -124,6 +124,14 @@ def _row(doc: Mapping[str, Any], variant: str) -> Optional[Mapping[str, Any]]:
     return next((r for r in doc["rows"] if r.get("variant") == variant), None)
 
 
+def _the_row(doc: Mapping[str, Any], variant: str) -> Mapping[str, Any]:
+    """The row of ``variant`` in a bench JSON that has one (:func:`_matching` chose it)."""
+    row = _row(doc, variant)
+    if row is None:
+        raise KeyError(f"bench JSON without a row {variant!r}")
+    return row
+
+
 def _matching(benches: Sequence[Mapping[str, Any]], target: Mapping[str, Any]) -> List[Mapping[str, Any]]:
     out = []
     for d in benches:
@@ -136,8 +144,8 @@ def _matching(benches: Sequence[Mapping[str, Any]], target: Mapping[str, Any]) -
 
 def worst_time_ratio(doc: Mapping[str, Any], variant: str) -> Dict[str, Any]:
     """The variant's worst step-time ratio to AdamW in one bench JSON (see the module docstring)."""
-    tv = [float(x) for x in _row(doc, variant)["times_s"]]
-    ta = [float(x) for x in _row(doc, "AdamW")["times_s"]]
+    tv = [float(x) for x in _the_row(doc, variant)["times_s"]]
+    ta = [float(x) for x in _the_row(doc, "AdamW")["times_s"]]
     med = statistics.median(tv) / statistics.median(ta)
     if not bench_setting(doc)["sequential"] and len(tv) == len(ta) and all(x > 0 for x in ta):
         return {"worst": max(v / a for v, a in zip(tv, ta)), "median": med, "how": "per round"}
@@ -172,7 +180,7 @@ def memory_decision(own_v: float, own_a: float, bound: float, resolution: float)
 
 def memory_result(target: Mapping[str, Any], benches: Sequence[Mapping[str, Any]]) -> Dict[str, Any]:
     docs = [d for d in _matching(benches, target)
-            if _row(d, target["variant"]).get("own_bytes") is not None and _row(d, "AdamW").get("own_bytes")]
+            if _the_row(d, target["variant"]).get("own_bytes") is not None and _the_row(d, "AdamW").get("own_bytes")]
     if not docs:
         return {"result": NOT_MEASURED, "data": "no bench JSON of this setting holds the variant's own memory"}
     parts, results = [], []
@@ -180,7 +188,7 @@ def memory_result(target: Mapping[str, Any], benches: Sequence[Mapping[str, Any]
         res = d.get("memory_resolution_bytes")
         if res is None:
             res = DEFAULT_CPU_RESOLUTION if d.get("device", "cpu") == "cpu" else 0
-        ov, oa = float(_row(d, target["variant"])["own_bytes"]), float(_row(d, "AdamW")["own_bytes"])
+        ov, oa = float(_the_row(d, target["variant"])["own_bytes"]), float(_the_row(d, "AdamW")["own_bytes"])
         r = memory_decision(ov, oa, target["bound"], float(res))
         results.append(r)
         parts.append(f"`{Path(d['_path']).name}`: own {ov / MIB:.1f} vs AdamW {oa / MIB:.1f} MiB ({ov / oa:.2f}x; "

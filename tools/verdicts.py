@@ -279,7 +279,8 @@ def tolerance(rows: Sequence[Mapping[str, Any]], method: str, ref: str,
     rhos_r = {float(r["rho"]) for r in rows if r.get("method") == ref}
     big = sorted(x for x in rhos_m & rhos_r if x > max(bm, br) + 1e-12)
     base_m, base_r = values(rows, method, bm), values(rows, ref, br)
-    per_rho, acc = [], {}
+    per_rho: List[Dict[str, Any]] = []
+    acc: Dict[int, List[float]] = {}
     for rho in big:
         dm = paired(values(rows, method, rho), base_m)
         dr = paired(values(rows, ref, rho), base_r)
@@ -358,11 +359,12 @@ def claims(rows: Sequence[Mapping[str, Any]], best_rho: Mapping[str, float], fre
     if "SAM" in have and best_rho.get("SAM") is not None:
         bs = best_rho["SAM"]
         big = sorted({float(r["rho"]) for r in rows if r["method"] == "SAM" and float(r["rho"]) > bs + 1e-12})
-        base, acc = values(rows, "SAM", bs), {}
+        base = values(rows, "SAM", bs)
+        sam_acc: Dict[int, List[float]] = {}
         for rho in big:
-            for s, v in paired(values(rows, "SAM", rho), base).items():
-                acc.setdefault(s, []).append(v)
-        x = {s: statistics.fmean(v) for s, v in acc.items() if len(v) == len(big)}
+            for s, d_s in paired(values(rows, "SAM", rho), base).items():
+                sam_acc.setdefault(s, []).append(d_s)
+        x = {s: statistics.fmean(ds) for s, ds in sam_acc.items() if len(ds) == len(big)}
         p = check_values(x, "greater", level=level, label="SAM's mean degradation above its selected rho")
         big_rhos = ", ".join(f"{r:g}" for r in big) or "(none)"
         out.append(_claim("SAM degrades as rho grows past its best", f"SAM at rho {big_rhos} vs SAM at {bs:g}", [p],
@@ -406,7 +408,7 @@ def retention(adamw: Mapping[int, float], exact: Mapping[int, float], variant: M
     note = "" if gain["verdict"] == REPRODUCED else "the exact method's own gain over AdamW is not resolved"
     a_m = statistics.fmean(adamw[s] for s in seeds) if seeds else None
     kept = None
-    if seeds:
+    if a_m is not None:
         g = a_m - statistics.fmean(exact[s] for s in seeds)
         kept = (a_m - statistics.fmean(variant[s] for s in seeds)) / g if g else None
     return {"claim": f"keeps >= {share:.0%} of the exact method's gain", "parts": [main, gain], "verdict": v,
