@@ -2,7 +2,6 @@
 one process group and saves what the test compares (rank 0's weights, every rank's losses)."""
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 from dataclasses import dataclass, fields, replace
@@ -14,7 +13,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import torch.distributed as dist  # noqa: E402
 
 from common import ds_config, engine_run  # noqa: E402
-from launch import save_rank_result  # noqa: E402
+from launch import save_rank_result, worker_parser  # noqa: E402
 
 METHODS = ("AdamW", "SAM", "PreconditionedSAM", "FunctionalSAM", "PreconditionedFunctionalSAM")
 SAM_TYPES = METHODS[1:]
@@ -163,10 +162,8 @@ def case_config(case: Case) -> dict:
 
 
 def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--out", required=True)
+    ap = worker_parser()
     ap.add_argument("--suite", default="zero0")
-    ap.add_argument("--local_rank", "--local-rank", type=int, default=0)
     args = ap.parse_args()
     out = Path(args.out)
     world = int(os.environ["WORLD_SIZE"])

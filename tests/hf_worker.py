@@ -3,7 +3,6 @@ transformers Trainer (FSAMTrainer) and a user's own Accelerate loop (FSAMAcceler
 Llama, with the reference's data order. Saves each case's rank-0 weights and every rank's logs."""
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 from pathlib import Path
@@ -13,7 +12,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import torch  # noqa: E402
 
 from common import GAS, LR, RHO, STEPS, full_state  # noqa: E402
-from launch import save_rank_result  # noqa: E402
+from launch import save_rank_result, worker_parser  # noqa: E402
 from reference import micro_batch, tiny_llama  # noqa: E402
 
 MBS = 2
@@ -162,10 +161,7 @@ def accelerate_case(out: Path, name: str, method: str, stage: int, world: int):
 
 
 def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--out", required=True)
-    ap.add_argument("--local_rank", "--local-rank", type=int, default=0)
-    args = ap.parse_args()
+    args = worker_parser().parse_args()
     out = Path(args.out)
     world = int(os.environ["WORLD_SIZE"])
     cpu_state()

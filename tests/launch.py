@@ -6,18 +6,20 @@ earlier in-process engine left behind, the repository on ``PYTHONPATH``), :func:
 command; a non-zero exit fails the test with the output's tail) and :func:`load_rank_results` /
 :func:`load_case` (what every rank wrote).
 
-Worker side (a script started under the launcher imports this module too): :func:`save_rank_result`
-writes ``<name>.<kind><rank>.json`` and, when given, rank 0's ``<name>.pt``.
+Worker side (a script started under the launcher imports this module too): :func:`worker_parser`
+(``--out`` and the launcher's ``--local_rank``), :func:`save_rank_result` writes ``<name>.<kind><rank>.json`` and, when given, rank 0's ``<name>.pt``.
 """
 from __future__ import annotations
 
+import argparse
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 from typing import Iterable, List, Optional, Tuple
+
+from fsam_ds.distributed import free_port
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -28,13 +30,6 @@ DIST_ENV = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "GROUP_RANK"
             "ROLE_RANK", "ROLE_WORLD_SIZE", "ROLE_NAME", "MASTER_ADDR", "MASTER_PORT", "CROSS_RANK",
             "CROSS_SIZE", "NODE_RANK", "TORCHELASTIC_RUN_ID", "TORCHELASTIC_RESTART_COUNT",
             "TORCHELASTIC_MAX_RESTARTS", "TORCHELASTIC_USE_AGENT_STORE")
-
-
-def free_port() -> int:
-    """A TCP port free on the loopback interface right now."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def child_env(cache: Optional[Path] = None, tmp: Optional[Path] = None, **extra: str) -> dict:
@@ -107,6 +102,15 @@ def launch_suite(suite: str, out: Path, ranks: int = 2, timeout: int = 900) -> s
 
 
 # ---- what the ranks write ---------------------------------------------------------------------
+
+def worker_parser() -> argparse.ArgumentParser:
+    """Worker side: the options every worker takes, ``--out`` (the folder for its results) and the
+    deepspeed launcher's ``--local_rank``; a worker adds its own."""
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--local_rank", "--local-rank", type=int, default=0)
+    return ap
+
 
 def save_rank_result(out, name: str, rank: int, result: dict, state=None, kind: str = "rank") -> None:
     """Worker side: ``result`` (JSON) to ``out/<name>.<kind><rank>.json``; ``state`` (a state

@@ -21,6 +21,14 @@ def exact_equal(a, b):
     return all(torch.equal(a[k], b[k]) for k in a)
 
 
+def _steps(engine, batches, steps):
+    """``steps`` calls of ``engine.train_batch`` over ``batches`` in order; returns the engine."""
+    it = iter(batches)
+    for _ in range(steps):
+        engine.train_batch(it)
+    return engine
+
+
 # ---- logit_grad_cache ------------------------------------------------------------------------
 
 @pytest.mark.parametrize("method", FUNCTIONAL)
@@ -110,14 +118,8 @@ def test_ascent_state_dict_resumes_exactly(tmp_path):
     def fresh():
         engine, *_ = fsam_ds.initialize(model=tiny_llama(0), config=cfg_with(method, ascent_every=every))
         return engine
-    whole = fresh()
-    it = iter(data)
-    for _ in range(6):
-        whole.train_batch(it)
-    first = fresh()
-    it = iter(data)
-    for _ in range(3):
-        first.train_batch(it)
+    whole = _steps(fresh(), data, 6)
+    first = _steps(fresh(), data, 3)
     first.save_checkpoint(str(tmp_path), tag="s3", client_state={"fsam": first.state_dict()})
     state = first.state_dict()
     assert state["eps_step"] == 0 and len(state["eps_unit"]) == len(list(tiny_llama(0).parameters()))
@@ -127,10 +129,7 @@ def test_ascent_state_dict_resumes_exactly(tmp_path):
         _, client = engine.load_checkpoint(str(tmp_path), tag="s3")
         if with_state:
             engine.load_state_dict(client["fsam"])
-        it = iter(data[6:])
-        for _ in range(3):
-            engine.train_batch(it)
-        return engine
+        return _steps(engine, data[6:], 3)
     assert exact_equal(full_state(resumed(True)), full_state(whole))
     assert not exact_equal(full_state(resumed(False)), full_state(whole))
     json.dumps({k: v for k, v in state.items() if k != "eps_unit"})  # the scalars are plain JSON
@@ -213,29 +212,19 @@ def test_momentum_resumes_exactly(tmp_path):
     def fresh():
         engine, *_ = fsam_ds.initialize(model=tiny_llama(0), config=cfg_with(method, ascent_direction="momentum"))
         return engine
-    whole = fresh()
-    it = iter(data)
-    for _ in range(6):
-        whole.train_batch(it)
-    first = fresh()
-    it = iter(data)
-    for _ in range(3):
-        first.train_batch(it)
+    whole = _steps(fresh(), data, 6)
+    first = _steps(fresh(), data, 3)
     assert first.state_dict()["eps_unit"] is None
     first.save_checkpoint(str(tmp_path), tag="s3")
     resumed = fresh()
     resumed.load_checkpoint(str(tmp_path), tag="s3")
-    it = iter(data[6:])
-    for _ in range(3):
-        resumed.train_batch(it)
+    _steps(resumed, data[6:], 3)
     assert resumed.last_metrics["ascent_momentum"] is True
     assert exact_equal(full_state(resumed), full_state(whole))
     # the same checkpoint continued with the exact method lands elsewhere
     exact, *_ = fsam_ds.initialize(model=tiny_llama(0), config=cfg_with(method))
     exact.load_checkpoint(str(tmp_path), tag="s3")
-    it = iter(data[6:])
-    for _ in range(3):
-        exact.train_batch(it)
+    _steps(exact, data[6:], 3)
     assert not exact_equal(full_state(exact), full_state(whole))
 
 

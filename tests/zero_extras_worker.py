@@ -10,7 +10,6 @@
 """
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 from pathlib import Path
@@ -21,7 +20,7 @@ import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
 from common import ds_config, engine_run  # noqa: E402
-from launch import save_rank_result  # noqa: E402
+from launch import save_rank_result, worker_parser  # noqa: E402
 from reference import micro_batch, tiny_llama  # noqa: E402
 
 
@@ -133,10 +132,7 @@ def bf16_ascent(rank: int, world: int, report: dict):
 
 
 def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--out", required=True)
-    ap.add_argument("--local_rank", "--local-rank", type=int, default=0)
-    args = ap.parse_args()
+    args = worker_parser().parse_args()
     out = Path(args.out)
     world, rank = int(os.environ["WORLD_SIZE"]), int(os.environ["RANK"])
     report: dict = {}
