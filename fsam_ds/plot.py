@@ -88,9 +88,13 @@ def _plt():
     return plt
 
 
+def _two_panels():
+    """A figure of two panels side by side: (figure, axes)."""
+    return _plt().subplots(1, 2, figsize=(11, 4))
+
+
 def plot_loss(runs: List[Dict], path: Path) -> Optional[Path]:
-    plt = _plt()
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    fig, axes = _two_panels()
     for run in runs:
         c = COLORS.get(run["method"])
         x, y = _series(run, "loss")
@@ -116,8 +120,7 @@ def _zoom_tail(ax, runs):
 
 
 def plot_norms(runs: List[Dict], path: Path) -> Optional[Path]:
-    plt = _plt()
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    fig, axes = _two_panels()
     any_data = False
     for run in runs:
         c = COLORS.get(run["method"])
@@ -133,8 +136,7 @@ def plot_norms(runs: List[Dict], path: Path) -> Optional[Path]:
 
 
 def plot_tau(runs: List[Dict], path: Path) -> Optional[Path]:
-    plt = _plt()
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    fig, axes = _two_panels()
     any_data = False
     for run in runs:
         c = COLORS.get(run["method"])

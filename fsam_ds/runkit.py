@@ -282,6 +282,21 @@ def prepare_data_in_turn(dataset, tokenizer_spec, model, is_preset, block_len, d
     return prepared
 
 
+def open_batches(run: RunBase, micro: int, dp_world: int, eval_batches: int) -> None:
+    """This data-parallel rank's training micro-batches from the run's data position
+    (``run.train_iter``) and its evaluation batches (``run.eval_list``); a data set too small for
+    the setting is one :class:`UsageError` line."""
+    from fsam_ds import data as fdata
+
+    a = run.args
+    try:
+        run.train_iter = fdata.micro_batches(run.train_set, micro, run.dp_rank, dp_world, seed=run.data_seed,
+                                             start_micro_step=run.micro_step)
+        run.eval_list = fdata.eval_batches(run.eval_set, micro, run.dp_rank, dp_world, max_batches=eval_batches)
+    except ValueError as err:
+        raise UsageError(f"--dataset {a.dataset!r} with --seq-len {a.seq_len}: {one_line(err)}") from None
+
+
 def resume_micro_step(micro_step: int, num_items: int, old_layout, new_layout) -> int:
     """The data position of a checkpoint written with ``old_layout = (ranks, micro batch)`` in a
     run with ``new_layout``: the first micro-step of the new layout that reads no block the old

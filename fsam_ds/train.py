@@ -52,7 +52,8 @@ from typing import Any, Dict, List, Optional
 from fsam_ds.names import (ENGINE_FILE, EVAL_LOSS, HF_META_DIR, LATEST, METRICS_FILE, OPTIONAL_STEP_METRICS,
                            RNG_FILE, SHARPNESS_METRICS, SHORT_NAMES, deepspeed_tag)
 from fsam_ds.runkit import (DataError, Formatter, MetricsLog, Parser, RunBase, UsageError, all_ranks_ok,
-                            cpu_threads_per_rank, fmt, int_at_least, load_rng_state, one_line, prepare_data,
+                            cpu_threads_per_rank, fmt, int_at_least, load_rng_state, one_line, open_batches,
+                            prepare_data,
                             prepare_data_in_turn, preset_names, publish_latest, resume_micro_step, rng_state,
                             run_phases, save_rng_state, seed_everything, set_rng_state, write_hf_meta)
 
@@ -318,17 +319,8 @@ def resume(run: Run) -> None:
 
 def open_data(run: Run) -> None:
     """6. This rank's batches from the data position, the opening lines, ``metrics.jsonl``."""
-    from fsam_ds import data as fdata
-
     a = run.args
-    try:
-        run.train_iter = fdata.micro_batches(run.train_set, run.micro, run.dp_rank, run.dp_world, seed=run.data_seed,
-                                             start_micro_step=run.micro_step)
-        run.eval_list = fdata.eval_batches(run.eval_set, run.micro, run.dp_rank, run.dp_world,
-                                           max_batches=a.eval_batches)
-    except ValueError as err:
-        raise UsageError(f"--dataset {a.dataset!r} with --seq-len {a.seq_len}: {one_line(err)}") from None
-
+    open_batches(run, run.micro, run.dp_world, a.eval_batches)
     run.say(f"{run.sam.method} | model {a.model}: {run.n_params:,} parameters, vocab {len(run.tokenizer)} | "
             f"data {a.dataset}: {len(run.train_set):,} train / {len(run.eval_set):,} eval blocks of {a.seq_len} | "
             f"{run.dp_world} rank(s) x micro {run.micro} x accumulation {run.gas} = {run.tokens_per_step:,} "

@@ -35,7 +35,7 @@ from typing import Any, List, Optional
 from fsam_ds.names import EVAL_LOSS, HF_META_DIR, METRICS_FILE, megatron_iteration_dir
 from fsam_ds.names import MEGATRON_LATEST as LATEST
 from fsam_ds.runkit import (Formatter, MetricsLog, Parser, RunBase, UsageError, cpu_threads_per_rank, fmt,
-                            int_at_least, one_line, prepare_data_in_turn, preset_names, publish_latest,
+                            int_at_least, one_line, open_batches, prepare_data_in_turn, preset_names, publish_latest,
                             resume_micro_step, run_phases, seed_everything, write_hf_meta)
 
 PROG = "fsam-megatron-train"
@@ -431,16 +431,8 @@ def open_data(run: Run) -> None:
     the opening line."""
     import torch.distributed as dist
 
-    from fsam_ds import data as fdata
-
     a = run.args
-    try:
-        run.train_iter = fdata.micro_batches(run.train_set, a.micro_batch_size, run.dp_rank, run.dp, seed=run.data_seed,
-                                             start_micro_step=run.micro_step)
-        run.eval_list = fdata.eval_batches(run.eval_set, a.micro_batch_size, run.dp_rank, run.dp,
-                                           max_batches=a.eval_iters)
-    except ValueError as err:
-        raise UsageError(f"--dataset {a.dataset!r} with --seq-len {a.seq_len}: {one_line(err)}") from None
+    open_batches(run, a.micro_batch_size, run.dp, a.eval_iters)
     if run.is_main:
         run.save_dir.mkdir(parents=True, exist_ok=True)
     dist.barrier()  # the folder exists before the reporting rank (the last pipeline stage) opens its log
