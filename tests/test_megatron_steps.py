@@ -119,7 +119,7 @@ HONOURED = {
     "rho": "tests/test_megatron.py",
     "precondition_norm": "tests/test_megatron.py::test_bf16_perturbation_matches_the_fp32_formula",
     "rho_warmup_steps": "tests/test_megatron.py::test_injected_inf_skips_the_step_on_every_rank",
-    "logit_grad_cache": "device and host: tests/test_megatron.py::test_host_logit_grad_cache_is_bit_identical_to_device",
+    "logit_grad_cache": "device, host: tests/test_megatron.py::test_host_logit_grad_cache_is_bit_identical_to_device",
     "ascent_every": "tests/test_megatron.py::test_ascent_every_matches_reference",
     "ascent_direction": "tests/test_megatron.py::test_momentum_direction_matches_reference",
 }
