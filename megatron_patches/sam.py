@@ -228,10 +228,6 @@ class MainParams:
         self._saved: Optional[List[torch.Tensor]] = None
 
     @property
-    def group(self):
-        return self.norm_group
-
-    @property
     def fp16(self) -> bool:
         """Whether a loss scaler checks the gradients (megatron-core's own found-inf path)."""
         return any(getattr(o, "grad_scaler", None) is not None for o in self.inner)
