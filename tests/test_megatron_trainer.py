@@ -90,11 +90,6 @@ def test_resume_at_the_same_layout_is_exact_with_dropout(tmp_path):
     assert max(float((wa[k] - w2[k]).abs().max()) for k in wa) > 1e-4
 
 
-def _weights(run: Path, iteration: int):
-    from fsam_ds.convert import MegatronSource
-    return MegatronSource().read(run, str(iteration)).state_dict
-
-
 @pytest.mark.slow
 def test_resume_keeps_the_stored_ascent_direction(tmp_path):
     """--sam-ascent-every 2 at TP=2: 4 iterations uninterrupted vs 3, stop, resume, 1 more. The
@@ -109,14 +104,10 @@ def test_resume_keeps_the_stored_ascent_direction(tmp_path):
     torchrun(2, args + ["--save", str(full)], tmp_path)
     out = torchrun(2, args + ["--load", str(full), "--ckpt-step", "3", "--save", str(part)], tmp_path)
     assert "at iteration 3" in out
-    wa, wb, w3 = _weights(full, 4), _weights(part, 4), _weights(full, 3)
-    assert all(torch_equal(wa[k], wb[k]) for k in wa)
-    assert max(float((wa[k] - w3[k]).abs().max()) for k in wa) > 1e-4  # the 4th iteration does move them
-
-
-def torch_equal(a, b) -> bool:
     import torch
-    return bool(torch.equal(a, b))
+    wa, wb, w3 = megatron_weights(full, 4), megatron_weights(part, 4), megatron_weights(full, 3)
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    assert max(float((wa[k] - w3[k]).abs().max()) for k in wa) > 1e-4  # the 4th iteration does move them
 
 
 def run_main(argv, monkeypatch, world=1):
