@@ -294,8 +294,6 @@ class FSAMEngine:
         """AdamW updates applied so far (DeepSpeed's step count less its skipped steps)."""
         return int(self._engine.global_steps) - int(getattr(self._engine, "skipped_steps", 0))
 
-    adam_steps_taken = adam_updates  # the earlier name
-
     def current_rho(self) -> float:
         """rho of the coming step: the warm-up counts applied updates (a skipped step does not
         advance it, as it does not advance DeepSpeed's LR scheduler)."""

@@ -95,7 +95,7 @@ def test_denominators_use_each_groups_hparams_and_the_optimizers_step(stage, tor
     engine = _engine(stage, torch_adam)
     assert engine.view.denominators(0) is None
     _train(engine, 3)
-    updates = engine.adam_steps_taken()
+    updates = engine.adam_updates()
     got = engine.view.denominators(updates)
     want, steps = _expected(engine)
     assert steps == {updates} == {3}  # the view's bias-correction step is the optimizer's own
@@ -118,4 +118,4 @@ def test_missing_moments_after_updates_raise(stage):
     opt = engine.engine.optimizer
     (opt.optimizer if stage else opt).state.clear()  # an optimizer that keeps no exp_avg_sq
     with pytest.raises(RuntimeError, match="holds no exp_avg_sq"):
-        engine.view.denominators(engine.adam_steps_taken())
+        engine.view.denominators(engine.adam_updates())

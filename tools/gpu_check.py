@@ -753,7 +753,7 @@ def w_megatron(a) -> int:
             runner.step(get_forward_backward_func(), forward_step, iter(mbs), **bkw)
             main = MainParams(opt)
             params, _, _, _ = main.read_grads()
-            t = main.adam_step()
+            t = main.adam_updates()
             d = main.denominators(params, t)
             info.setdefault("adam_step", []).append(t)
             info.setdefault("denominators", []).append(d is not None)
