@@ -31,7 +31,7 @@ The steps (``--only`` takes their ids):
                the CPU smoke runs the same injection in bf16 at ZeRO 0)
 ``megatron``   megatron-core TP=1 on the GPU with the Adam megatron-core picks (TransformerEngine's or apex's
                FusedAdam when installed, else torch's AdamW, then also the param_groups-step stand-in of
-               tests/megatron_step_worker.py): where Adam's step lives, what ``MainParams.adam_step`` reads,
+               tests/megatron_step_worker.py): where Adam's step lives, what ``MainParams.adam_updates`` reads,
                that the preconditioner exists, and that PreconditionedSAM's weights are not SAM's
 ``bench_118m`` ``fsam-bench --gpu`` at 118m (bf16, every method, cache mode and ascent_every, interleaved), JSON
 ``bench_1.2b`` ``fsam-bench --gpu`` at 1.2b (bf16, sequential: one engine at a time), JSON
@@ -752,9 +752,8 @@ def w_megatron(a) -> int:
             mbs, bkw = batches(step)
             runner.step(get_forward_backward_func(), forward_step, iter(mbs), **bkw)
             main = MainParams(opt)
-            params, _, _, _ = main.read_grads()
             t = main.adam_updates()
-            d = main.denominators(params, t)
+            d = main.denominators(t)
             info.setdefault("adam_step", []).append(t)
             info.setdefault("denominators", []).append(d is not None)
         info["where"] = where_step(opt)
