@@ -119,3 +119,18 @@ def test_cpu_smoke_of_the_non_finite_step(tmp_path):
     assert injected[0]["eps_norm"] == 0.0  # a non-finite pass 1 gives no perturbation
     report = (tmp_path / "report.md").read_text()
     assert "## GPU check of" in report and "### fp16" in report and "cpu (no CUDA device)" in report
+
+
+def test_cpu_smoke_of_the_megatron_adam_step_check(tmp_path):
+    """The GPU script's Megatron step (item: where Adam's step lives, what MainParams reads) runs on
+    CPU with torch's AdamW and the stand-in that keeps its step in param_groups, so a change of
+    MegatronSAM's or MainParams' interface cannot leave it broken until a GPU session."""
+    out = tmp_path / "megatron.json"
+    proc = _run("worker", "megatron", "--steps", "2", "--json", str(out), timeout=240)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    data = json.loads(out.read_text())
+    assert data["ok"] is True
+    for case in data["cases"].values():
+        assert case["default"]["adam_step"] == [1, 2] and all(case["default"]["denominators"])
+        assert case["stand_in"]["adam_step"] == [1, 2] and all(case["stand_in"]["denominators"])
+        assert case["sam_gap"] > 1e-3  # PSAM is not SAM here: the preconditioner was applied
