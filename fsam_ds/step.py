@@ -299,10 +299,11 @@ class SAMStep:
         self._eps_unit_shares = None if shares is None else torch.tensor(shares, dtype=torch.float32, device=device)
 
 
-def step_metrics(sam: SAMConfig, out: StepOutcome, loss: float, lr: Optional[float], skipped: bool,
+def step_metrics(sam: SAMConfig, out: StepOutcome, loss: Optional[float], lr: Optional[float], skipped: bool,
                  step_time: float, have_shares: bool) -> Dict[str, Any]:
     """The metrics of one step, the same keys on every back end: ``method``, ``loss``,
-    ``grad_norm``, ``eps_norm``, ``rho``, ``lr``, ``skipped``, ``step_time``; ``ascent_reused``
+    ``grad_norm``, ``eps_norm``, ``rho``, ``lr``, ``skipped``, ``step_time`` (``loss`` None where this
+    rank has none: a pipeline stage before the last); ``ascent_reused``
     with ``ascent_every > 1``, ``ascent_momentum`` with ``ascent_direction: "momentum"`` and the
     :data:`SHARE_KEYS` for the SAM types."""
     m: Dict[str, Any] = {

@@ -562,7 +562,7 @@ class MegatronSAM:
         self.outcome = out
         self._step_losses = [out.losses, passes.pass2_losses]
         loss = _mean_loss(out.losses)  # None off the last pipeline stage
-        self.last_metrics = step_metrics(sam, out, loss, self._lr(), False, 0.0, have_shares=False)  # type: ignore[arg-type]
+        self.last_metrics = step_metrics(sam, out, loss, self._lr(), False, 0.0, have_shares=False)
         self.last_metrics["pass_time"] = time.perf_counter() - t0
         return out.losses
 
