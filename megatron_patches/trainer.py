@@ -402,15 +402,15 @@ def resume(run: Run) -> None:
     if same_layout:
         from .sam import _set_rng_state
         _set_rng_state(state["rng_state"])
+    else:
+        run.say(f"note: the checkpoint was written at TP {saved.get('tp')} x PP {saved.get('pp')} x DP "
+                f"{saved.get('dp')}; random streams restart from --seed")
     if "sam_step" in state:
         from .megatron_lm import _runner
         _runner([run.model], run.opt, run.sam).load_state_dict(state["sam_step"])
     elif run.sam.is_sam and run.sam.ascent_every > 1:
         run.say("note: the checkpoint holds no ascent direction for this layout; it is computed afresh at the next "
                 "iteration")
-    else:
-        run.say(f"note: the checkpoint was written at TP {saved.get('tp')} x PP {saved.get('pp')} x DP "
-                f"{saved.get('dp')}; random streams restart from --seed")
     layout.unwrap(run.model).load_state_dict(state["model"])
     with torch.no_grad():
         run.opt.load_state_dict(state["optimizer"])
