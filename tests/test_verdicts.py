@@ -302,7 +302,7 @@ def test_momentum_row_of_the_sub2x_section_renders_with_its_intervals(tmp_path):
 
     text = render(sub2x_data(5.163), tmp_path / "results.md")
     lines = text.splitlines()
-    assert any(x.startswith("## Sub-2x modes: momentum") for x in lines)
+    assert any(x.startswith("## Sub-2x mode: momentum") for x in lines)  # one mode: "mode"
     row = next(x for x in lines if x.startswith("| PreconditionedFunctionalSAM ascent_direction momentum |"))
     cells = [c.strip() for c in row.strip("|").split("|")]
     # gain over AdamW ~ 0.027 with its interval; retention (0.027 - 0.8 x 0.03 = +0.003, interval of

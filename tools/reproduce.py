@@ -588,7 +588,7 @@ def ascent_every_section(data: dict) -> List[str]:
         ["`ascent_direction: \"momentum\"` (eps from AdamW's first moment m: `rho M^-1 m / ||M^-1 m||` for the "
          "preconditioned types, `rho m / ||m||` for the others; no pass-1 backward)"] if mom else [])
     title = " and ".join(x for x, on in (("ascent_every", every), ("momentum", mom)) if on)
-    lines = [f"## Sub-2x modes: {title}", "",
+    lines = [f"## Sub-2x mode{'s' if every and mom else ''}: {title}", "",
              f"{' and '.join(modes)} at the grid's learning rate {data['lr']:g} and each method's selected rho ("
              + ", ".join(f"{m} {best[m]:g}" for m in methods) + f"), {tag} ({', '.join(map(str, seeds))}). "
              f"Gain = AdamW minus variant in eval loss, paired by seed. Retention (the target \">= 80% of exact "
