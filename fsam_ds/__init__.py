@@ -6,6 +6,7 @@ Usage mirrors ``deepspeed.initialize``::
     for step in range(steps):
         loss = engine.train_batch(data_iter)   # gradient_accumulation_steps micro-batches
 """
+
 from __future__ import annotations
 
 import os
@@ -18,9 +19,23 @@ from .method import adam_denominator, ascent_direction, functional_surrogate, gl
 
 __version__ = "0.1.0"
 
-__all__ = ["initialize", "attach", "parse_config", "FSAMConfigError", "SAMConfig", "METHODS", "SAM_METHODS",
-           "ascent_direction", "adam_denominator", "functional_surrogate", "global_norm", "causal_lm_loss",
-           "rho_at", "init_distributed", "__version__"]
+__all__ = [
+    "initialize",
+    "attach",
+    "parse_config",
+    "FSAMConfigError",
+    "SAMConfig",
+    "METHODS",
+    "SAM_METHODS",
+    "ascent_direction",
+    "adam_denominator",
+    "functional_surrogate",
+    "global_norm",
+    "causal_lm_loss",
+    "rho_at",
+    "init_distributed",
+    "__version__",
+]
 
 
 _ONE_RANK_ENV = False
@@ -45,9 +60,18 @@ def init_distributed(dist_backend: Optional[str] = None) -> None:
     deepspeed.init_distributed(dist_backend=dist_backend)
 
 
-def initialize(model, config: Union[str, os.PathLike, Mapping[str, Any]], model_parameters=None,
-               loss_fn: Optional[Callable] = None, training_data=None, lr_scheduler=None, mpu=None,
-               collate_fn=None, dist_init_required: Optional[bool] = None, **kwargs):
+def initialize(
+    model,
+    config: Union[str, os.PathLike, Mapping[str, Any]],
+    model_parameters=None,
+    loss_fn: Optional[Callable] = None,
+    training_data=None,
+    lr_scheduler=None,
+    mpu=None,
+    collate_fn=None,
+    dist_init_required: Optional[bool] = None,
+    **kwargs,
+):
     """Build a DeepSpeed engine whose ``train_batch`` runs the method named in ``config``.
 
     Args:
@@ -72,16 +96,26 @@ def initialize(model, config: Union[str, os.PathLike, Mapping[str, Any]], model_
     from .engine import FSAMEngine
 
     if sam.is_sam and mpu is not None:
-        raise FSAMConfigError(f"optimizer.type {sam.method} with an mpu (model parallelism) is not supported: its norms "
-                              "would count model-parallel shards per rank; accepted: mpu=None, or Megatron-core "
-                              "(megatron_patches) for tensor and pipeline parallelism")
+        raise FSAMConfigError(
+            f"optimizer.type {sam.method} with an mpu (model parallelism) is not supported: its norms "
+            "would count model-parallel shards per rank; accepted: mpu=None, or Megatron-core "
+            "(megatron_patches) for tensor and pipeline parallelism"
+        )
     if dist_init_required is not False:
         init_distributed(ds_config.get("communication_backend"))
     if model_parameters is None:
         model_parameters = [p for p in model.parameters() if p.requires_grad]
     engine, optimizer, dataloader, scheduler = deepspeed.initialize(
-        model=model, config=ds_config, model_parameters=model_parameters, training_data=training_data,
-        lr_scheduler=lr_scheduler, mpu=mpu, collate_fn=collate_fn, dist_init_required=dist_init_required, **kwargs)
+        model=model,
+        config=ds_config,
+        model_parameters=model_parameters,
+        training_data=training_data,
+        lr_scheduler=lr_scheduler,
+        mpu=mpu,
+        collate_fn=collate_fn,
+        dist_init_required=dist_init_required,
+        **kwargs,
+    )
     return FSAMEngine(engine, sam, loss_fn), optimizer, dataloader, scheduler
 
 

@@ -33,6 +33,7 @@ JSON, prints the table and writes ``--json`` (schema ``fsam-bench/2``: the argum
 the memory resolution, the mmap threshold of each pass and, per variant, every timed step of rank 0
 in ``times_s``, round by round; ``python -m tools.targets`` on a checkout renders the targets table from it).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -87,8 +88,9 @@ def parse_variant(name: str) -> Dict[str, Any]:
         elif p == "momentum":  # ascent_direction "momentum"
             momentum = True
         else:
-            raise ValueError(f"unknown option {p!r} in variant {name!r}; accepted: {', '.join(CACHES)}, everyK, "
-                             "momentum")
+            raise ValueError(
+                f"unknown option {p!r} in variant {name!r}; accepted: {', '.join(CACHES)}, everyK, momentum"
+            )
     if method == "AdamW" and (cache != "device" or every > 1 or momentum):
         raise ValueError(f"variant {name!r}: AdamW takes no cache, everyK or momentum option")
     if momentum and every > 1:
@@ -122,9 +124,15 @@ def ds_config(v: Dict[str, Any], a) -> dict:
             params["ascent_every"] = v["every"]
         if v.get("momentum"):
             params["ascent_direction"] = "momentum"
-    cfg = {"train_micro_batch_size_per_gpu": a.micro_batch, "gradient_accumulation_steps": a.gas,
-           "gradient_clipping": 1.0, "steps_per_print": 10 ** 9, "zero_optimization": {"stage": a.zero_stage},
-           "optimizer": {"type": v["method"], "params": params}, "wall_clock_breakdown": False}
+    cfg = {
+        "train_micro_batch_size_per_gpu": a.micro_batch,
+        "gradient_accumulation_steps": a.gas,
+        "gradient_clipping": 1.0,
+        "steps_per_print": 10**9,
+        "zero_optimization": {"stage": a.zero_stage},
+        "optimizer": {"type": v["method"], "params": params},
+        "wall_clock_breakdown": False,
+    }
     if a.dtype == "bf16":
         cfg["bf16"] = {"enabled": True}
     return cfg
@@ -162,8 +170,10 @@ def rss_bytes() -> int:
     try:
         import psutil  # only where /proc is missing
     except ImportError as err:
-        raise RuntimeError("fsam-bench reads the resident set from /proc/self/status; where that file is missing "
-                           "it needs psutil: pip install psutil") from err
+        raise RuntimeError(
+            "fsam-bench reads the resident set from /proc/self/status; where that file is missing "
+            "it needs psutil: pip install psutil"
+        ) from err
     return psutil.Process().memory_info().rss
 
 
@@ -190,8 +200,12 @@ def _build(vname: str, a, rank: int):
     v = parse_variant(vname)
     cfg = ds_config(v, a)
     torch.manual_seed(0)
-    model = models.build_model(a.preset, max_seq_len=a.seq_len, zero3_config=cfg if a.zero_stage == 3 else None,
-                               dtype=torch.bfloat16 if (a.dtype == "bf16" and a.zero_stage != 3) else torch.float32)
+    model = models.build_model(
+        a.preset,
+        max_seq_len=a.seq_len,
+        zero3_config=cfg if a.zero_stage == 3 else None,
+        dtype=torch.bfloat16 if (a.dtype == "bf16" and a.zero_stage != 3) else torch.float32,
+    )
     vocab = model.config.vocab_size
     n_params = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())
     engine, *_ = fsam_ds.initialize(model=model, config=cfg)
@@ -201,8 +215,15 @@ def _build(vname: str, a, rank: int):
         while True:
             yield {"input_ids": torch.randint(0, vocab, (a.micro_batch, a.seq_len), generator=gen)}
 
-    return {"variant": vname, **v, "engine": engine, "data": batches(), "parameters": int(n_params),
-            "times_s": [], "reused": []}
+    return {
+        "variant": vname,
+        **v,
+        "engine": engine,
+        "data": batches(),
+        "parameters": int(n_params),
+        "times_s": [],
+        "reused": [],
+    }
 
 
 def _step(item, timed: bool) -> None:
@@ -283,6 +304,7 @@ def worker(a) -> int:
     def say(msg):
         if rank == 0:
             print(f"[{PROG}] {msg}", flush=True)
+
     # one untimed build and step first: one-time costs (lazy imports, DeepSpeed's compiled ops,
     # allocator pools) are then not charged to the first variant
     warm = _build("AdamW", a, rank)
@@ -295,8 +317,10 @@ def worker(a) -> int:
         for vname in a.variants:
             memory[vname] = _memory(vname, a, rank)
             say(f"memory {vname}: peak {memory[vname]['peak_bytes'] / 2**20:.1f} MiB")
-        rows = [{"variant": v, **parse_variant(v), "parameters": memory[v].pop("parameters"), "times_s": [],
-                 "reused": []} for v in a.variants]
+        rows = [
+            {"variant": v, **parse_variant(v), "parameters": memory[v].pop("parameters"), "times_s": [], "reused": []}
+            for v in a.variants
+        ]
     elif a.sequential:  # one build per variant: memory over its warm-up and timed steps
         for vname in a.variants:
             probe = _PeakProbe().start()
@@ -331,8 +355,9 @@ def worker(a) -> int:
         row.update(memory.get(row["variant"], {"peak_bytes": None, "own_bytes": None}))
         row["rank"] = rank
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
-    Path(a.worker_out, f"rank{rank}.json").write_text(json.dumps(
-        {"rank": rank, "world": world, "device": device, "threads": torch.get_num_threads(), "rows": rows}))
+    Path(a.worker_out, f"rank{rank}.json").write_text(
+        json.dumps({"rank": rank, "world": world, "device": device, "threads": torch.get_num_threads(), "rows": rows})
+    )
     dist.barrier()
     return 0
 
@@ -373,10 +398,20 @@ def summarise(ranks: List[dict]) -> List[Dict[str, Any]]:
     by: Dict[str, Dict[str, Any]] = {}
     for rk in ranks:
         for row in rk["rows"]:
-            d = by.setdefault(row["variant"], {"variant": row["variant"], "method": row["method"],
-                                               "cache": row["cache"], "every": row["every"], "times_s": [],
-                                               "peak_bytes_per_rank": {}, "own_bytes_per_rank": {},
-                                               "parameters": row["parameters"], "reused_fraction": None})
+            d = by.setdefault(
+                row["variant"],
+                {
+                    "variant": row["variant"],
+                    "method": row["method"],
+                    "cache": row["cache"],
+                    "every": row["every"],
+                    "times_s": [],
+                    "peak_bytes_per_rank": {},
+                    "own_bytes_per_rank": {},
+                    "parameters": row["parameters"],
+                    "reused_fraction": None,
+                },
+            )
             if rk["rank"] == 0:
                 d["times_s"] += row["times_s"]
                 d["reused_fraction"] = sum(row["reused"]) / max(1, len(row["reused"]))
@@ -388,37 +423,46 @@ def summarise(ranks: List[dict]) -> List[Dict[str, Any]]:
     rows = list(by.values())
     for d in rows:
         t = d["times_s"]
-        d.update(median_s=statistics.median(t), min_s=min(t), max_s=max(t),
-                 peak_bytes=max(d["peak_bytes_per_rank"].values()) if d["peak_bytes_per_rank"] else None,
-                 own_bytes=max(d["own_bytes_per_rank"].values()) if d["own_bytes_per_rank"] else None)
+        d.update(
+            median_s=statistics.median(t),
+            min_s=min(t),
+            max_s=max(t),
+            peak_bytes=max(d["peak_bytes_per_rank"].values()) if d["peak_bytes_per_rank"] else None,
+            own_bytes=max(d["own_bytes_per_rank"].values()) if d["own_bytes_per_rank"] else None,
+        )
     base = next((d for d in rows if d["variant"] == "AdamW"), rows[0])
     for d in rows:
         d["time_ratio"] = d["median_s"] / base["median_s"]
         d["memory_ratio"] = d["peak_bytes"] / base["peak_bytes"] if d["peak_bytes"] else None
-        d["own_memory_ratio"] = (d["own_bytes"] / base["own_bytes"]
-                                 if d["own_bytes"] is not None and base["own_bytes"] else None)
+        d["own_memory_ratio"] = (
+            d["own_bytes"] / base["own_bytes"] if d["own_bytes"] is not None and base["own_bytes"] else None
+        )
     return rows
 
 
 def table(rows: List[dict], header: str, gpu: bool) -> str:
     mem = "alloc" if gpu else "RSS"
-    lines = [header,
-             f"{'variant':<44}{'median s':>10}{'min-max s':>18}{'x AdamW':>9}"
-             f"{'peak ' + mem + ' MiB':>15}{'x AdamW':>9}" + ("" if gpu else f"{'own MiB':>10}{'x AdamW':>9}")]
+    lines = [
+        header,
+        f"{'variant':<44}{'median s':>10}{'min-max s':>18}{'x AdamW':>9}"
+        f"{'peak ' + mem + ' MiB':>15}{'x AdamW':>9}" + ("" if gpu else f"{'own MiB':>10}{'x AdamW':>9}"),
+    ]
     for d in rows:
-        line = (f"{d['variant']:<44}{d['median_s']:>10.4f}{d['min_s']:>9.4f}-{d['max_s']:<8.4f}"
-                f"{d['time_ratio']:>9.2f}")
-        line += (f"{d['peak_bytes'] / 2**20:>15.1f}{d['memory_ratio']:>9.3f}" if d["peak_bytes"] else f"{'n/a':>15}")
+        line = f"{d['variant']:<44}{d['median_s']:>10.4f}{d['min_s']:>9.4f}-{d['max_s']:<8.4f}{d['time_ratio']:>9.2f}"
+        line += f"{d['peak_bytes'] / 2**20:>15.1f}{d['memory_ratio']:>9.3f}" if d["peak_bytes"] else f"{'n/a':>15}"
         if not gpu:
             own = d["own_bytes"]
-            line += (f"{own / 2**20:>10.1f}{d['own_memory_ratio']:>9.3f}" if own is not None else f"{'n/a':>10}")
+            line += f"{own / 2**20:>10.1f}{d['own_memory_ratio']:>9.3f}" if own is not None else f"{'n/a':>10}"
         lines.append(line)
     return "\n".join(lines)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog=PROG, description="Step time and peak memory of AdamW and every method "
-                                "variant, measured in one run (ratios to AdamW)")
+    p = argparse.ArgumentParser(
+        prog=PROG,
+        description="Step time and peak memory of AdamW and every method "
+        "variant, measured in one run (ratios to AdamW)",
+    )
     p.add_argument("--preset", default="2m", help="model preset (tiny, 2m, 24m, 42m, 118m, 1.2b)")
     p.add_argument("--micro-batch", type=int, default=8)
     p.add_argument("--seq-len", type=int, default=128)
@@ -428,23 +472,49 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=("fp32", "bf16"), default=None, help="default fp32, bf16 with --gpu")
     p.add_argument("--steps", type=int, default=8, help="timed steps per variant and round")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps per variant and round")
-    p.add_argument("--sequential", action="store_true", help="time one variant after the other (default: "
-                   "every engine built first, then one step of each in turn)")
+    p.add_argument(
+        "--sequential",
+        action="store_true",
+        help="time one variant after the other (default: every engine built first, then one step of each in turn)",
+    )
     p.add_argument("--no-memory", action="store_true", help="skip the per-variant memory pass")
-    p.add_argument("--malloc-mmap-threshold", type=int, default=MMAP_THRESHOLD, metavar="BYTES",
-                   help=f"glibc's MALLOC_MMAP_THRESHOLD_ for the memory pass (default {MMAP_THRESHOLD}; 0: leave "
-                   "glibc's dynamic threshold); a value already in the environment is kept for every pass")
-    p.add_argument("--mmap-threshold-for", choices=("memory", "all"), default="memory",
-                   help="'memory' (default): the memory pass runs in its own worker with the threshold and the "
-                   "timing in one without; 'all': one worker with the threshold for both (slower CPU steps)")
-    p.add_argument("--memory-resolution-mib", type=float, default=None, help="the resolution of one memory reading "
-                   "written to --json for tools/targets.py (default: 15 MiB for the CPU resident set, 0 on a GPU)")
+    p.add_argument(
+        "--malloc-mmap-threshold",
+        type=int,
+        default=MMAP_THRESHOLD,
+        metavar="BYTES",
+        help=f"glibc's MALLOC_MMAP_THRESHOLD_ for the memory pass (default {MMAP_THRESHOLD}; 0: leave "
+        "glibc's dynamic threshold); a value already in the environment is kept for every pass",
+    )
+    p.add_argument(
+        "--mmap-threshold-for",
+        choices=("memory", "all"),
+        default="memory",
+        help="'memory' (default): the memory pass runs in its own worker with the threshold and the "
+        "timing in one without; 'all': one worker with the threshold for both (slower CPU steps)",
+    )
+    p.add_argument(
+        "--memory-resolution-mib",
+        type=float,
+        default=None,
+        help="the resolution of one memory reading "
+        "written to --json for tools/targets.py (default: 15 MiB for the CPU resident set, 0 on a GPU)",
+    )
     p.add_argument("--every", default="2,4", help="ascent_every values to bench (comma-separated)")
-    p.add_argument("--variants", "--methods", dest="variants", default=None,
-                   help="comma-separated, e.g. AdamW,FunctionalSAM+recompute,"
-                   "PreconditionedFunctionalSAM+every2 (default: every method, cache mode and --every)")
-    p.add_argument("--quick", action="store_true", help="2m preset, micro 2 x seq 32, 1 warm-up + 3 steps, "
-                   "sequential, fewer variants: under a minute on 2 CPU cores")
+    p.add_argument(
+        "--variants",
+        "--methods",
+        dest="variants",
+        default=None,
+        help="comma-separated, e.g. AdamW,FunctionalSAM+recompute,"
+        "PreconditionedFunctionalSAM+every2 (default: every method, cache mode and --every)",
+    )
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help="2m preset, micro 2 x seq 32, 1 warm-up + 3 steps, "
+        "sequential, fewer variants: under a minute on 2 CPU cores",
+    )
     p.add_argument("--gpu", action="store_true", help="GPU mode: requires CUDA; bf16 unless --dtype fp32")
     p.add_argument("--json", default=None, help="write the results here")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
@@ -504,18 +574,47 @@ def main(argv: Optional[List[str]] = None) -> int:
         import torch
 
         if not torch.cuda.is_available():
-            return _error("--gpu: no CUDA device is visible; accepted: run it on a machine with a GPU, or leave "
-                          "--gpu out")
+            return _error(
+                "--gpu: no CUDA device is visible; accepted: run it on a machine with a GPU, or leave --gpu out"
+            )
     if a.malloc_mmap_threshold < 0:
         return _error(f"--malloc-mmap-threshold must be >= 0, got {a.malloc_mmap_threshold}")
-    common = ["--preset", a.preset, "--micro-batch", str(a.micro_batch), "--seq-len", str(a.seq_len),
-              "--gas", str(a.gas), "--zero-stage", str(a.zero_stage), "--dtype", a.dtype, "--steps", str(a.steps),
-              "--warmup", str(a.warmup), "--variants", ",".join(variants), "--worker"] \
-        + (["--sequential"] if a.sequential else [])
+    common = [
+        "--preset",
+        a.preset,
+        "--micro-batch",
+        str(a.micro_batch),
+        "--seq-len",
+        str(a.seq_len),
+        "--gas",
+        str(a.gas),
+        "--zero-stage",
+        str(a.zero_stage),
+        "--dtype",
+        a.dtype,
+        "--steps",
+        str(a.steps),
+        "--warmup",
+        str(a.warmup),
+        "--variants",
+        ",".join(variants),
+        "--worker",
+    ] + (["--sequential"] if a.sequential else [])
     # the worker starts its own process group: a caller's (e.g. a one-rank job in this process,
     # whose store still listens on MASTER_PORT) must not leak into it
-    dist_env = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
-                "CROSS_RANK", "CROSS_SIZE", "GROUP_RANK", "ROLE_RANK", "TORCHELASTIC_RUN_ID")
+    dist_env = (
+        "RANK",
+        "LOCAL_RANK",
+        "WORLD_SIZE",
+        "LOCAL_WORLD_SIZE",
+        "MASTER_ADDR",
+        "MASTER_PORT",
+        "CROSS_RANK",
+        "CROSS_SIZE",
+        "GROUP_RANK",
+        "ROLE_RANK",
+        "TORCHELASTIC_RUN_ID",
+    )
     env = {k: v for k, v in os.environ.items() if k not in dist_env}
     env.update(PYTHONUNBUFFERED="1", TOKENIZERS_PARALLELISM="false")
     env.setdefault("TORCH_EXTENSIONS_DIR", str(Path(sys.prefix) / "torch_extensions"))
@@ -541,8 +640,15 @@ def main(argv: Optional[List[str]] = None) -> int:
             launcher = shutil.which("deepspeed")
             if launcher is None:
                 return _error("--world-size > 1 needs the deepspeed launcher on PATH")
-            cmd = [launcher, "--num_gpus", str(a.world_size), "--master_port", str(free_port()),
-                   "--module", "fsam_ds.bench"] + args
+            cmd = [
+                launcher,
+                "--num_gpus",
+                str(a.world_size),
+                "--master_port",
+                str(free_port()),
+                "--module",
+                "fsam_ds.bench",
+            ] + args
         proc = subprocess.run(cmd, env=penv, capture_output=True, text=True)
         if proc.returncode != 0:
             tail = (proc.stdout + proc.stderr).strip().splitlines()[-15:]
@@ -561,14 +667,18 @@ def main(argv: Optional[List[str]] = None) -> int:
             for row in rk["rows"]:
                 m = mem.get((rk["rank"], row["variant"]), {})
                 row["peak_bytes"], row["own_bytes"] = m.get("peak_bytes"), m.get("own_bytes")
-    mmap = {"memory_pass": None if a.no_memory else mem_env.get("MALLOC_MMAP_THRESHOLD_"),
-            "timing_pass": (mem_env if a.mmap_threshold_for == "all" else env).get("MALLOC_MMAP_THRESHOLD_")}
+    mmap = {
+        "memory_pass": None if a.no_memory else mem_env.get("MALLOC_MMAP_THRESHOLD_"),
+        "timing_pass": (mem_env if a.mmap_threshold_for == "all" else env).get("MALLOC_MMAP_THRESHOLD_"),
+    }
     rows = summarise(ranks)
     dev = ranks[0]["device"]
-    header = (f"{a.preset} ({rows[0]['parameters']:,} parameters) | {a.dtype} | ZeRO {a.zero_stage} | "
-              f"{a.world_size} rank(s) | micro {a.micro_batch} x seq {a.seq_len} x gas {a.gas} | "
-              f"{a.warmup} warm-up + {a.steps} timed steps, {'sequential' if a.sequential else 'interleaved'} | "
-              f"{dev if dev != 'cpu' else machine}, {ranks[0]['threads']} thread(s)/rank | {wall:.0f} s")
+    header = (
+        f"{a.preset} ({rows[0]['parameters']:,} parameters) | {a.dtype} | ZeRO {a.zero_stage} | "
+        f"{a.world_size} rank(s) | micro {a.micro_batch} x seq {a.seq_len} x gas {a.gas} | "
+        f"{a.warmup} warm-up + {a.steps} timed steps, {'sequential' if a.sequential else 'interleaved'} | "
+        f"{dev if dev != 'cpu' else machine}, {ranks[0]['threads']} thread(s)/rank | {wall:.0f} s"
+    )
     print(table(rows, header, dev != "cpu"))
     if a.json:
         res_mib = a.memory_resolution_mib if a.memory_resolution_mib is not None else (15.0 if dev == "cpu" else 0.0)
@@ -576,16 +686,43 @@ def main(argv: Optional[List[str]] = None) -> int:
             load_end = list(os.getloadavg())
         except OSError:
             load_end = None
-        setting = {k: getattr(a, k) for k in ("preset", "zero_stage", "world_size", "dtype", "micro_batch", "seq_len",
-                                              "gas", "warmup", "steps", "sequential")}
-        Path(a.json).write_text(json.dumps({"schema": SCHEMA, "setting": setting,
-                                            "args": {k: v for k, v in vars(a).items() if k not in ("worker",)},
-                                            "variants": variants, "device": dev, "machine": machine,
-                                            "load_average_end": load_end, "malloc_mmap_threshold": mmap,
-                                            "memory_resolution_bytes": int(res_mib * 2 ** 20),
-                                            "memory_measure": "own resident set (peak RSS less RSS before build)"
-                                            if dev == "cpu" else "torch.cuda.max_memory_allocated",
-                                            "wall_s": wall, "rows": rows}, indent=1) + "\n")
+        setting = {
+            k: getattr(a, k)
+            for k in (
+                "preset",
+                "zero_stage",
+                "world_size",
+                "dtype",
+                "micro_batch",
+                "seq_len",
+                "gas",
+                "warmup",
+                "steps",
+                "sequential",
+            )
+        }
+        Path(a.json).write_text(
+            json.dumps(
+                {
+                    "schema": SCHEMA,
+                    "setting": setting,
+                    "args": {k: v for k, v in vars(a).items() if k not in ("worker",)},
+                    "variants": variants,
+                    "device": dev,
+                    "machine": machine,
+                    "load_average_end": load_end,
+                    "malloc_mmap_threshold": mmap,
+                    "memory_resolution_bytes": int(res_mib * 2**20),
+                    "memory_measure": "own resident set (peak RSS less RSS before build)"
+                    if dev == "cpu"
+                    else "torch.cuda.max_memory_allocated",
+                    "wall_s": wall,
+                    "rows": rows,
+                },
+                indent=1,
+            )
+            + "\n"
+        )
     return 0
 
 

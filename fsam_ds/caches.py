@@ -6,6 +6,7 @@ in pass 2 (each entry released once read), ``clear()`` at the end of the step, `
 :class:`RecomputeLogitGradCache` (a Hugging Face-style model whose output layer is an
 ``nn.Linear``). :func:`make_logit_grad_cache` picks the one configured.
 """
+
 from __future__ import annotations
 
 from typing import Any, Callable, Dict, Mapping, Optional
@@ -153,16 +154,22 @@ class RecomputeLogitGradCache(LogitGradCache):
 
     mode = "recompute"
 
-    def __init__(self, module: torch.nn.Module, saved_copy: Optional[Callable[[torch.Tensor], Any]] = None,
-                 loss_fn: Optional[LossFn] = None):
+    def __init__(
+        self,
+        module: torch.nn.Module,
+        saved_copy: Optional[Callable[[torch.Tensor], Any]] = None,
+        loss_fn: Optional[LossFn] = None,
+    ):
         super().__init__()
         self.loss_fn = loss_fn  # the loss g_F is the gradient of (the engine sets it)
         get = getattr(module, "get_output_embeddings", None)
         out = get() if callable(get) else None
         if type(out) is not torch.nn.Linear:
-            raise FSAMConfigError('optimizer.params.logit_grad_cache "recompute" needs a model whose '
-                                  "get_output_embeddings() is a torch.nn.Linear producing the logits; got "
-                                  f"{type(out).__name__}; accepted for this model: device, host")
+            raise FSAMConfigError(
+                'optimizer.params.logit_grad_cache "recompute" needs a model whose '
+                "get_output_embeddings() is a torch.nn.Linear producing the logits; got "
+                f"{type(out).__name__}; accepted for this model: device, host"
+            )
         self.layer = out
         self._saved_copy = saved_copy
         self.capturing = False
@@ -190,11 +197,18 @@ class RecomputeLogitGradCache(LogitGradCache):
         # the same storage, not necessarily the same tensor object: ZeRO-3's module hooks hand on
         # detached aliases of the outputs
         out = None if last is None else last[1]
-        if (not isinstance(out, torch.Tensor) or out.data_ptr() != logits.data_ptr() or out.shape != logits.shape
-                or out.dtype != logits.dtype or out.stride() != logits.stride()):
-            raise FSAMConfigError('optimizer.params.logit_grad_cache "recompute" needs the model\'s logits to be '
-                                  "the output of get_output_embeddings() unchanged (no scaling or soft-capping "
-                                  "after it); accepted for this model: device, host")
+        if (
+            not isinstance(out, torch.Tensor)
+            or out.data_ptr() != logits.data_ptr()
+            or out.shape != logits.shape
+            or out.dtype != logits.dtype
+            or out.stride() != logits.stride()
+        ):
+            raise FSAMConfigError(
+                'optimizer.params.logit_grad_cache "recompute" needs the model\'s logits to be '
+                "the output of get_output_embeddings() unchanged (no scaling or soft-capping "
+                "after it); accepted for this model: device, host"
+            )
         self._items[i] = last[0]
 
     def put(self, i, g_f):  # the hidden states were kept by put_hidden; g_F itself is dropped
@@ -223,9 +237,12 @@ class RecomputeLogitGradCache(LogitGradCache):
         return n
 
 
-def make_logit_grad_cache(mode: str, module: Optional[torch.nn.Module] = None,
-                          saved_copy: Optional[Callable[[torch.Tensor], Any]] = None,
-                          loss_fn: Optional[LossFn] = None) -> LogitGradCache:
+def make_logit_grad_cache(
+    mode: str,
+    module: Optional[torch.nn.Module] = None,
+    saved_copy: Optional[Callable[[torch.Tensor], Any]] = None,
+    loss_fn: Optional[LossFn] = None,
+) -> LogitGradCache:
     """The cache of ``logit_grad_cache`` ``mode`` (``"recompute"`` needs the model ``module`` and
     the ``loss_fn`` whose gradient ``g_F`` is)."""
     if mode == "recompute":

@@ -14,6 +14,7 @@ exactly as in a plain DeepSpeed job) and a :class:`SAMConfig` with the method's 
 Every problem is reported as one :class:`FSAMConfigError` naming the key and the accepted values,
 before any model is built.
 """
+
 from __future__ import annotations
 
 import copy
@@ -27,18 +28,48 @@ from typing import Any, Dict, Mapping, Optional, Sequence, Tuple, Union
 
 from .names import ASCENT_DIRECTIONS, LOGIT_GRAD_CACHES, METHODS, PRECONDITION_NORMS, SAM_METHODS
 
-__all__ = ["METHODS", "SAM_METHODS", "LOGIT_GRAD_CACHES", "ASCENT_DIRECTIONS", "PRECONDITION_NORMS", "ADAMW_KEYS",
-           "SAM_KEYS", "DIAGNOSTIC_KEYS", "SAM_DEFAULTS", "FSAMConfigError", "SAMConfig", "load_json_config",
-           "canonical_method", "sam_config", "parse_config", "take_sam_section", "zero_stage"]
+__all__ = [
+    "METHODS",
+    "SAM_METHODS",
+    "LOGIT_GRAD_CACHES",
+    "ASCENT_DIRECTIONS",
+    "PRECONDITION_NORMS",
+    "ADAMW_KEYS",
+    "SAM_KEYS",
+    "DIAGNOSTIC_KEYS",
+    "SAM_DEFAULTS",
+    "FSAMConfigError",
+    "SAMConfig",
+    "load_json_config",
+    "canonical_method",
+    "sam_config",
+    "parse_config",
+    "take_sam_section",
+    "zero_stage",
+]
 
 # AdamW parameters DeepSpeed's own Adam accepts, and the SAM keys on top of them.
-ADAMW_KEYS = ("lr", "betas", "eps", "weight_decay", "bias_correction", "torch_adam", "adam_w_mode",
-              "fp32_optimizer_states")
+ADAMW_KEYS = (
+    "lr",
+    "betas",
+    "eps",
+    "weight_decay",
+    "bias_correction",
+    "torch_adam",
+    "adam_w_mode",
+    "fp32_optimizer_states",
+)
 SAM_KEYS = ("rho", "precondition_norm", "rho_warmup_steps", "logit_grad_cache", "ascent_every", "ascent_direction")
 # accepted for every type, AdamW included; never handed to DeepSpeed
 DIAGNOSTIC_KEYS = ("sharpness_every",)
-SAM_DEFAULTS = {"rho": 0.05, "precondition_norm": "perturbation", "rho_warmup_steps": 0,
-                "logit_grad_cache": "device", "ascent_every": 1, "ascent_direction": "gradient"}
+SAM_DEFAULTS = {
+    "rho": 0.05,
+    "precondition_norm": "perturbation",
+    "rho_warmup_steps": 0,
+    "logit_grad_cache": "device",
+    "ascent_every": 1,
+    "ascent_direction": "gradient",
+}
 
 
 class FSAMConfigError(ValueError):
@@ -125,7 +156,7 @@ def _check_adamw_params(params: Mapping[str, Any]) -> None:
         raise FSAMConfigError(f"optimizer.params.lr must be a number >= 0, got {params['lr']!r}")
     if "betas" in params:
         b = params["betas"]
-        if (not isinstance(b, (list, tuple)) or len(b) != 2 or not all(_is_number(x) and 0 <= x < 1 for x in b)):
+        if not isinstance(b, (list, tuple)) or len(b) != 2 or not all(_is_number(x) and 0 <= x < 1 for x in b):
             raise FSAMConfigError(f"optimizer.params.betas must be two numbers in [0, 1), got {b!r}")
     if "eps" in params and (not _is_number(params["eps"]) or params["eps"] <= 0):
         raise FSAMConfigError(f"optimizer.params.eps must be a number > 0, got {params['eps']!r}")
@@ -135,8 +166,10 @@ def _check_adamw_params(params: Mapping[str, Any]) -> None:
         if key in params and not isinstance(params[key], bool):
             raise FSAMConfigError(f"optimizer.params.{key} must be true or false, got {params[key]!r}")
     if params.get("adam_w_mode") is False:
-        raise FSAMConfigError("optimizer.params.adam_w_mode: false is not accepted; the base optimizer is AdamW "
-                              "(decoupled weight decay); accepted: true or leave it out")
+        raise FSAMConfigError(
+            "optimizer.params.adam_w_mode: false is not accepted; the base optimizer is AdamW "
+            "(decoupled weight decay); accepted: true or leave it out"
+        )
 
 
 def sam_config(method: str, params: Mapping[str, Any], key_names: Optional[Mapping[str, str]] = None) -> SAMConfig:
@@ -164,11 +197,20 @@ def sam_config(method: str, params: Mapping[str, Any], key_names: Optional[Mappi
     direction = values["ascent_direction"]
     _check_one_of(key("ascent_direction"), direction, ASCENT_DIRECTIONS)
     if direction == "momentum" and every > 1:
-        raise FSAMConfigError(f'{key("ascent_direction")} "momentum" with ascent_every > 1 is not supported '
-                              f"(got ascent_every {every}); accepted: ascent_every 1 with \"momentum\", or "
-                              'ascent_direction "gradient"')
-    return SAMConfig(method=method, rho=float(rho), precondition_norm=norm, rho_warmup_steps=warm,
-                     logit_grad_cache=cache, ascent_every=every, ascent_direction=direction)
+        raise FSAMConfigError(
+            f'{key("ascent_direction")} "momentum" with ascent_every > 1 is not supported '
+            f'(got ascent_every {every}); accepted: ascent_every 1 with "momentum", or '
+            'ascent_direction "gradient"'
+        )
+    return SAMConfig(
+        method=method,
+        rho=float(rho),
+        precondition_norm=norm,
+        rho_warmup_steps=warm,
+        logit_grad_cache=cache,
+        ascent_every=every,
+        ascent_direction=direction,
+    )
 
 
 def parse_config(config: Union[str, os.PathLike[str], Mapping[str, Any]]) -> Tuple[Dict[str, Any], SAMConfig]:
@@ -187,8 +229,10 @@ def take_sam_section(ds_config: Dict[str, Any]) -> SAMConfig:
     by the Trainer or Accelerate later) are accepted wherever DeepSpeed's own keys allow them."""
     opt = ds_config.get("optimizer")
     if opt is None:
-        raise FSAMConfigError('deepspeed config: the "optimizer" section is missing; fsam_ds needs '
-                              f'"optimizer": {{"type": one of {", ".join(METHODS)}, "params": {{...}}}}')
+        raise FSAMConfigError(
+            'deepspeed config: the "optimizer" section is missing; fsam_ds needs '
+            f'"optimizer": {{"type": one of {", ".join(METHODS)}, "params": {{...}}}}'
+        )
     if not isinstance(opt, dict):
         raise FSAMConfigError(f'deepspeed config: "optimizer" must be an object, got {type(opt).__name__}')
     unknown_section = sorted(set(opt) - {"type", "params"})
@@ -202,8 +246,9 @@ def take_sam_section(ds_config: Dict[str, Any]) -> SAMConfig:
     for key in params:
         if key not in accepted:
             hint = " (it belongs to the SAM types only)" if key in SAM_KEYS else ""
-            raise FSAMConfigError(f"optimizer.params.{key} is not accepted for {method}{hint}; "
-                                  f"accepted: {', '.join(accepted)}")
+            raise FSAMConfigError(
+                f"optimizer.params.{key} is not accepted for {method}{hint}; accepted: {', '.join(accepted)}"
+            )
     _check_adamw_params(params)
     sam = sam_config(method, params) if method in SAM_METHODS else SAMConfig(method=method)
     every = params.get("sharpness_every", 0)
@@ -238,24 +283,32 @@ def _check_sam_compatibility(ds_config: Mapping[str, Any]) -> None:
     for key in ("offload_optimizer", "offload_param"):
         device = (zero.get(key) or {}).get("device", "none") if isinstance(zero.get(key) or {}, dict) else "?"
         if device not in ("none", None):
-            raise FSAMConfigError(f"zero_optimization.{key}.device {device!r} is not supported with the SAM types "
-                                  "in this version; accepted: \"none\" (or leave the section out)")
+            raise FSAMConfigError(
+                f"zero_optimization.{key}.device {device!r} is not supported with the SAM types "
+                'in this version; accepted: "none" (or leave the section out)'
+            )
     if _enabled(ds_config, "fp16") and _enabled(ds_config, "bf16"):
         raise FSAMConfigError("fp16.enabled and bf16.enabled are both true; accepted: at most one of them")
     if _enabled(ds_config, "fp16") and stage == 0:
-        raise FSAMConfigError("fp16.enabled with zero_optimization.stage 0 is not supported with the SAM types: "
-                              "DeepSpeed's stage-0 fp16 path does not scale the loss in engine.backward while its "
-                              "FP16_Optimizer divides the gradient by the loss scale; accepted: bf16, or fp16 with "
-                              "zero_optimization.stage 1, 2 or 3")
+        raise FSAMConfigError(
+            "fp16.enabled with zero_optimization.stage 0 is not supported with the SAM types: "
+            "DeepSpeed's stage-0 fp16 path does not scale the loss in engine.backward while its "
+            "FP16_Optimizer divides the gradient by the loss scale; accepted: bf16, or fp16 with "
+            "zero_optimization.stage 1, 2 or 3"
+        )
     if ds_config.get("managed_gradient_accumulation", True) is False:
-        raise FSAMConfigError("managed_gradient_accumulation: false is not supported with the SAM types (the ascent "
-                              "needs the reduced gradient before the step); accepted: true or leave it out")
+        raise FSAMConfigError(
+            "managed_gradient_accumulation: false is not supported with the SAM types (the ascent "
+            "needs the reduced gradient before the step); accepted: true or leave it out"
+        )
     tp = ds_config.get("tensor_parallel")
     autotp = tp.get("autotp_size", 0) if isinstance(tp, dict) else 0
     if autotp not in (0, 1, "auto", None):
-        raise FSAMConfigError(f"tensor_parallel.autotp_size {autotp!r} is not supported with the SAM types (the norms "
-                              "would count tensor-parallel shards per rank); accepted: 0 or 1, or use Megatron-core "
-                              "(megatron_patches) for tensor parallelism")
+        raise FSAMConfigError(
+            f"tensor_parallel.autotp_size {autotp!r} is not supported with the SAM types (the norms "
+            "would count tensor-parallel shards per rank); accepted: 0 or 1, or use Megatron-core "
+            "(megatron_patches) for tensor parallelism"
+        )
     gas = ds_config.get("gradient_accumulation_steps", 1)
     if gas != "auto":
         _check_int_at_least("gradient_accumulation_steps", gas, 1)

@@ -68,6 +68,7 @@ exporter casts); with tied embeddings ``lm_head.weight`` may be left out. Every 
 :class:`ConvertError` with a one-line message naming the problem and what is accepted. Shape,
 key, vocabulary and tokenizer checks are done once, by :func:`export_hf`, for every source.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -138,6 +139,7 @@ def _has_model_states(folder: Path) -> bool:
 @dataclass
 class DeepSpeedTag:
     """The files of a DeepSpeed tag folder, as :func:`check_deepspeed_tag` found them complete."""
+
     header: Path  # rank 0's model-states file
     head: Dict[str, Any]  # its contents (memory-mapped tensors)
     world_size: int  # the data-parallel ranks that wrote the checkpoint
@@ -191,8 +193,10 @@ def check_deepspeed_tag(tag_dir: Path, error: Type[Exception] = ValueError) -> D
         needed += [f"zero_pp_rank_{r}_mp_rank_00_model_states.pt" for r in range(1, world)]
     missing = sorted((n for n in needed if not (tag_dir / n).is_file()), key=_natural)
     if missing:
-        raise error(f"{tag_dir}: missing shard file(s) {', '.join(missing)}; the checkpoint was written by "
-                    f"{world} data-parallel rank(s) and needs every rank's files")
+        raise error(
+            f"{tag_dir}: missing shard file(s) {', '.join(missing)}; the checkpoint was written by "
+            f"{world} data-parallel rank(s) and needs every rank's files"
+        )
     for name in needed[1:]:
         readable(tag_dir / name)
     return DeepSpeedTag(header, head, world, zero, partitioned, model_files, optim_files)
@@ -200,8 +204,10 @@ def check_deepspeed_tag(tag_dir: Path, error: Type[Exception] = ValueError) -> D
 
 class DeepSpeedSource:
     name = "deepspeed"
-    accepts = ("a DeepSpeed checkpoint folder written by engine.save_checkpoint / fsam-train (the save folder with "
-               "its 'latest' file and tag folders, or one tag folder holding *_model_states.pt)")
+    accepts = (
+        "a DeepSpeed checkpoint folder written by engine.save_checkpoint / fsam-train (the save folder with "
+        "its 'latest' file and tag folders, or one tag folder holding *_model_states.pt)"
+    )
 
     def detect(self, path: Path) -> bool:
         if not path.is_dir():
@@ -215,8 +221,10 @@ class DeepSpeedSource:
         """(save folder, tag) of the checkpoint to read."""
         if _has_model_states(path):  # a tag folder itself
             if tag is not None and tag != path.name:
-                raise ConvertError(f"{path} is already the tag folder {path.name!r}; --tag {tag!r} does not apply "
-                                   "(pass the save folder above it to choose a tag)")
+                raise ConvertError(
+                    f"{path} is already the tag folder {path.name!r}; --tag {tag!r} does not apply "
+                    "(pass the save folder above it to choose a tag)"
+                )
             return path.parent, path.name
         tags = sorted((d.name for d in path.iterdir() if d.is_dir() and _has_model_states(d)), key=_natural)
         available = f"available tags: {', '.join(tags)}" if tags else "the folder holds no tag folders"
@@ -225,20 +233,24 @@ class DeepSpeedSource:
             if latest.is_file():
                 tag = latest.read_text().strip()
                 if not (path / tag).is_dir():
-                    raise ConvertError(f"{path}: 'latest' names tag {tag!r}, which is missing ({available}); "
-                                       "choose one with --tag")
+                    raise ConvertError(
+                        f"{path}: 'latest' names tag {tag!r}, which is missing ({available}); choose one with --tag"
+                    )
             elif len(tags) == 1:
                 tag = tags[0]
             elif tags:
                 raise ConvertError(f"{path}: no 'latest' file and several tags; choose one with --tag ({available})")
             else:
-                raise ConvertError(f"{path} is not a checkpoint folder: no 'latest' file and no tag folder with "
-                                   f"*_model_states.pt; accepted: {self.accepts}")
+                raise ConvertError(
+                    f"{path} is not a checkpoint folder: no 'latest' file and no tag folder with "
+                    f"*_model_states.pt; accepted: {self.accepts}"
+                )
         if not (path / tag).is_dir():
             raise ConvertError(f"{path}: tag {tag!r} not found ({available})")
         if not _has_model_states(path / tag):
-            raise ConvertError(f"{path / tag}: no *_model_states.pt in tag {tag!r}, not a DeepSpeed checkpoint "
-                               f"({available})")
+            raise ConvertError(
+                f"{path / tag}: no *_model_states.pt in tag {tag!r}, not a DeepSpeed checkpoint ({available})"
+            )
         return path, tag
 
     # -- what ----------------------------------------------------------------------------------
@@ -249,20 +261,35 @@ class DeepSpeedSource:
         model_files, optim_files = found.model_files, found.optim_files
         mp_ranks = {int(m.group(2)) for _, m in model_files + optim_files}
         if mp_ranks != {0}:
-            raise ConvertError(f"{tag_dir}: model-parallel DeepSpeed checkpoint (mp_rank_{max(mp_ranks):02d} files); "
-                               "accepted: data-parallel checkpoints (mp_rank_00 only, any ZeRO stage)")
-        header, head, world, zero, partitioned = found.header, found.head, found.world_size, found.zero, \
-            found.partitioned
+            raise ConvertError(
+                f"{tag_dir}: model-parallel DeepSpeed checkpoint (mp_rank_{max(mp_ranks):02d} files); "
+                "accepted: data-parallel checkpoints (mp_rank_00 only, any ZeRO stage)"
+            )
+        header, head, world, zero, partitioned = (
+            found.header,
+            found.head,
+            found.world_size,
+            found.zero,
+            found.partitioned,
+        )
         ds_config = _dict_at(head, "ds_config")
         stage = int((ds_config.get("zero_optimization") or {}).get("stage", 3 if partitioned else (1 if zero else 0)))
-        info = {"format": "deepspeed", "checkpoint": str(save_dir), "tag": tag, "zero_stage": stage,
-                "world_size": world, "global_steps": head.get("global_steps")}
+        info = {
+            "format": "deepspeed",
+            "checkpoint": str(save_dir),
+            "tag": tag,
+            "zero_stage": stage,
+            "world_size": world,
+            "global_steps": head.get("global_steps"),
+        }
 
         if zero:
             extra = sorted({int(m.group(1)) for _, m in optim_files if int(m.group(1)) >= world})
             if extra:
-                raise ConvertError(f"{tag_dir}: shard files of rank(s) {extra} beyond the checkpoint's {world} rank(s) "
-                                   "(files of an older checkpoint in the same tag?)")
+                raise ConvertError(
+                    f"{tag_dir}: shard files of rank(s) {extra} beyond the checkpoint's {world} rank(s) "
+                    "(files of an older checkpoint in the same tag?)"
+                )
             del head, found  # zero_to_fp32 reads the files itself
             from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
@@ -271,8 +298,9 @@ class DeepSpeedSource:
                 with contextlib.redirect_stdout(quiet), contextlib.redirect_stderr(quiet):
                     state = get_fp32_state_dict_from_zero_checkpoint(str(save_dir), tag=tag)
             except (ValueError, FileNotFoundError, KeyError, RuntimeError, NotImplementedError) as err:
-                raise ConvertError(f"{tag_dir}: DeepSpeed's zero_to_fp32 could not consolidate the checkpoint "
-                                   f"({one_line(err)})") from None
+                raise ConvertError(
+                    f"{tag_dir}: DeepSpeed's zero_to_fp32 could not consolidate the checkpoint ({one_line(err)})"
+                ) from None
             info["weights_from"] = "fp32 master weights (deepspeed.utils.zero_to_fp32)"
         else:
             module = head["module"]
@@ -292,8 +320,9 @@ class DeepSpeedSource:
             tok_dir = meta
         if (meta / "generation_config.json").is_file():
             gen_dir = meta
-        return SourceCheckpoint(state_dict=state, config=config, tokenizer_dir=tok_dir,
-                                generation_config_dir=gen_dir, info=info)
+        return SourceCheckpoint(
+            state_dict=state, config=config, tokenizer_dir=tok_dir, generation_config_dir=gen_dir, info=info
+        )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -344,8 +373,10 @@ def _single_process_megatron():
     from .distributed import one_rank_group
 
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() != 1:
-        raise ConvertError(f"this process is one of {dist.get_world_size()} ranks; convert Megatron checkpoints in "
-                           "a single process (fsam-convert reads any TP x PP layout on its own)")
+        raise ConvertError(
+            f"this process is one of {dist.get_world_size()} ranks; convert Megatron checkpoints in "
+            "a single process (fsam-convert reads any TP x PP layout on its own)"
+        )
     with one_rank_group("gloo"):
         created_mp = False
         try:
@@ -361,8 +392,10 @@ def _single_process_megatron():
                 cpu.apply()
             if ps.model_parallel_is_initialized():
                 if ps.get_tensor_model_parallel_world_size() != 1 or ps.get_pipeline_model_parallel_world_size() != 1:
-                    raise ConvertError("megatron-core's model parallelism is already initialised at another layout "
-                                       "in this process; convert Megatron checkpoints in a process of their own")
+                    raise ConvertError(
+                        "megatron-core's model parallelism is already initialised at another layout "
+                        "in this process; convert Megatron checkpoints in a process of their own"
+                    )
             else:
                 ps.initialize_model_parallel(1, 1)
                 created_mp = True
@@ -376,9 +409,11 @@ def _single_process_megatron():
 
 class MegatronSource:
     name = "megatron"
-    accepts = ("a megatron-core checkpoint folder written by fsam-megatron-train (the save folder with "
-               f"{MEGATRON_LATEST} and iter_NNNNNNN folders, or one iter_NNNNNNN folder; dist_checkpointing "
-               "torch_dist format, any TP x PP x DP)")
+    accepts = (
+        "a megatron-core checkpoint folder written by fsam-megatron-train (the save folder with "
+        f"{MEGATRON_LATEST} and iter_NNNNNNN folders, or one iter_NNNNNNN folder; dist_checkpointing "
+        "torch_dist format, any TP x PP x DP)"
+    )
 
     def detect(self, path: Path) -> bool:
         if not path.is_dir():
@@ -393,6 +428,7 @@ class MegatronSource:
     # -- where ---------------------------------------------------------------------------------
     def locate(self, path: Path, tag: Optional[str]) -> Path:
         """The ``iter_NNNNNNN`` folder to read; ``tag``: ``iter_0000004``, ``4`` or None (the latest)."""
+
         def normal(t: str) -> str:
             t = str(t).strip()
             if t.isdigit():
@@ -402,38 +438,47 @@ class MegatronSource:
 
         if _ITER_DIR.match(path.name) and _is_megatron_iter(path):  # an iteration folder itself
             if tag is not None and normal(tag) != path.name:
-                raise ConvertError(f"{path} is already the iteration folder {path.name!r}; --tag {tag!r} does not "
-                                   "apply (pass the save folder above it to choose an iteration)")
+                raise ConvertError(
+                    f"{path} is already the iteration folder {path.name!r}; --tag {tag!r} does not "
+                    "apply (pass the save folder above it to choose an iteration)"
+                )
             return path
         iters = sorted((d.name for d in path.iterdir() if _is_megatron_iter(d)), key=_natural)
-        available = (f"available iterations: {', '.join(iters)}" if iters
-                     else "the folder holds no iter_NNNNNNN folders")
+        available = f"available iterations: {', '.join(iters)}" if iters else "the folder holds no iter_NNNNNNN folders"
         if tag is None:
             latest = path / MEGATRON_LATEST
             if latest.is_file():
                 text = latest.read_text().strip()
                 if not text.isdigit():
-                    raise ConvertError(f"{latest}: expected an iteration number, found {text[:40]!r}; choose an "
-                                       f"iteration with --tag ({available})")
+                    raise ConvertError(
+                        f"{latest}: expected an iteration number, found {text[:40]!r}; choose an "
+                        f"iteration with --tag ({available})"
+                    )
                 tag = normal(text)
                 if not (path / tag).is_dir():
-                    raise ConvertError(f"{path}: {MEGATRON_LATEST} names iteration {int(text)} ({tag}), which is "
-                                       f"missing ({available}); choose one with --tag")
+                    raise ConvertError(
+                        f"{path}: {MEGATRON_LATEST} names iteration {int(text)} ({tag}), which is "
+                        f"missing ({available}); choose one with --tag"
+                    )
             elif len(iters) == 1:
                 tag = iters[0]
             elif iters:
-                raise ConvertError(f"{path}: no {MEGATRON_LATEST} and several iterations; choose one with --tag "
-                                   f"({available})")
+                raise ConvertError(
+                    f"{path}: no {MEGATRON_LATEST} and several iterations; choose one with --tag ({available})"
+                )
             else:
-                raise ConvertError(f"{path} is not a checkpoint folder: no {MEGATRON_LATEST} and no iter_NNNNNNN "
-                                   f"folder; accepted: {self.accepts}")
+                raise ConvertError(
+                    f"{path} is not a checkpoint folder: no {MEGATRON_LATEST} and no iter_NNNNNNN "
+                    f"folder; accepted: {self.accepts}"
+                )
         else:
             tag = normal(tag)
         if not (path / tag).is_dir():
             raise ConvertError(f"{path}: iteration {tag!r} not found ({available})")
         if not _is_megatron_iter(path / tag):
-            raise ConvertError(f"{path / tag}: no metadata.json or common.pt, not a megatron-core checkpoint "
-                               f"({available})")
+            raise ConvertError(
+                f"{path / tag}: no metadata.json or common.pt, not a megatron-core checkpoint ({available})"
+            )
         return path / tag
 
     # -- what ----------------------------------------------------------------------------------
@@ -445,20 +490,26 @@ class MegatronSource:
         ckpt = self.locate(path, tag)
         if not (ckpt / "metadata.json").is_file():
             if any(_LEGACY_RANK_DIR.match(p.name) for p in ckpt.iterdir()):
-                raise ConvertError(f"{ckpt}: a per-rank torch-format checkpoint (mp_rank_* folders); accepted: "
-                                   "dist_checkpointing checkpoints (metadata.json, *.distcp), as fsam-megatron-train "
-                                   "writes them")
-            raise ConvertError(f"{ckpt}: no metadata.json, not a dist_checkpointing checkpoint (an interrupted "
-                               "save?); accepted: " + self.accepts)
+                raise ConvertError(
+                    f"{ckpt}: a per-rank torch-format checkpoint (mp_rank_* folders); accepted: "
+                    "dist_checkpointing checkpoints (metadata.json, *.distcp), as fsam-megatron-train "
+                    "writes them"
+                )
+            raise ConvertError(
+                f"{ckpt}: no metadata.json, not a dist_checkpointing checkpoint (an interrupted "
+                "save?); accepted: " + self.accepts
+            )
         try:
             meta = json.loads((ckpt / "metadata.json").read_text())
         except (OSError, ValueError) as err:
             raise ConvertError(f"{ckpt / 'metadata.json'}: cannot read it ({one_line(err)})") from None
         backend = meta.get("sharded_backend")
         if backend != "torch_dist" or meta.get("common_backend", "torch") != "torch":
-            raise ConvertError(f"{ckpt}: sharded backend {backend!r} / common backend "
-                               f"{meta.get('common_backend')!r}; accepted: 'torch_dist' / 'torch' (megatron-core's "
-                               "default, as fsam-megatron-train writes them)")
+            raise ConvertError(
+                f"{ckpt}: sharded backend {backend!r} / common backend "
+                f"{meta.get('common_backend')!r}; accepted: 'torch_dist' / 'torch' (megatron-core's "
+                "default, as fsam-megatron-train writes them)"
+            )
         common_file = ckpt / "common.pt"
         if not common_file.is_file():
             raise ConvertError(f"{ckpt}: missing common.pt (written by the first rank with every checkpoint)")
@@ -469,7 +520,7 @@ class MegatronSource:
         saved = _dict_at(common, "layout")
         tp, pp, dp = (int(saved[k]) if saved.get(k) else None for k in ("tp", "pp", "dp"))
         world = tp * pp * dp if tp is not None and pp is not None and dp is not None else None
-        written_by = (f"{world} rank(s) (TP {tp} x PP {pp} x DP {dp})" if world else "its ranks")
+        written_by = f"{world} rank(s) (TP {tp} x PP {pp} x DP {dp})" if world else "its ranks"
 
         # which tensors the checkpoint holds and which files hold them (torch.distributed.checkpoint)
         from torch.distributed.checkpoint import FileSystemReader
@@ -478,29 +529,37 @@ class MegatronSource:
         try:
             dcp = FileSystemReader(str(ckpt)).read_metadata()
         except Exception as err:
-            raise ConvertError(f"{ckpt}: cannot read the dist_checkpointing index .metadata "
-                               f"({one_line(err)})") from None
+            raise ConvertError(
+                f"{ckpt}: cannot read the dist_checkpointing index .metadata ({one_line(err)})"
+            ) from None
 
         def is_model(key: str) -> bool:
             return not key.startswith("optimizer.") and "_extra_state" not in key
 
-        stored = {k: tuple(v.size) for k, v in dcp.state_dict_metadata.items()
-                  if isinstance(v, TensorStorageMetadata) and is_model(k)}
+        stored = {
+            k: tuple(v.size)
+            for k, v in dcp.state_dict_metadata.items()
+            if isinstance(v, TensorStorageMetadata) and is_model(k)
+        }
         if not stored:
             raise ConvertError(f"{ckpt}: the checkpoint holds no model weights")
         files = sorted({s.relative_path for i, s in dcp.storage_data.items() if is_model(i.fqn)}, key=_natural)
         missing = [f for f in files if not (ckpt / f).is_file()]
         if missing:
-            raise ConvertError(f"{ckpt}: missing shard file(s) {', '.join(missing)}; the checkpoint was written by "
-                               f"{written_by} and needs every rank's files")
+            raise ConvertError(
+                f"{ckpt}: missing shard file(s) {', '.join(missing)}; the checkpoint was written by "
+                f"{written_by} and needs every rank's files"
+            )
 
         # the architecture
         hf_dir = ckpt / HF_META_DIR
         if config is None:
             if not (hf_dir / "config.json").is_file():
-                raise ConvertError(f"{ckpt}: no {HF_META_DIR}/config.json (fsam-megatron-train writes the model's "
-                                   "Hugging Face config there); pass --config with a model folder or config.json of "
-                                   "the trained architecture")
+                raise ConvertError(
+                    f"{ckpt}: no {HF_META_DIR}/config.json (fsam-megatron-train writes the model's "
+                    "Hugging Face config there); pass --config with a model folder or config.json of "
+                    "the trained architecture"
+                )
             from transformers import AutoConfig
 
             try:
@@ -509,8 +568,10 @@ class MegatronSource:
                 raise ConvertError(f"{hf_dir / 'config.json'}: cannot read it ({one_line(err)})") from None
         emb = stored.get("embedding.word_embeddings.weight")
         if emb is not None and getattr(config, "vocab_size", None) is not None and emb[0] != config.vocab_size:
-            raise ConvertError(f"vocabulary mismatch: the weights have {emb[0]} token embeddings but the config's "
-                               f"vocab_size is {config.vocab_size}; accepted: the config the model was trained with")
+            raise ConvertError(
+                f"vocabulary mismatch: the weights have {emb[0]} token embeddings but the config's "
+                f"vocab_size is {config.vocab_size}; accepted: the config the model was trained with"
+            )
         bf16 = bool(saved.get("bf16"))
         dtype = torch.bfloat16 if bf16 else torch.float32
 
@@ -542,13 +603,17 @@ class MegatronSource:
                 extra = sorted(k for k in stored if k not in wanted)
                 if absent or extra:
                     what = _key_mismatch([("missing", absent), ("weights the Llama mapping does not cover:", extra)])
-                    raise ConvertError(f"{ckpt}: the checkpoint does not match the GPTModel of the config "
-                                       f"({what}); accepted: Llama-style GPTModel checkpoints (RMSNorm, "
-                                       "RoPE, SwiGLU, no biases) with the config they were trained with")
+                    raise ConvertError(
+                        f"{ckpt}: the checkpoint does not match the GPTModel of the config "
+                        f"({what}); accepted: Llama-style GPTModel checkpoints (RMSNorm, "
+                        "RoPE, SwiGLU, no biases) with the config they were trained with"
+                    )
                 for k, shape in wanted.items():
                     if stored[k] != shape:
-                        raise ConvertError(f"the weights do not match the config: {k} has shape {stored[k]} in the "
-                                           f"checkpoint, the config expects {shape}")
+                        raise ConvertError(
+                            f"the weights do not match the config: {k} has shape {stored[k]} in the "
+                            f"checkpoint, the config expects {shape}"
+                        )
                 del probe
                 try:
                     quiet = io.StringIO()
@@ -556,8 +621,9 @@ class MegatronSource:
                         state = dist_checkpointing.load({"model": gpt.sharded_state_dict()}, str(ckpt))
                     gpt.load_state_dict(state["model"], strict=True)
                 except Exception as err:
-                    raise ConvertError(f"{ckpt}: dist_checkpointing could not read the model weights "
-                                       f"({one_line(err)})") from None
+                    raise ConvertError(
+                        f"{ckpt}: dist_checkpointing could not read the model weights ({one_line(err)})"
+                    ) from None
                 meg = {k: v.detach() for k, v in gpt.state_dict().items() if "_extra_state" not in k}
                 del state, gpt
         try:
@@ -565,16 +631,25 @@ class MegatronSource:
         except layout.LayoutError as err:
             raise ConvertError(f"{ckpt}: {one_line(err)}") from None
 
-        info = {"format": "megatron", "checkpoint": str(ckpt.parent), "tag": ckpt.name,
-                "iteration": common.get("iteration") if isinstance(common, dict) else None,
-                "tp": tp, "pp": pp, "dp": dp, "world_size": world,
-                "distributed_optimizer": saved.get("distributed_optimizer"), "checkpoint_files": len(files),
-                "weights_from": f"model weights ({str(dtype).replace('torch.', '')}) read by dist_checkpointing "
-                                "at TP 1 x PP 1"}
+        info = {
+            "format": "megatron",
+            "checkpoint": str(ckpt.parent),
+            "tag": ckpt.name,
+            "iteration": common.get("iteration") if isinstance(common, dict) else None,
+            "tp": tp,
+            "pp": pp,
+            "dp": dp,
+            "world_size": world,
+            "distributed_optimizer": saved.get("distributed_optimizer"),
+            "checkpoint_files": len(files),
+            "weights_from": f"model weights ({str(dtype).replace('torch.', '')}) read by dist_checkpointing "
+            "at TP 1 x PP 1",
+        }
         tok_dir = hf_dir if any((hf_dir / f).is_file() for f in _TOKENIZER_FILES) else None
         gen_dir = hf_dir if (hf_dir / "generation_config.json").is_file() else None
-        return SourceCheckpoint(state_dict=hf_state, config=config, tokenizer_dir=tok_dir,
-                                generation_config_dir=gen_dir, info=info)
+        return SourceCheckpoint(
+            state_dict=hf_state, config=config, tokenizer_dir=tok_dir, generation_config_dir=gen_dir, info=info
+        )
 
 
 #: The readers ``--source auto`` tries, in order (see the module docstring to add one).
@@ -606,8 +681,9 @@ def parse_size(text) -> int:
     else:
         m = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]*)?(?:[eE][0-9]+)?)\s*([KMGT]?I?B)?\s*", str(text).upper())
         if not m:
-            raise ConvertError(f"--max-shard-size {text!r}: expected a size such as 5GB, 500MB, 100KB or a "
-                               "number of bytes")
+            raise ConvertError(
+                f"--max-shard-size {text!r}: expected a size such as 5GB, 500MB, 100KB or a number of bytes"
+            )
         unit = m.group(2) or "B"
         base = 1024 if "I" in unit else 1000
         value = int(float(m.group(1)) * base ** "BKMGT".index(unit[0]))
@@ -626,11 +702,14 @@ def _human(n: float) -> str:
 
 def _check_output(output: Path, overwrite: bool, sources: Sequence[Path]) -> None:
     if output.exists() and not output.is_dir():
-        raise ConvertError(f"output {output} exists and is not a folder; accepted: a new or empty folder "
-                           "(or an existing one with --overwrite)")
+        raise ConvertError(
+            f"output {output} exists and is not a folder; accepted: a new or empty folder "
+            "(or an existing one with --overwrite)"
+        )
     if output.is_dir() and any(output.iterdir()) and not overwrite:
-        raise ConvertError(f"output folder {output} exists and is not empty; pass --overwrite to replace it, or "
-                           "choose a new folder")
+        raise ConvertError(
+            f"output folder {output} exists and is not empty; pass --overwrite to replace it, or choose a new folder"
+        )
     out = output.resolve()
     for src in sources:
         src = Path(src).resolve()
@@ -646,8 +725,9 @@ def _load_config(spec: Path):
         return AutoConfig.from_pretrained(str(spec.parent) if spec.name == "config.json" else str(spec))
     if (spec / "config.json").is_file():
         return AutoConfig.from_pretrained(str(spec), local_files_only=True)
-    raise ConvertError(f"--config {spec}: no config.json there; accepted: a Hugging Face model folder or a "
-                       "config.json file")
+    raise ConvertError(
+        f"--config {spec}: no config.json there; accepted: a Hugging Face model folder or a config.json file"
+    )
 
 
 def _load_tokenizer(spec: Path):
@@ -655,8 +735,9 @@ def _load_tokenizer(spec: Path):
 
     spec = Path(spec)
     if not (spec.is_dir() and any((spec / f).is_file() for f in _TOKENIZER_FILES)):
-        raise ConvertError(f"tokenizer {spec}: no tokenizer files ({', '.join(_TOKENIZER_FILES)}); accepted: a "
-                           "local tokenizer folder")
+        raise ConvertError(
+            f"tokenizer {spec}: no tokenizer files ({', '.join(_TOKENIZER_FILES)}); accepted: a local tokenizer folder"
+        )
     try:
         return AutoTokenizer.from_pretrained(str(spec), local_files_only=True)
     except Exception as err:
@@ -671,8 +752,15 @@ def _embedding_key(model) -> Optional[str]:
     return None
 
 
-def export_hf(ckpt: SourceCheckpoint, output: Path, *, dtype: str = "fp32",
-              max_shard_size=DEFAULT_MAX_SHARD_SIZE, tokenizer=None, overwrite: bool = False) -> Dict[str, Any]:
+def export_hf(
+    ckpt: SourceCheckpoint,
+    output: Path,
+    *,
+    dtype: str = "fp32",
+    max_shard_size=DEFAULT_MAX_SHARD_SIZE,
+    tokenizer=None,
+    overwrite: bool = False,
+) -> Dict[str, Any]:
     """Write ``ckpt`` as a Hugging Face folder at ``output``; returns the report (see :func:`convert`).
 
     ``tokenizer``: a loaded tokenizer (or ``None``: none is written). The state dict is consumed
@@ -687,8 +775,10 @@ def export_hf(ckpt: SourceCheckpoint, output: Path, *, dtype: str = "fp32",
     shard_bytes = parse_size(max_shard_size)
     config = ckpt.config
     if config is None:
-        raise ConvertError("the checkpoint carries no Hugging Face config (fsam-train writes <tag>/hf/config.json); "
-                           "pass --config with a model folder or config.json of the trained architecture")
+        raise ConvertError(
+            "the checkpoint carries no Hugging Face config (fsam-train writes <tag>/hf/config.json); "
+            "pass --config with a model folder or config.json of the trained architecture"
+        )
     state = ckpt.state_dict
     config.use_cache = True  # trained without the KV cache; generation wants it
 
@@ -696,8 +786,9 @@ def export_hf(ckpt: SourceCheckpoint, output: Path, *, dtype: str = "fp32",
         try:
             model = AutoModelForCausalLM.from_config(config, dtype=torch_dtype)
         except Exception as err:
-            raise ConvertError(f"config {getattr(config, 'model_type', '?')!r}: AutoModelForCausalLM cannot build "
-                               f"it ({one_line(err)})") from None
+            raise ConvertError(
+                f"config {getattr(config, 'model_type', '?')!r}: AutoModelForCausalLM cannot build it ({one_line(err)})"
+            ) from None
     expected = dict(model.state_dict())  # persistent entries, tied names included
     emb_key = _embedding_key(model)
     tied = bool(getattr(config, "tie_word_embeddings", False))
@@ -706,8 +797,10 @@ def export_hf(ckpt: SourceCheckpoint, output: Path, *, dtype: str = "fp32",
     if emb_key in state and emb_key in expected:
         rows, cfg_rows = int(state[emb_key].shape[0]), int(expected[emb_key].shape[0])
         if rows != cfg_rows:
-            raise ConvertError(f"vocabulary mismatch: the weights have {rows} token embeddings but the config's "
-                               f"vocab_size is {cfg_rows}; accepted: the config the model was trained with")
+            raise ConvertError(
+                f"vocabulary mismatch: the weights have {rows} token embeddings but the config's "
+                f"vocab_size is {cfg_rows}; accepted: the config the model was trained with"
+            )
     unexpected = sorted(k for k in state if k not in expected)
     out_key = "lm_head.weight"
     missing = sorted(k for k in expected if k not in state and not (tied and k == out_key and emb_key in state))
@@ -716,12 +809,21 @@ def export_hf(ckpt: SourceCheckpoint, output: Path, *, dtype: str = "fp32",
         raise ConvertError(f"the weights do not match the {type(model).__name__} of the config: {what}")
     for k, v in state.items():
         if tuple(v.shape) != tuple(expected[k].shape):
-            raise ConvertError(f"the weights do not match the config: {k} has shape {tuple(v.shape)}, the config "
-                               f"expects {tuple(expected[k].shape)}")
-    if tied and out_key in state and emb_key in state and state[out_key] is not state[emb_key] \
-            and not torch.equal(state[out_key], state[emb_key]):
-        raise ConvertError("the config ties the input and output embeddings but the weights hold a different "
-                           "lm_head.weight; accepted: the config the model was trained with")
+            raise ConvertError(
+                f"the weights do not match the config: {k} has shape {tuple(v.shape)}, the config "
+                f"expects {tuple(expected[k].shape)}"
+            )
+    if (
+        tied
+        and out_key in state
+        and emb_key in state
+        and state[out_key] is not state[emb_key]
+        and not torch.equal(state[out_key], state[emb_key])
+    ):
+        raise ConvertError(
+            "the config ties the input and output embeddings but the weights hold a different "
+            "lm_head.weight; accepted: the config the model was trained with"
+        )
     vocab_rows = int(state[emb_key].shape[0]) if emb_key in state else None
 
     # the tokenizer must only produce ids the embeddings have
@@ -729,8 +831,10 @@ def export_hf(ckpt: SourceCheckpoint, output: Path, *, dtype: str = "fp32",
     if tokenizer is not None:
         n_tok = len(tokenizer)
         if vocab_rows is not None and n_tok > vocab_rows:
-            raise ConvertError(f"vocabulary mismatch: the tokenizer has {n_tok} tokens but the weights embed only "
-                               f"{vocab_rows}; accepted: the tokenizer the model was trained with (--tokenizer)")
+            raise ConvertError(
+                f"vocabulary mismatch: the tokenizer has {n_tok} tokens but the weights embed only "
+                f"{vocab_rows}; accepted: the tokenizer the model was trained with (--tokenizer)"
+            )
         tok_info = {"size": n_tok, "class": type(tokenizer).__name__}
         for attr in ("bos_token_id", "eos_token_id", "pad_token_id"):
             if getattr(config, attr, None) is None and getattr(tokenizer, attr, None) is not None:
@@ -788,27 +892,39 @@ def export_hf(ckpt: SourceCheckpoint, output: Path, *, dtype: str = "fp32",
     shards = sorted(p.name for p in output.glob("*.safetensors"))
     n_params = sum(p.numel() for p in model.parameters())  # parameters() counts a tied tensor once
     report = dict(ckpt.info)
-    report.update({
-        "output": str(output),
-        "architecture": type(model).__name__,
-        "parameters": int(n_params),
-        "dtype": dtype,
-        "shards": len(shards),
-        "shard_files": shards,
-        "size_bytes": int(sum((output / s).stat().st_size for s in shards)),
-        "max_shard_size_bytes": shard_bytes,
-        "vocab_size": vocab_rows,
-        "tied_embeddings": tied,
-        "tokenizer": tok_info,
-        "files": sorted(p.name for p in output.iterdir()),
-    })
+    report.update(
+        {
+            "output": str(output),
+            "architecture": type(model).__name__,
+            "parameters": int(n_params),
+            "dtype": dtype,
+            "shards": len(shards),
+            "shard_files": shards,
+            "size_bytes": int(sum((output / s).stat().st_size for s in shards)),
+            "max_shard_size_bytes": shard_bytes,
+            "vocab_size": vocab_rows,
+            "tied_embeddings": tied,
+            "tokenizer": tok_info,
+            "files": sorted(p.name for p in output.iterdir()),
+        }
+    )
     if tok_info is not None and vocab_rows is not None and vocab_rows > tok_info["size"]:
         report["vocab_padding"] = vocab_rows - tok_info["size"]
     return report
 
 
-def convert(source, output, *, tag: Optional[str] = None, dtype: str = "fp32", max_shard_size=DEFAULT_MAX_SHARD_SIZE,
-            config=None, tokenizer=None, overwrite: bool = False, source_format: str = "auto") -> Dict[str, Any]:
+def convert(
+    source,
+    output,
+    *,
+    tag: Optional[str] = None,
+    dtype: str = "fp32",
+    max_shard_size=DEFAULT_MAX_SHARD_SIZE,
+    config=None,
+    tokenizer=None,
+    overwrite: bool = False,
+    source_format: str = "auto",
+) -> Dict[str, Any]:
     """Convert the checkpoint at ``source`` into a Hugging Face folder at ``output``.
 
     ``config`` / ``tokenizer``: a folder (or config.json) that replaces what the checkpoint
@@ -856,23 +972,41 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog=PROG, description="Convert a training checkpoint (DeepSpeed at any ZeRO stage and world size, or "
-                "megatron-core at any TP x PP x DP) into a Hugging Face model folder (config, safetensors weights, "
-                "tokenizer, generation config).")
-    p.add_argument("checkpoint", help="checkpoint folder (DeepSpeed: the save folder with 'latest', or a tag folder; "
-                   f"megatron-core: the save folder with {MEGATRON_LATEST}, or an iter_NNNNNNN folder)")
+    p = _Parser(
+        prog=PROG,
+        description="Convert a training checkpoint (DeepSpeed at any ZeRO stage and world size, or "
+        "megatron-core at any TP x PP x DP) into a Hugging Face model folder (config, safetensors weights, "
+        "tokenizer, generation config).",
+    )
+    p.add_argument(
+        "checkpoint",
+        help="checkpoint folder (DeepSpeed: the save folder with 'latest', or a tag folder; "
+        f"megatron-core: the save folder with {MEGATRON_LATEST}, or an iter_NNNNNNN folder)",
+    )
     p.add_argument("output", help="new Hugging Face model folder")
-    p.add_argument("--tag", default=None, help="checkpoint tag, e.g. step200 (DeepSpeed) or iter_0000100 / 100 "
-                   "(megatron-core) (default: the latest)")
+    p.add_argument(
+        "--tag",
+        default=None,
+        help="checkpoint tag, e.g. step200 (DeepSpeed) or iter_0000100 / 100 (megatron-core) (default: the latest)",
+    )
     p.add_argument("--dtype", default="fp32", choices=DTYPES, help="dtype of the saved weights (default: fp32)")
-    p.add_argument("--max-shard-size", default=DEFAULT_MAX_SHARD_SIZE,
-                   help="split the safetensors weights into files of at most this size "
-                        f"(default: {DEFAULT_MAX_SHARD_SIZE})")
-    p.add_argument("--config", default=None, help="Hugging Face model folder or config.json of the architecture "
-                   "(default: the one saved with the checkpoint)")
+    p.add_argument(
+        "--max-shard-size",
+        default=DEFAULT_MAX_SHARD_SIZE,
+        help=f"split the safetensors weights into files of at most this size (default: {DEFAULT_MAX_SHARD_SIZE})",
+    )
+    p.add_argument(
+        "--config",
+        default=None,
+        help="Hugging Face model folder or config.json of the architecture "
+        "(default: the one saved with the checkpoint)",
+    )
     p.add_argument("--tokenizer", default=None, help="tokenizer folder (default: the one saved with the checkpoint)")
-    p.add_argument("--source", default="auto", help="checkpoint format: auto, "
-                   + ", ".join(s.name for s in SOURCES) + " (default: auto)")
+    p.add_argument(
+        "--source",
+        default="auto",
+        help="checkpoint format: auto, " + ", ".join(s.name for s in SOURCES) + " (default: auto)",
+    )
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
     p.add_argument("--json", action="store_true", help="print the report as one JSON object")
     return p
@@ -883,8 +1017,10 @@ def summary(report: Dict[str, Any]) -> str:
     if report.get("format") == "deepspeed":
         src += f", ZeRO stage {report['zero_stage']}, {report['world_size']} rank(s), tag {report['tag']}"
     elif report.get("format") == "megatron":
-        src += (f", TP {report.get('tp', '?')} x PP {report.get('pp', '?')} x DP {report.get('dp', '?')}, "
-                f"{report['tag']}, {report.get('checkpoint_files', '?')} .distcp file(s)")
+        src += (
+            f", TP {report.get('tp', '?')} x PP {report.get('pp', '?')} x DP {report.get('dp', '?')}, "
+            f"{report['tag']}, {report.get('checkpoint_files', '?')} .distcp file(s)"
+        )
     tok = report["tokenizer"]
     lines = [
         f"{report.get('source', '?')} ({src}) -> {report['output']}",
@@ -904,9 +1040,17 @@ def main(argv: Optional[List[str]] = None) -> int:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
     try:
         args = build_parser().parse_args(argv)
-        report = convert(args.checkpoint, args.output, tag=args.tag, dtype=args.dtype,
-                         max_shard_size=args.max_shard_size, config=args.config, tokenizer=args.tokenizer,
-                         overwrite=args.overwrite, source_format=args.source)
+        report = convert(
+            args.checkpoint,
+            args.output,
+            tag=args.tag,
+            dtype=args.dtype,
+            max_shard_size=args.max_shard_size,
+            config=args.config,
+            tokenizer=args.tokenizer,
+            overwrite=args.overwrite,
+            source_format=args.source,
+        )
     except SystemExit as exc:  # --help
         return int(exc.code or 0)
     except ConvertError as err:

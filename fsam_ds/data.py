@@ -97,9 +97,7 @@ def _hash_texts(h: Any, texts: Iterable[str]) -> None:
 def read_embedded_corpus(name: str = "default") -> str:
     """The full text of an embedded corpus (see :data:`EMBEDDED_CORPORA`)."""
     if name not in EMBEDDED_CORPORA:
-        raise ValueError(
-            f"unknown embedded corpus {name!r}; accepted: {', '.join(EMBEDDED_CORPORA)}"
-        )
+        raise ValueError(f"unknown embedded corpus {name!r}; accepted: {', '.join(EMBEDDED_CORPORA)}")
     blob = resources.files("fsam_ds").joinpath("corpus").joinpath(EMBEDDED_CORPORA[name]).read_bytes()
     return gzip.decompress(blob).decode("utf-8")
 
@@ -214,9 +212,7 @@ def _read_text_file(path: Path) -> str:
 
 
 def _text_files(folder: Path) -> list[Path]:
-    return sorted(
-        p for p in folder.rglob("*") if p.is_file() and p.name.lower().endswith((".txt", ".txt.gz"))
-    )
+    return sorted(p for p in folder.rglob("*") if p.is_file() and p.name.lower().endswith((".txt", ".txt.gz")))
 
 
 def _load_local(path: Path, eval_fraction: float, seed: int) -> tuple[list[str], list[str]]:
@@ -275,8 +271,7 @@ def _load_hub(spec: str, eval_fraction: float, seed: int) -> tuple[list[str], li
     for split in (train_split, eval_split):
         if split is not None and "text" not in ds[split].column_names:
             raise ValueError(
-                f"dataset {spec!r} split {split!r} has no 'text' column; columns: "
-                f"{', '.join(ds[split].column_names)}"
+                f"dataset {spec!r} split {split!r} has no 'text' column; columns: {', '.join(ds[split].column_names)}"
             )
     train_docs = _rows_to_documents(ds[train_split]["text"])
     if eval_split is None:

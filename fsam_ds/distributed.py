@@ -11,6 +11,7 @@
 
 torch is imported on first use, so that importing this module stays cheap.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -43,8 +44,12 @@ def comm_device(group: Any = None) -> "torch.device":
     import torch
     import torch.distributed as dist
 
-    if (torch.cuda.is_available() and dist.is_available() and dist.is_initialized()
-            and dist.get_backend(group) == "nccl"):
+    if (
+        torch.cuda.is_available()
+        and dist.is_available()
+        and dist.is_initialized()
+        and dist.get_backend(group) == "nccl"
+    ):
         return torch.device("cuda", torch.cuda.current_device())
     return torch.device("cpu")
 
@@ -94,8 +99,9 @@ def one_rank_group(backend: Optional[str] = None) -> Iterator[bool]:
 
     created = False
     if not dist.is_initialized():
-        dist.init_process_group(backend or default_backend(), init_method=f"tcp://127.0.0.1:{free_port()}",
-                                rank=0, world_size=1)
+        dist.init_process_group(
+            backend or default_backend(), init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1
+        )
         created = True
     try:
         yield created

@@ -49,6 +49,7 @@ module), summed in the norms' own all-reduce.
 Everything else (``module``, ``save_checkpoint``, ``load_checkpoint``, ``get_lr``, ...) is the
 wrapped DeepSpeedEngine's own.
 """
+
 from __future__ import annotations
 
 import time
@@ -57,15 +58,14 @@ from typing import Any, Dict, Iterator, Mapping, Optional, Tuple
 import torch
 import torch.distributed as dist
 
-from .caches import (CudaCopyOps, HostLogitGradCache, LogitGradCache,  # noqa: F401 (public here too)
-                     RecomputeLogitGradCache, make_logit_grad_cache)
+from .caches import CudaCopyOps, HostLogitGradCache, LogitGradCache, RecomputeLogitGradCache, make_logit_grad_cache  # noqa: F401 (public here too)
 from .config import FSAMConfigError, SAMConfig
-from .lm import (LossFn, default_loss, finite_or_nan, labels_of, logit_grad, logits_of,  # noqa: F401
-                 model_inputs)
 from .distributed import mean_over
+from .lm import LossFn, default_loss, finite_or_nan, labels_of, logit_grad, logits_of, model_inputs  # noqa: F401
 from .method import functional_surrogate, global_norm
 from .shards import PlainView, make_view
 from .step import SAMStep, StepOutcome, step_metrics
+
 
 def _no_update(*args, **kwargs):
     return None
@@ -80,8 +80,10 @@ def share_params(module: torch.nn.Module) -> Dict[str, list]:
     embed = model_layer(module, "get_input_embeddings")
     out = output_layer(module)
     w = getattr(embed, "weight", None)
-    parts = {"eps_share_embed": [w] if isinstance(w, torch.nn.Parameter) and w.requires_grad else [],
-             "eps_share_output": [p for p in out.parameters() if p.requires_grad] if out is not None else []}
+    parts = {
+        "eps_share_embed": [w] if isinstance(w, torch.nn.Parameter) and w.requires_grad else [],
+        "eps_share_output": [p for p in out.parameters() if p.requires_grad] if out is not None else [],
+    }
     return parts if any(parts.values()) else {}
 
 
@@ -108,8 +110,10 @@ class FSAMEngine:
         self._ds_backward = cls.backward.__get__(engine)
         self._ds_step = cls.step.__get__(engine)
         if sam.is_sam and getattr(engine, "has_moe_layers", False):
-            raise FSAMConfigError(f"optimizer.type {sam.method} with DeepSpeed MoE layers is not supported: expert "
-                                  "parameters would be normed over the wrong group; accepted for MoE models: AdamW")
+            raise FSAMConfigError(
+                f"optimizer.type {sam.method} with DeepSpeed MoE layers is not supported: expert "
+                "parameters would be normed over the wrong group; accepted for MoE models: AdamW"
+            )
         self.view = make_view(engine)
         self.last_metrics: Dict[str, Any] = {}
         # DeepSpeed's overflow check at every layout: ZeRO 1/2 in bf16 checks only when asked
@@ -122,8 +126,9 @@ class FSAMEngine:
         self._sharpness_vector = None  # warm start of the in-training lambda_max
         self.logit_grads: Optional[LogitGradCache] = None
         if sam.functional:
-            self.logit_grads = make_logit_grad_cache(sam.logit_grad_cache, engine.module,
-                                                     getattr(self.view, "saved_copy", None), self.loss_fn)
+            self.logit_grads = make_logit_grad_cache(
+                sam.logit_grad_cache, engine.module, getattr(self.view, "saved_copy", None), self.loss_fn
+            )
         self._share_params = share_params(engine.module) if sam.is_sam else {}
         # the step skeleton: passes 1-5, the rho warm-up and what ascent_every keeps between steps
         self.sam_step = SAMStep(sam, self.view, self.adam_updates, lambda: int(engine.global_steps), self._share_params)
@@ -177,8 +182,10 @@ class FSAMEngine:
     # ---- helpers -----------------------------------------------------------------------------
     def _to_device(self, batch: Mapping[str, Any]) -> Dict[str, Any]:
         if not isinstance(batch, Mapping) or "input_ids" not in batch:
-            raise TypeError("each micro-batch must be a dict with 'input_ids' (and optionally 'labels', "
-                            f"'attention_mask'); got {type(batch).__name__}")
+            raise TypeError(
+                "each micro-batch must be a dict with 'input_ids' (and optionally 'labels', "
+                f"'attention_mask'); got {type(batch).__name__}"
+            )
         dev = self._engine.device
         return {k: (v.to(dev, non_blocking=True) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
 
@@ -202,12 +209,15 @@ class FSAMEngine:
                 f"optimizer.type {self.sam.method}: the model's output carries an aux_loss (a MoE router loss) that "
                 "train_batch, which builds the loss from the logits, would drop; run the model without it "
                 "(output_router_logits=False), or train in loop mode and backward outputs.loss (AdamW, SAM, "
-                "PreconditionedSAM)")
+                "PreconditionedSAM)"
+            )
         logits = logits_of(outputs)
         if logits is None and self.sam.functional:
-            raise FSAMConfigError(f"optimizer.type {self.sam.method} needs a model whose forward returns logits "
-                                  f"(a tensor or an object with .logits); got {type(outputs).__name__}. "
-                                  "Accepted for such models: AdamW, SAM, PreconditionedSAM")
+            raise FSAMConfigError(
+                f"optimizer.type {self.sam.method} needs a model whose forward returns logits "
+                f"(a tensor or an object with .logits); got {type(outputs).__name__}. "
+                "Accepted for such models: AdamW, SAM, PreconditionedSAM"
+            )
         return outputs, logits
 
     def _loss(self, outputs, logits, batch):
@@ -217,8 +227,10 @@ class FSAMEngine:
         if loss is None and isinstance(outputs, torch.Tensor) and outputs.dim() == 0:
             loss = outputs
         if loss is None:
-            raise TypeError("the model returned neither logits nor a loss; give fsam_ds.initialize a loss_fn "
-                            "or return logits from forward")
+            raise TypeError(
+                "the model returned neither logits nor a loss; give fsam_ds.initialize a loss_fn "
+                "or return logits from forward"
+            )
         return loss
 
     def _backward_pass(self, batches, logit_grads=None, rng_states=None, keep_logit_grads=False):
@@ -353,8 +365,10 @@ class FSAMEngine:
         if loop.records:
             from .loop import LoopModeError
 
-            raise LoopModeError("train_batch() in the middle of a step of your own loop (forwards recorded since the "
-                                "last step()); finish that step with engine.step() first")
+            raise LoopModeError(
+                "train_batch() in the middle of a step of your own loop (forwards recorded since the "
+                "last step()); finish that step with engine.step() first"
+            )
         loop.mode = "off"
         try:
             return self._train_batch(data_iter)
@@ -400,11 +414,13 @@ class FSAMEngine:
             if self.logit_grads is not None:
                 self.logit_grads.clear()
         out.losses = losses
-        self._finish_step(loop.step_start_time(), out, skipped_before, loop.records[0].batch(), lr_kwargs=lr_kwargs,
-                          boundary=boundary)
+        self._finish_step(
+            loop.step_start_time(), out, skipped_before, loop.records[0].batch(), lr_kwargs=lr_kwargs, boundary=boundary
+        )
 
-    def _finish_step(self, t0, out: StepOutcome, skipped_before: int, first_batch, lr_kwargs=None,
-                     boundary=None) -> None:
+    def _finish_step(
+        self, t0, out: StepOutcome, skipped_before: int, first_batch, lr_kwargs=None, boundary=None
+    ) -> None:
         """DeepSpeed's step (or its overflow path) after the restore, then the step's metrics."""
         eng, sam = self._engine, self.sam
         lr = float(eng.get_lr()[0])  # the learning rate this step uses
@@ -419,8 +435,9 @@ class FSAMEngine:
         loss = self._mean_loss(out.losses)
         self.last_metrics_loss = loss
         skipped = int(getattr(eng, "skipped_steps", 0)) > skipped_before
-        self.last_metrics = step_metrics(sam, out, float(loss), lr, skipped, time.perf_counter() - t0,
-                                         bool(self._share_params))
+        self.last_metrics = step_metrics(
+            sam, out, float(loss), lr, skipped, time.perf_counter() - t0, bool(self._share_params)
+        )
         self._write_monitor({k: self.last_metrics[k] for k in ("grad_norm", "eps_norm", "rho")})
         if sam.sharpness_every and int(eng.global_steps) % sam.sharpness_every == 0:
             self._record_sharpness(first_batch)
@@ -477,8 +494,9 @@ class BatchPasses:
 
     def pass2(self, replay) -> list:
         fsam = self.fsam
-        return fsam._backward_pass(self.batches, logit_grads=fsam.logit_grads if fsam.sam.functional else None,
-                                   rng_states=replay)[0]
+        return fsam._backward_pass(
+            self.batches, logit_grads=fsam.logit_grads if fsam.sam.functional else None, rng_states=replay
+        )[0]
 
 
 class LoopPasses:

@@ -12,6 +12,7 @@ given to ``TrainingArguments(deepspeed=...)`` selects the method as in every oth
 Accelerate: ``FSAMAccelerator`` in place of ``Accelerator``; the loop stays as it is
 (``accelerator.prepare``, ``accelerator.backward(loss)``, ``optimizer.step()``).
 """
+
 from __future__ import annotations
 
 import os
@@ -50,9 +51,11 @@ def attach_engine(ds_engine, sam: SAMConfig, loss_fn=None):
     from .engine import FSAMEngine
 
     if not isinstance(ds_engine, DeepSpeedEngine):
-        raise FSAMConfigError(f"optimizer.type {sam.method} runs on a DeepSpeed engine; got {type(ds_engine).__name__}. "
-                              "Give the Trainer / Accelerate the DeepSpeed config (TrainingArguments(deepspeed=...) "
-                              "or a DeepSpeedPlugin)")
+        raise FSAMConfigError(
+            f"optimizer.type {sam.method} runs on a DeepSpeed engine; got {type(ds_engine).__name__}. "
+            "Give the Trainer / Accelerate the DeepSpeed config (TrainingArguments(deepspeed=...) "
+            "or a DeepSpeedPlugin)"
+        )
     if sam.is_sam and sam.ascent_direction != "gradient":
         from .loop import momentum_refusal
 
@@ -72,8 +75,9 @@ def causal_lm_loss_func(outputs, labels, num_items_in_batch=None):
     logits = outputs["logits"] if isinstance(outputs, dict) else outputs.logits
     shift = logits[..., :-1, :].float()
     target = labels[..., 1:].to(shift.device)
-    total = torch.nn.functional.cross_entropy(shift.reshape(-1, shift.shape[-1]), target.reshape(-1),
-                                              ignore_index=-100, reduction="sum")
+    total = torch.nn.functional.cross_entropy(
+        shift.reshape(-1, shift.shape[-1]), target.reshape(-1), ignore_index=-100, reduction="sum"
+    )
     count = num_items_in_batch if num_items_in_batch is not None else (target != -100).sum()
     return total / count
 
@@ -113,14 +117,16 @@ class FSAMTrainerMixin:
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         loop = self.fsam_engine._loop if self._fsam_active and self.fsam_engine is not None else None
         saved = dict(inputs) if loop is not None and loop.mode == "record" and model.training else None
-        result = super().compute_loss(model, inputs, return_outputs=return_outputs,
-                                      num_items_in_batch=num_items_in_batch)
+        result = super().compute_loss(
+            model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch
+        )
         if saved is not None and torch.is_grad_enabled():
             loss = result[0] if return_outputs else result
             parent = super()
 
             def again():
                 return parent.compute_loss(model, dict(saved), num_items_in_batch=num_items_in_batch)
+
             loop.set_loss_source(loss, again)
         return result
 
@@ -144,7 +150,9 @@ class FSAMTrainerMixin:
         if self._fsam_active and self.fsam_engine is not None and self.fsam_sam.ascent_every > 1:
             from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
-            folder = os.path.join(self._get_output_dir(trial=trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
+            folder = os.path.join(
+                self._get_output_dir(trial=trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+            )
             torch.save(self.fsam_engine.state_dict(), self._fsam_state_file(folder))
 
     def _load_rng_state(self, checkpoint):
@@ -164,9 +172,14 @@ def _trainer_class():
 def __getattr__(name: str):
     # FSAMTrainer is built on first use, so importing fsam_ds.hf does not import transformers' Trainer
     if name == "FSAMTrainer":
-        cls = type("FSAMTrainer", (FSAMTrainerMixin, _trainer_class()), {
-            "__doc__": "The Hugging Face ``Trainer`` running the DeepSpeed config's SAM type (see FSAMTrainerMixin).",
-            "__module__": __name__})
+        cls = type(
+            "FSAMTrainer",
+            (FSAMTrainerMixin, _trainer_class()),
+            {
+                "__doc__": "The Hugging Face ``Trainer`` running the DeepSpeed config's SAM type (see FSAMTrainerMixin).",
+                "__module__": __name__,
+            },
+        )
         globals()["FSAMTrainer"] = cls
         return cls
     if name == "FSAMAccelerator":
@@ -198,8 +211,10 @@ def _accelerator_class():
             if sam is not None and sam.is_sam:
                 wrapped = getattr(self, "deepspeed_engine_wrapped", None)
                 if wrapped is None:
-                    raise FSAMConfigError(f"optimizer.type {sam.method}: accelerator.prepare built no DeepSpeed engine; "
-                                          "prepare the model together with its optimizer (DummyOptim)")
+                    raise FSAMConfigError(
+                        f"optimizer.type {sam.method}: accelerator.prepare built no DeepSpeed engine; "
+                        "prepare the model together with its optimizer (DummyOptim)"
+                    )
                 self.fsam_engine = attach_engine(wrapped.engine, sam, self.fsam_loss_fn)
             return result
 

@@ -10,6 +10,7 @@ Lightning's ``DeepSpeedStrategy`` runs only on CUDA GPUs (it refuses any other a
 ``setup_environment``), so this path has not been run on the CPU machines the test suite uses;
 there, fitting is refused by Lightning before any step.
 """
+
 from __future__ import annotations
 
 from typing import Any

@@ -5,6 +5,7 @@ micro-batch: the logits (:func:`logits_of`), the labels (:func:`labels_of`), the
 (:func:`causal_lm_loss`, :func:`default_loss`) and the loss's gradient with respect to the logits,
 FunctionalSAM's ``g_F`` (:func:`logit_grad`).
 """
+
 from __future__ import annotations
 
 from typing import Any, Callable, Dict, Mapping, Optional

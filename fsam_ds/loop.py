@@ -24,6 +24,7 @@ this step's forwards, a forward left without its backward, a SAM loss the engine
 a FunctionalSAM loss that reaches the weights other than through the logits,
 ``ascent_direction: "momentum"`` (whose only point, no pass-1 backward, a loop cannot give).
 """
+
 from __future__ import annotations
 
 import functools
@@ -39,9 +40,19 @@ from .method import functional_surrogate
 RECORD, OFF, REPLAY = "record", "off", "replay"
 
 # one-input autograd nodes that multiply a scalar loss by a constant (and casts/copies of it)
-_SCALING_NODES = {"MulBackward0", "MulBackward1", "DivBackward0", "DivBackward1", "NegBackward0",
-                  "CloneBackward0", "ToCopyBackward0", "MeanBackward0", "SumBackward0", "ViewBackward0",
-                  "AliasBackward0"}
+_SCALING_NODES = {
+    "MulBackward0",
+    "MulBackward1",
+    "DivBackward0",
+    "DivBackward1",
+    "NegBackward0",
+    "CloneBackward0",
+    "ToCopyBackward0",
+    "MeanBackward0",
+    "SumBackward0",
+    "ViewBackward0",
+    "AliasBackward0",
+}
 
 
 class LoopModeError(RuntimeError):
@@ -51,24 +62,39 @@ class LoopModeError(RuntimeError):
 class MicroBatch:
     """What loop mode keeps of one recorded forward until the end of its step."""
 
-    __slots__ = ("index", "args", "kwargs", "rng", "logits", "logits_node", "source", "source_node",
-                 "recompute", "loss_grad", "has_backward", "scale_wrt_gas", "value", "pass2", "handles",
-                 "outputs_logits")
+    __slots__ = (
+        "index",
+        "args",
+        "kwargs",
+        "rng",
+        "logits",
+        "logits_node",
+        "source",
+        "source_node",
+        "recompute",
+        "loss_grad",
+        "has_backward",
+        "scale_wrt_gas",
+        "value",
+        "pass2",
+        "handles",
+        "outputs_logits",
+    )
 
     def __init__(self, index: int, args: tuple, kwargs: dict, rng: list):
         self.index, self.args, self.kwargs, self.rng = index, args, kwargs, rng
-        self.logits: Optional[torch.Tensor] = None     # F (FunctionalSAM) until its backward
-        self.logits_node: Any = None                   # its autograd node
-        self.source: Optional[torch.Tensor] = None     # the model's own output loss until its backward
-        self.source_node: Any = None                   # its autograd node
+        self.logits: Optional[torch.Tensor] = None  # F (FunctionalSAM) until its backward
+        self.logits_node: Any = None  # its autograd node
+        self.source: Optional[torch.Tensor] = None  # the model's own output loss until its backward
+        self.source_node: Any = None  # its autograd node
         self.recompute: Optional[Callable[[], torch.Tensor]] = None
         self.loss_grad: Optional[torch.Tensor] = None  # d(loop's loss)/d(source), SAM
         self.has_backward = False
         self.scale_wrt_gas = True
-        self.value: Optional[torch.Tensor] = None      # the loss for the metrics
-        self.pass2 = ""                                # "surrogate", "source" or "loss_fn"
+        self.value: Optional[torch.Tensor] = None  # the loss for the metrics
+        self.pass2 = ""  # "surrogate", "source" or "loss_fn"
         self.handles: list = []
-        self.outputs_logits = None                     # SAM with loss_fn: the returned logits
+        self.outputs_logits = None  # SAM with loss_fn: the returned logits
 
     def batch(self) -> Dict[str, Any]:
         """The micro-batch as ``loss_fn(logits, batch)`` sees it: the keyword inputs of the
@@ -153,9 +179,11 @@ def reached_nodes(root, stops: Mapping[Any, Any]):
 
 def momentum_refusal(sam) -> str:
     """The one-line refusal of ``ascent_direction: "momentum"`` outside ``train_batch``."""
-    return (f'optimizer.params.ascent_direction "{sam.ascent_direction}" runs only in engine.train_batch: it saves '
-            "the pass-1 backward, and in your own loop (engine.backward / engine.step, the Hugging Face Trainer, "
-            'Accelerate, Lightning) that backward is the loop\'s own and always runs; accepted there: "gradient"')
+    return (
+        f'optimizer.params.ascent_direction "{sam.ascent_direction}" runs only in engine.train_batch: it saves '
+        "the pass-1 backward, and in your own loop (engine.backward / engine.step, the Hugging Face Trainer, "
+        'Accelerate, Lightning) that backward is the loop\'s own and always runs; accepted there: "gradient"'
+    )
 
 
 class LoopMode:
@@ -178,8 +206,10 @@ class LoopMode:
         self.ds_backward = cls.backward.__get__(ds)
         self.ds_step = cls.step.__get__(ds)
         self.layer = output_layer(ds.module) if self.sam.functional else None
-        self._hooks = [ds.register_forward_pre_hook(self._pre_forward, with_kwargs=True),
-                       ds.register_forward_hook(self._post_forward, with_kwargs=True)]
+        self._hooks = [
+            ds.register_forward_pre_hook(self._pre_forward, with_kwargs=True),
+            ds.register_forward_hook(self._post_forward, with_kwargs=True),
+        ]
         if self.layer is not None:
             self._hooks.append(self.layer.register_forward_hook(self._layer_hook))
         ds.backward = self.backward
@@ -219,9 +249,14 @@ class LoopMode:
         model's own loss is computed from), else the returned logits."""
 
         logits = logits_of(outputs)
-        if isinstance(layer_out, torch.Tensor) and (logits is None or (
-                layer_out.data_ptr() == logits.data_ptr() and layer_out.shape == logits.shape
-                and layer_out.dtype == logits.dtype)):
+        if isinstance(layer_out, torch.Tensor) and (
+            logits is None
+            or (
+                layer_out.data_ptr() == logits.data_ptr()
+                and layer_out.shape == logits.shape
+                and layer_out.dtype == logits.dtype
+            )
+        ):
             return layer_out
         return logits
 
@@ -239,20 +274,24 @@ class LoopMode:
         if sam.functional:
             F = self.logits(outputs, layer_out)
             if F is None or F.grad_fn is None:
-                hint = ("; TRL's SFTTrainer computes its loss with a fused LM head that never materialises the "
-                        "logits: give it compute_loss_func=fsam_ds.hf.causal_lm_loss_func"
-                        if getattr(outputs, "log_probs", None) is not None else "")
-                raise FSAMConfigError(f"optimizer.type {sam.method} needs a model whose forward returns logits (a "
-                                      "tensor or an object with .logits) that depend on the weights; got "
-                                      f"{type(outputs).__name__}{hint}. Accepted for such models: AdamW, SAM, "
-                                      "PreconditionedSAM")
+                hint = (
+                    "; TRL's SFTTrainer computes its loss with a fused LM head that never materialises the "
+                    "logits: give it compute_loss_func=fsam_ds.hf.causal_lm_loss_func"
+                    if getattr(outputs, "log_probs", None) is not None
+                    else ""
+                )
+                raise FSAMConfigError(
+                    f"optimizer.type {sam.method} needs a model whose forward returns logits (a "
+                    "tensor or an object with .logits) that depend on the weights; got "
+                    f"{type(outputs).__name__}{hint}. Accepted for such models: AdamW, SAM, "
+                    "PreconditionedSAM"
+                )
             if self._recompute():
                 cache = self.fsam.logit_grads
                 cache.capturing = False
                 cache.put_hidden(rec.index, logits_of(outputs) if logits_of(outputs) is not None else F)
             rec.logits, rec.logits_node = F, F.grad_fn
-            rec.handles.append(F.grad_fn.register_prehook(functools.partial(self._take_logit_grad, rec,
-                                                                            F.output_nr)))
+            rec.handles.append(F.grad_fn.register_prehook(functools.partial(self._take_logit_grad, rec, F.output_nr)))
         else:
             S = output_loss(outputs)
             if S is not None and S.grad_fn is not None:
@@ -306,7 +345,8 @@ class LoopMode:
                 'optimizer.params.logit_grad_cache "recompute" recomputes g_F as the gradient of loss_fn (the mean '
                 "next-token cross-entropy unless fsam_ds.initialize was given one), but the loss given to backward "
                 f"sends another gradient to the logits (relative difference {diff:.2e}); accepted: device, host "
-                "(they keep the gradient the loop's own loss gives), or pass loss_fn to fsam_ds.initialize")
+                "(they keep the gradient the loop's own loss gives), or pass loss_fn to fsam_ds.initialize"
+            )
         self._recompute_checked = True
 
     def _take_loss_grad(self, rec: MicroBatch, index: int, grad_outputs):
@@ -330,7 +370,8 @@ class LoopMode:
             raise LoopModeError(
                 f"engine.backward(loss) with {sam.method}: no training forward of this step is waiting for its "
                 "backward. Run each micro-batch's forward through the engine (engine(...), or the model as "
-                "deepspeed/accelerate prepared it) in train mode with gradients enabled, then backward its loss")
+                "deepspeed/accelerate prepared it) in train mode with gradients enabled, then backward its loss"
+            )
         root = getattr(loss, "grad_fn", None)
         if root is None:
             raise LoopModeError("engine.backward(loss): the loss does not depend on the weights (no autograd graph)")
@@ -339,13 +380,15 @@ class LoopMode:
             if not reached:
                 raise LoopModeError(
                     f"engine.backward(loss) with {sam.method}: the loss does not come from the logits of this step's "
-                    "recorded forwards (compute it from the outputs of engine(...) of this step)")
+                    "recorded forwards (compute it from the outputs of engine(...) of this step)"
+                )
             if leak:
                 raise FSAMConfigError(
                     f"optimizer.type {sam.method}: the loss reaches the weights other than through the model's logits "
                     "(an auxiliary loss such as a MoE router loss, or a penalty on the weights); FunctionalSAM's pass 2 "
                     "follows only the logits, so that part would be dropped. Accepted for such a loss: SAM, "
-                    "PreconditionedSAM, AdamW")
+                    "PreconditionedSAM, AdamW"
+                )
             for r in reached:
                 r.pass2 = "surrogate"
         else:
@@ -353,8 +396,9 @@ class LoopMode:
             if reached:
                 r = reached[0]
                 r.pass2 = "source"
-                r.handles.append(r.source_node.register_prehook(
-                    functools.partial(self._take_loss_grad, r, r.source.output_nr)))
+                r.handles.append(
+                    r.source_node.register_prehook(functools.partial(self._take_loss_grad, r, r.source.output_nr))
+                )
             elif self.fsam.user_loss_fn is not None:
                 r = pending[-1]
                 self._check_loss_fn(r, loss)
@@ -365,7 +409,8 @@ class LoopMode:
                     f"optimizer.type {sam.method} needs the loss at theta + eps, and the loss given to backward is "
                     "neither the model's own output loss (outputs.loss of a Hugging Face model given labels, times "
                     "constants) nor known to the engine: backward outputs.loss, or give fsam_ds.initialize "
-                    "loss_fn=(logits, batch) -> loss and backward its value")
+                    "loss_fn=(logits, batch) -> loss and backward its value"
+                )
         gas = self.ds.gradient_accumulation_steps()
         for r in reached:
             r.has_backward = True
@@ -378,16 +423,20 @@ class LoopMode:
         out = self.ds_backward(loss * finite_or_nan(loss), retain_graph=retain_graph, scale_wrt_gas=scale_wrt_gas)
         for r in reached:
             if (r.pass2 == "source" and r.loss_grad is None) or (sam.functional and r.handles):
-                raise LoopModeError("engine.backward(loss): no gradient reached the "
-                                    + ("model's logits" if sam.functional else "model's output loss"))
+                raise LoopModeError(
+                    "engine.backward(loss): no gradient reached the "
+                    + ("model's logits" if sam.functional else "model's output loss")
+                )
             r.drop_graph()
         return out
 
     def _check_loss_fn(self, rec: MicroBatch, loss: torch.Tensor) -> None:
         logits = rec.outputs_logits
         if logits is None:
-            raise FSAMConfigError(f"optimizer.type {self.sam.method} with loss_fn needs a model whose forward returns "
-                                  "logits (a tensor or an object with .logits)")
+            raise FSAMConfigError(
+                f"optimizer.type {self.sam.method} with loss_fn needs a model whose forward returns "
+                "logits (a tensor or an object with .logits)"
+            )
         if self._loss_fn_checked:
             return
         with torch.no_grad():
@@ -396,7 +445,8 @@ class LoopMode:
             raise FSAMConfigError(
                 f"optimizer.type {self.sam.method}: the loss given to backward ({float(loss.detach()):.6g}) is not "
                 f"loss_fn(logits, batch) ({float(expected):.6g}); SAM recomputes loss_fn at theta + eps, so "
-                "backward exactly loss_fn's value (DeepSpeed divides it by gradient_accumulation_steps)")
+                "backward exactly loss_fn's value (DeepSpeed divides it by gradient_accumulation_steps)"
+            )
         self._loss_fn_checked = True  # once, as the recompute check: no extra loss per micro-batch after it
 
     # ---- the step -----------------------------------------------------------------------------
@@ -413,14 +463,16 @@ class LoopMode:
             raise LoopModeError(
                 f"engine.step() with {method}: {len(missing)} training forward(s) of this step had no backward. "
                 "A forward in train mode with gradients enabled is part of the step; run other forwards under "
-                "torch.no_grad() or in eval mode")
+                "torch.no_grad() or in eval mode"
+            )
         if not self.ds.is_gradient_accumulation_boundary():
             return self.ds_step(lr_kwargs)
         if not self.records:
             raise LoopModeError(
                 f"engine.step() at the gradient accumulation boundary with {method} and no recorded forward: run "
                 "each micro-batch's forward through the engine in train mode with gradients enabled, and "
-                "engine.backward(loss), before step(); the method never falls back to a plain AdamW step")
+                "engine.backward(loss), before step(); the method never falls back to a plain AdamW step"
+            )
         try:
             self.fsam._loop_update(self, lr_kwargs)
         finally:
@@ -452,8 +504,9 @@ class LoopMode:
                     if cache.mode == "recompute":  # g_F of loss_fn: DeepSpeed scales it as it scaled the loop's loss
                         self.ds_backward(functional_surrogate(logits, g), scale_wrt_gas=rec.scale_wrt_gas)
                     else:  # g_F already carries every factor of pass 1
-                        self.ds_backward(functional_surrogate(logits, g if scale == 1 else g / scale),
-                                         scale_wrt_gas=False)
+                        self.ds_backward(
+                            functional_surrogate(logits, g if scale == 1 else g / scale), scale_wrt_gas=False
+                        )
                     del outputs, logits, g
                 elif rec.pass2 == "source":
                     assert rec.loss_grad is not None and rec.recompute is not None  # set with pass2 "source"

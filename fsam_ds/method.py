@@ -19,6 +19,7 @@ A zero or non-finite ``||g||`` (or ``||M^-1 g||``) gives a zero perturbation, ne
 parts of the model (e.g. the input-embedding rows and the output layer), summed in the same
 all-reduce as the norms.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -76,24 +77,27 @@ def local_sq_sum(tensors: Iterable[torch.Tensor], weights: Optional[Sequence[flo
     return sq.sum()
 
 
-def global_norm(tensors: Iterable[torch.Tensor], group: Group = None,
-                weights: Optional[Sequence[float]] = None) -> torch.Tensor:
+def global_norm(
+    tensors: Iterable[torch.Tensor], group: Group = None, weights: Optional[Sequence[float]] = None
+) -> torch.Tensor:
     """Global L2 norm over lists of local tensors: one all-reduce of one scalar per group."""
     return all_reduce_sum(local_sq_sum(tensors, weights), group).sqrt()
 
 
-def adam_denominator(exp_avg_sq: torch.Tensor, beta2: float, eps: float, step: int,
-                     bias_correction: bool = True) -> torch.Tensor:
+def adam_denominator(
+    exp_avg_sq: torch.Tensor, beta2: float, eps: float, step: int, bias_correction: bool = True
+) -> torch.Tensor:
     """AdamW's denominator ``M = sqrt(v / (1 - beta2**step)) + eps`` for one tensor."""
-    bc2 = 1.0 - beta2 ** step if bias_correction else 1.0
+    bc2 = 1.0 - beta2**step if bias_correction else 1.0
     return (exp_avg_sq.float() / bc2).sqrt_().add_(eps)
 
 
-def adam_denominators(exp_avg_sqs: Sequence[torch.Tensor], beta2: float, eps: float, step: int,
-                      bias_correction: bool = True) -> Tensors:
+def adam_denominators(
+    exp_avg_sqs: Sequence[torch.Tensor], beta2: float, eps: float, step: int, bias_correction: bool = True
+) -> Tensors:
     """:func:`adam_denominator` for a list of tensors with foreach ops (one new fp32 tensor each,
     then in place; the same values bit for bit)."""
-    bc2 = 1.0 - beta2 ** step if bias_correction else 1.0
+    bc2 = 1.0 - beta2**step if bias_correction else 1.0
     out = torch._foreach_div([v.float() for v in exp_avg_sqs], bc2)
     torch._foreach_sqrt_(out)
     torch._foreach_add_(out, eps)
@@ -135,11 +139,16 @@ class Ascent:
         return torch._foreach_mul(self.directions, self.coef)
 
 
-def ascent_direction(grads: Sequence[torch.Tensor], rho: float,
-                     denominators: Optional[Sequence[Optional[torch.Tensor]]] = None,
-                     precondition_norm: str = "perturbation", group: Group = None,
-                     grad_scale: float = 1.0, weights: Optional[Sequence[float]] = None,
-                     regions: Optional[Sequence[Region]] = None) -> Ascent:
+def ascent_direction(
+    grads: Sequence[torch.Tensor],
+    rho: float,
+    denominators: Optional[Sequence[Optional[torch.Tensor]]] = None,
+    precondition_norm: str = "perturbation",
+    group: Group = None,
+    grad_scale: float = 1.0,
+    weights: Optional[Sequence[float]] = None,
+    regions: Optional[Sequence[Region]] = None,
+) -> Ascent:
     """The SAM ascent step from the local gradient tensors of this rank.
 
     Args:
@@ -199,8 +208,9 @@ def ascent_direction(grads: Sequence[torch.Tensor], rho: float,
     shares = None
     if regions:
         d_sq = sums[1] if preconditioned else sums[0]
-        shares = torch.where(ok, sums[2:] / torch.where(ok, d_sq, torch.ones_like(d_sq)),
-                             torch.full_like(sums[2:], float("nan")))
+        shares = torch.where(
+            ok, sums[2:] / torch.where(ok, d_sq, torch.ones_like(d_sq)), torch.full_like(sums[2:], float("nan"))
+        )
     return Ascent(directions=dirs, coef=coef, grad_norm=g_norm, eps_norm=eps_norm, shares=shares)
 
 

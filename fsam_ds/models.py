@@ -130,9 +130,7 @@ def _preset(name: str) -> ModelPreset:
     try:
         return PRESETS[name]
     except KeyError:
-        raise ValueError(
-            f"unknown model preset {name!r}; accepted presets: {', '.join(PRESETS)}"
-        ) from None
+        raise ValueError(f"unknown model preset {name!r}; accepted presets: {', '.join(PRESETS)}") from None
 
 
 def llama_config(

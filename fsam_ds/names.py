@@ -14,11 +14,21 @@ METHODS = ("AdamW", "SAM", "PreconditionedSAM", "FunctionalSAM", "Preconditioned
 #: The methods with a perturbation (every one but AdamW).
 SAM_METHODS = METHODS[1:]
 #: Each method's name in files: ``ds_configs/<short>.json`` and the default ``runs/<short>-<model>``.
-SHORT_NAMES = {"AdamW": "adamw", "SAM": "sam", "PreconditionedSAM": "preconditioned_sam",
-               "FunctionalSAM": "functional_sam", "PreconditionedFunctionalSAM": "preconditioned_functional_sam"}
+SHORT_NAMES = {
+    "AdamW": "adamw",
+    "SAM": "sam",
+    "PreconditionedSAM": "preconditioned_sam",
+    "FunctionalSAM": "functional_sam",
+    "PreconditionedFunctionalSAM": "preconditioned_functional_sam",
+}
 #: Each method's abbreviation (figure legends, run folders of the reproduction).
-ABBREVIATIONS = {"AdamW": "adamw", "SAM": "sam", "PreconditionedSAM": "psam", "FunctionalSAM": "fsam",
-                 "PreconditionedFunctionalSAM": "pfsam"}
+ABBREVIATIONS = {
+    "AdamW": "adamw",
+    "SAM": "sam",
+    "PreconditionedSAM": "psam",
+    "FunctionalSAM": "fsam",
+    "PreconditionedFunctionalSAM": "pfsam",
+}
 
 #: ``optimizer.params.precondition_norm``: what the preconditioned ascent is normalised by.
 PRECONDITION_NORMS = ("perturbation", "gradient")
@@ -64,8 +74,7 @@ def megatron_iteration_dir(iteration: int) -> str:
 # ---------------------------------------------------------------------------------------------
 
 #: Every step record of ``metrics.jsonl`` has these (both trainers).
-STEP_METRICS = ("step", "loss", "grad_norm", "eps_norm", "rho", "lr", "tokens_per_s", "method", "skipped",
-                "step_time")
+STEP_METRICS = ("step", "loss", "grad_norm", "eps_norm", "rho", "lr", "tokens_per_s", "method", "skipped", "step_time")
 #: The share of ``||eps||^2`` on the input embedding and on the output layer (the SAM types).
 SHARE_KEYS = ("eps_share_embed", "eps_share_output")
 #: The sub-2x modes' flags: ``ascent_every > 1`` and ``ascent_direction: "momentum"``.
@@ -73,7 +82,18 @@ ASCENT_FLAG_KEYS = ("ascent_reused", "ascent_momentum")
 #: Written when the step has them.
 OPTIONAL_STEP_METRICS = SHARE_KEYS + ASCENT_FLAG_KEYS
 #: The sharpness diagnostics every ``optimizer.params.sharpness_every`` steps.
-SHARPNESS_METRICS = ("tau_logit", "tau_func", "tau_cross", "hvp_sq_norm", "logit_fraction", "curv_hessian",
-                     "curv_gn", "lambda_max", "lambda_max_iters", "lambda_max_residual", "sharpness_time")
+SHARPNESS_METRICS = (
+    "tau_logit",
+    "tau_func",
+    "tau_cross",
+    "hvp_sq_norm",
+    "logit_fraction",
+    "curv_hessian",
+    "curv_gn",
+    "lambda_max",
+    "lambda_max_iters",
+    "lambda_max_residual",
+    "sharpness_time",
+)
 #: The evaluation record's key.
 EVAL_LOSS = "eval_loss"

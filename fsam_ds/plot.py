@@ -13,6 +13,7 @@ from ``python -m tools.reproduce`` naming its method, rho and seed). The plots:
 
 A plot without data in any run is skipped. :func:`plot_all` returns ``{title: path}``.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -25,8 +26,13 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 from .names import METRICS_FILE
 
 PROG = "fsam-plot"
-COLORS = {"AdamW": "#444444", "SAM": "#d62728", "PreconditionedSAM": "#ff7f0e", "FunctionalSAM": "#1f77b4",
-          "PreconditionedFunctionalSAM": "#2ca02c"}
+COLORS = {
+    "AdamW": "#444444",
+    "SAM": "#d62728",
+    "PreconditionedSAM": "#ff7f0e",
+    "FunctionalSAM": "#1f77b4",
+    "PreconditionedFunctionalSAM": "#2ca02c",
+}
 
 
 def load_run(folder) -> Dict:
@@ -45,8 +51,14 @@ def load_run(folder) -> Dict:
     meta = json.loads((folder / "done.json").read_text()) if (folder / "done.json").is_file() else {}
     method = meta.get("method") or (steps[0].get("method") if steps else "?")
     rho = meta.get("rho", max((r.get("rho") or 0.0 for r in steps), default=0.0))
-    return {"name": folder.name, "method": method, "rho": rho, "seed": meta.get("seed"), "steps": steps,
-            "evals": [r for r in recs if "eval_loss" in r]}
+    return {
+        "name": folder.name,
+        "method": method,
+        "rho": rho,
+        "seed": meta.get("seed"),
+        "steps": steps,
+        "evals": [r for r in recs if "eval_loss" in r],
+    }
 
 
 def _label(run: Dict) -> str:
@@ -102,16 +114,25 @@ def plot_loss(runs: List[Dict], path: Path) -> Optional[Path]:
             axes[0].plot(x, _smooth(y, max(1, len(y) // 40)), color=c, label=_label(run), lw=1.2)
         ev = run["evals"]
         if ev:
-            axes[1].plot([r["step"] for r in ev], [r["eval_loss"] for r in ev], "o-", color=c, label=_label(run),
-                         ms=3, lw=1.2)
+            axes[1].plot(
+                [r["step"] for r in ev], [r["eval_loss"] for r in ev], "o-", color=c, label=_label(run), ms=3, lw=1.2
+            )
     _zoom_tail(axes[1], runs)
-    return _finish(fig, axes, [dict(title="train loss (pass 1, smoothed)", xlabel="step", ylabel="loss"),
-                               dict(title="held-out eval loss", xlabel="step", ylabel="loss")], path, legend=1)
+    return _finish(
+        fig,
+        axes,
+        [
+            dict(title="train loss (pass 1, smoothed)", xlabel="step", ylabel="loss"),
+            dict(title="held-out eval loss", xlabel="step", ylabel="loss"),
+        ],
+        path,
+        legend=1,
+    )
 
 
 def _zoom_tail(ax, runs):
     """Eval losses in the second half of training decide; zoom the y axis onto them."""
-    tail = [r["eval_loss"] for run in runs for r in run["evals"][len(run["evals"]) // 2:]]
+    tail = [r["eval_loss"] for run in runs for r in run["evals"][len(run["evals"]) // 2 :]]
     if len(tail) >= 2:
         lo, hi = min(tail), max(tail)
         pad = max(1e-3, (hi - lo) * 0.6)
@@ -131,8 +152,16 @@ def plot_norms(runs: List[Dict], path: Path) -> Optional[Path]:
         x, y = _series(run, "eps_norm")
         if x and run["method"] != "AdamW":
             axes[1].plot(x, y, color=c, label=_label(run), lw=1.2)
-    return _finish(fig, axes, [dict(title="||g|| (pass-1 gradient, smoothed)", xlabel="step", yscale="log"),
-                               dict(title="||eps||", xlabel="step")], path, any_data=any_data)
+    return _finish(
+        fig,
+        axes,
+        [
+            dict(title="||g|| (pass-1 gradient, smoothed)", xlabel="step", yscale="log"),
+            dict(title="||eps||", xlabel="step"),
+        ],
+        path,
+        any_data=any_data,
+    )
 
 
 def plot_tau(runs: List[Dict], path: Path) -> Optional[Path]:
@@ -146,10 +175,24 @@ def plot_tau(runs: List[Dict], path: Path) -> Optional[Path]:
         any_data = True
         x = [r["step"] for r in pts]
         axes[0].plot(x, [r["logit_fraction"] for r in pts], "o-", color=c, label=_label(run), ms=3)
-        axes[1].plot(x, [r["tau_logit"] / r["tau_func"] if r["tau_func"] > 0 else float("nan") for r in pts], "o-",
-                     color=c, label=_label(run), ms=3)
-    return _finish(fig, axes, [dict(title="tau_logit / (tau_logit + tau_func)", xlabel="step", ylim=(0, 1)),
-                               dict(title="tau_logit / tau_func", xlabel="step", yscale="log")], path, any_data=any_data)
+        axes[1].plot(
+            x,
+            [r["tau_logit"] / r["tau_func"] if r["tau_func"] > 0 else float("nan") for r in pts],
+            "o-",
+            color=c,
+            label=_label(run),
+            ms=3,
+        )
+    return _finish(
+        fig,
+        axes,
+        [
+            dict(title="tau_logit / (tau_logit + tau_func)", xlabel="step", ylim=(0, 1)),
+            dict(title="tau_logit / tau_func", xlabel="step", yscale="log"),
+        ],
+        path,
+        any_data=any_data,
+    )
 
 
 def plot_lambda(runs: List[Dict], path: Path) -> Optional[Path]:
@@ -161,8 +204,9 @@ def plot_lambda(runs: List[Dict], path: Path) -> Optional[Path]:
         if x:
             any_data = True
             ax.plot(x, y, "o-", color=COLORS.get(run["method"]), label=_label(run), ms=3)
-    return _finish(fig, [ax], [dict(title="lambda_max of the loss Hessian (in training)", xlabel="step")], path,
-                   any_data=any_data)
+    return _finish(
+        fig, [ax], [dict(title="lambda_max of the loss Hessian (in training)", xlabel="step")], path, any_data=any_data
+    )
 
 
 def plot_eval_vs_rho(runs: List[Dict], baseline: Sequence[Dict], path: Path) -> Optional[Path]:
@@ -183,12 +227,14 @@ def plot_eval_vs_rho(runs: List[Dict], baseline: Sequence[Dict], path: Path) -> 
         ax.axhline(mean, color=COLORS["AdamW"], ls="--", label=f"AdamW (mean of {len(base)})")
         if len(base) > 1:
             ax.axhspan(min(base), max(base), color=COLORS["AdamW"], alpha=0.12)
-    return _finish(fig, [ax], [dict(title="final eval loss against rho", xlabel="rho", ylabel="eval loss",
-                                    xscale="log")], path)
+    return _finish(
+        fig, [ax], [dict(title="final eval loss against rho", xlabel="rho", ylabel="eval loss", xscale="log")], path
+    )
 
 
-def _finish(fig, axes: Sequence, settings: Sequence[Dict[str, Any]], path: Path, legend: int = 0,
-            any_data: bool = True) -> Optional[Path]:
+def _finish(
+    fig, axes: Sequence, settings: Sequence[Dict[str, Any]], path: Path, legend: int = 0, any_data: bool = True
+) -> Optional[Path]:
     """Titles and labels (``settings``, one dict per axes), a grid on each, the legend on
     ``axes[legend]``, then the figure saved to ``path``; a figure without data is closed and
     nothing written (None)."""
@@ -219,18 +265,27 @@ def plot_all(runs, out_dir, sharp_runs=None, sweep_runs=None, baseline_runs=None
     main = [load_run(r) for r in runs]
     sharp = [load_run(r) for r in sharp_runs] if sharp_runs is not None else main
     sweep = [load_run(r) for r in sweep_runs] if sweep_runs is not None else main
-    base = [load_run(r) for r in baseline_runs] if baseline_runs is not None else \
-        [r for r in main if r["method"] == "AdamW"]
+    base = (
+        [load_run(r) for r in baseline_runs]
+        if baseline_runs is not None
+        else [r for r in main if r["method"] == "AdamW"]
+    )
     made = {}
     plots: List[Tuple[str, Callable[..., Optional[Path]], tuple]] = [
         ("train and eval loss", plot_loss, (main,)),
         ("gradient and perturbation norms", plot_norms, (main,)),
         ("where the sharpness goes: tau ratios", plot_tau, (sharp,)),
         ("lambda_max over training", plot_lambda, (sharp,)),
-        ("eval loss against rho", plot_eval_vs_rho, (sweep, base))]
+        ("eval loss against rho", plot_eval_vs_rho, (sweep, base)),
+    ]
     for title, fn, args in plots:
-        name = {"plot_loss": "loss", "plot_norms": "norms", "plot_tau": "tau", "plot_lambda": "lambda_max",
-                "plot_eval_vs_rho": "eval_vs_rho"}[fn.__name__]
+        name = {
+            "plot_loss": "loss",
+            "plot_norms": "norms",
+            "plot_tau": "tau",
+            "plot_lambda": "lambda_max",
+            "plot_eval_vs_rho": "eval_vs_rho",
+        }[fn.__name__]
         path = fn(*args, out_dir / f"{name}.png")
         if path is not None:
             made[title] = path
@@ -238,8 +293,11 @@ def plot_all(runs, out_dir, sharp_runs=None, sweep_runs=None, baseline_runs=None
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    p = argparse.ArgumentParser(prog=PROG, description="PNG plots (loss, norms, tau ratios, lambda_max, eval loss "
-                                "against rho) from fsam-train run folders")
+    p = argparse.ArgumentParser(
+        prog=PROG,
+        description="PNG plots (loss, norms, tau ratios, lambda_max, eval loss "
+        "against rho) from fsam-train run folders",
+    )
     p.add_argument("runs", nargs="+", help="run folders (each with metrics.jsonl)")
     p.add_argument("--out", default="plots", help="output folder (default: plots)")
     a = p.parse_args(argv)

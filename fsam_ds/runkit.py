@@ -15,6 +15,7 @@ around their loops:
 Nothing heavy is imported at module level: a bad argument is reported before torch or
 transformers load.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -23,8 +24,8 @@ import json
 import math
 import os
 import sys
-from pathlib import Path
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Type, TypeVar
 
 from .names import LATEST, TMP_SUFFIX
@@ -68,6 +69,7 @@ class Formatter(argparse.HelpFormatter):
 
 def int_at_least(low: int) -> Callable[[str], int]:
     """An argparse ``type``: an integer >= ``low``."""
+
     def parse(text: str) -> int:
         try:
             value = int(text)
@@ -76,6 +78,7 @@ def int_at_least(low: int) -> Callable[[str], int]:
         if value < low:
             raise argparse.ArgumentTypeError(f"expected an integer >= {low}, got {value}")
         return value
+
     parse.__name__ = f"integer >= {low}"
     return parse
 
@@ -90,12 +93,16 @@ def preset_names() -> List[str]:
         if spec is not None and spec.origin is not None:
             tree = ast.parse(Path(spec.origin).read_text())
             for node in tree.body:
-                if (isinstance(node, ast.AnnAssign) and getattr(node.target, "id", None) == "PRESETS"
-                        and isinstance(node.value, ast.Dict)):
+                if (
+                    isinstance(node, ast.AnnAssign)
+                    and getattr(node.target, "id", None) == "PRESETS"
+                    and isinstance(node.value, ast.Dict)
+                ):
                     return [ast.literal_eval(k) for k in node.value.keys if k is not None]
     except Exception:  # unusual installs: fall back to the real thing
         pass
     from fsam_ds.models import PRESETS
+
     return list(PRESETS)
 
 
@@ -141,9 +148,14 @@ class RunBase:
 R = TypeVar("R", bound=RunBase)
 
 
-def run_phases(prog: str, argv: Optional[List[str]], parse: Callable[[Optional[List[str]]], R],
-               before_loop: Sequence[Callable[[R], None]], loop: Callable[[R], None],
-               refused: Tuple[Type[BaseException], ...]) -> int:
+def run_phases(
+    prog: str,
+    argv: Optional[List[str]],
+    parse: Callable[[Optional[List[str]]], R],
+    before_loop: Sequence[Callable[[R], None]],
+    loop: Callable[[R], None],
+    refused: Tuple[Type[BaseException], ...],
+) -> int:
     """A trainer's phases in order: ``parse(argv)``, each of ``before_loop``, then ``loop``; returns
     the exit status. ``--help`` exits 0; a ``refused`` error of parse, or a :class:`UsageError` or
     :class:`DataError` of a phase before the loop, is one line ``<prog>: error: ...`` and exit
@@ -196,7 +208,7 @@ def seed_everything(seed: int) -> None:
     import torch
 
     random.seed(seed)
-    np.random.seed(seed % 2 ** 32)
+    np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
 
 
@@ -290,8 +302,9 @@ def open_batches(run: RunBase, micro: int, dp_world: int, eval_batches: int) -> 
 
     a = run.args
     try:
-        run.train_iter = fdata.micro_batches(run.train_set, micro, run.dp_rank, dp_world, seed=run.data_seed,
-                                             start_micro_step=run.micro_step)
+        run.train_iter = fdata.micro_batches(
+            run.train_set, micro, run.dp_rank, dp_world, seed=run.data_seed, start_micro_step=run.micro_step
+        )
         run.eval_list = fdata.eval_batches(run.eval_set, micro, run.dp_rank, dp_world, max_batches=eval_batches)
     except ValueError as err:
         raise UsageError(f"--dataset {a.dataset!r} with --seq-len {a.seq_len}: {one_line(err)}") from None

@@ -22,6 +22,7 @@ Every adapter answers the same questions for the engine:
 
 Checked against DeepSpeed 0.19.8.
 """
+
 from __future__ import annotations
 
 from typing import Any, Callable, List, Mapping, Optional, Sequence, Tuple
@@ -59,13 +60,17 @@ def _group_hparams(group: Mapping[str, Any]) -> Hparams:
 
 
 def _missing_moments(layout: str, updates: int) -> RuntimeError:
-    return RuntimeError(f"{layout}: the optimizer has applied {updates} update(s) but holds no exp_avg_sq; the "
-                        "preconditioned SAM types need AdamW's second moment (optimizer Adam/AdamW)")
+    return RuntimeError(
+        f"{layout}: the optimizer has applied {updates} update(s) but holds no exp_avg_sq; the "
+        "preconditioned SAM types need AdamW's second moment (optimizer Adam/AdamW)"
+    )
 
 
 def _missing_first_moments(layout: str, updates: int) -> RuntimeError:
-    return RuntimeError(f"{layout}: the optimizer has applied {updates} update(s) but holds no exp_avg; "
-                        '"ascent_direction": "momentum" needs AdamW\'s first moment (optimizer Adam/AdamW)')
+    return RuntimeError(
+        f"{layout}: the optimizer has applied {updates} update(s) but holds no exp_avg; "
+        '"ascent_direction": "momentum" needs AdamW\'s first moment (optimizer Adam/AdamW)'
+    )
 
 
 def _whole_tensors(params: Sequence[torch.Tensor], wanted: Sequence[torch.Tensor]) -> Region:
@@ -338,8 +343,9 @@ class PartitionedView(RankView):
             if flat is None:
                 flat = torch.cat([t.reshape(-1) for t in parts])
             if flat.numel() != master.numel():
-                raise RuntimeError(f"gradient partition of group {i} has {flat.numel()} elements, "
-                                   f"master has {master.numel()}")
+                raise RuntimeError(
+                    f"gradient partition of group {i} has {flat.numel()} elements, master has {master.numel()}"
+                )
             out.append(flat)
         return out
 
@@ -387,10 +393,13 @@ class PartitionedView(RankView):
 
         for i, v in enumerate(flat_partitions):
             self.lp_parts[i][dist.get_rank(group=self.groups[i])].copy_(v)
-        all_gather_dp_groups(groups_flat=self.lp_flat, partitioned_param_groups=self.lp_parts,
-                             dp_process_group=self.groups,
-                             start_alignment_factor=self.opt.nccl_start_alignment_factor,
-                             allgather_bucket_size=self.opt.allgather_bucket_size)
+        all_gather_dp_groups(
+            groups_flat=self.lp_flat,
+            partitioned_param_groups=self.lp_parts,
+            dp_process_group=self.groups,
+            start_alignment_factor=self.opt.nccl_start_alignment_factor,
+            allgather_bucket_size=self.opt.allgather_bucket_size,
+        )
 
     def perturb(self, ascent: Ascent) -> None:
         self._spread(_perturbed_masters(list(self.masters), ascent))
@@ -428,8 +437,7 @@ class Zero3View(RankView):
         # settings (sub_group_to_group_id)
         sub_group = {id(p): i for i, params in enumerate(self.opt.fp16_groups) for p in params}
         groups = self.opt.optimizer.param_groups
-        self.hparams = [_group_hparams(groups[self.opt.sub_group_to_group_id[sub_group[id(p)]]])
-                        for p in self.params]
+        self.hparams = [_group_hparams(groups[self.opt.sub_group_to_group_id[sub_group[id(p)]]]) for p in self.params]
 
     def grads(self) -> List[torch.Tensor]:
         from deepspeed.utils import safe_get_local_grad
@@ -504,6 +512,7 @@ def make_view(engine: Any) -> RankView:
     if isinstance(engine.optimizer, FP16_Optimizer):
         return MixedPrecisionView(engine)
     if engine.fp16_enabled() or engine.bfloat16_enabled():
-        raise NotImplementedError(f"unsupported optimizer layout {type(engine.optimizer).__name__} "
-                                  "for mixed precision at ZeRO stage 0")
+        raise NotImplementedError(
+            f"unsupported optimizer layout {type(engine.optimizer).__name__} for mixed precision at ZeRO stage 0"
+        )
     return PlainView(engine)

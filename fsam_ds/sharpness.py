@@ -42,6 +42,7 @@ Main entry points: :func:`sharpness_terms`, :func:`lambda_max`, :func:`calibrati
 :class:`CalibrationStats` / :func:`model_calibration`. ``fsam_ds/sharpness_report.py`` runs them
 on a saved checkpoint.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -56,8 +57,18 @@ from .distributed import comm_device
 from .lm import default_loss, labels_of, logits_of
 from .names import SHARPNESS_METRICS
 
-__all__ = ["sharpness_terms", "lambda_max", "LambdaMax", "calibration", "CalibrationStats",
-           "model_calibration", "Problem", "plain_module", "training_diagnostics", "TRAINING_KEYS"]
+__all__ = [
+    "sharpness_terms",
+    "lambda_max",
+    "LambdaMax",
+    "calibration",
+    "CalibrationStats",
+    "model_calibration",
+    "Problem",
+    "plain_module",
+    "training_diagnostics",
+    "TRAINING_KEYS",
+]
 
 LossFn = Callable[[torch.Tensor, Mapping[str, Any]], torch.Tensor]
 Direction = Union[None, Sequence[torch.Tensor], Mapping[str, torch.Tensor]]
@@ -129,8 +140,10 @@ def plain_module(model, dtype: Optional[torch.dtype] = None) -> tuple:
     import deepspeed
 
     if not hasattr(module, "config"):
-        raise TypeError("sharpness diagnostics under ZeRO stage 3 need a Hugging Face model (a module with "
-                        f".config to rebuild unpartitioned); got {type(module).__name__}")
+        raise TypeError(
+            "sharpness diagnostics under ZeRO stage 3 need a Hugging Face model (a module with "
+            f".config to rebuild unpartitioned); got {type(module).__name__}"
+        )
     names = [n for n, _ in module.named_parameters()]
     plist = [p for _, p in module.named_parameters()]
     with deepspeed.zero.GatheredParameters(plist, modifier_rank=None):
@@ -159,8 +172,9 @@ class Problem:
     (:meth:`flat` / :meth:`unflat` convert).
     """
 
-    def __init__(self, model, batch: Mapping[str, Any], loss_fn: Optional[LossFn] = None,
-                 dtype: Optional[torch.dtype] = None):
+    def __init__(
+        self, model, batch: Mapping[str, Any], loss_fn: Optional[LossFn] = None, dtype: Optional[torch.dtype] = None
+    ):
         module, engine_loss, engine = _unwrap(model)
         self.module, self.params = plain_module(model, dtype)
         self.names = list(self.params)
@@ -188,7 +202,9 @@ class Problem:
         out = functional_call(self.module, dict(params), (), dict(self._inputs))
         logits = self._logits_of(out)
         if logits is None:
-            raise TypeError(f"sharpness diagnostics need a model whose forward returns logits; got {type(out).__name__}")
+            raise TypeError(
+                f"sharpness diagnostics need a model whose forward returns logits; got {type(out).__name__}"
+            )
         return logits
 
     def loss_of_logits(self, logits: torch.Tensor) -> torch.Tensor:
@@ -205,7 +221,7 @@ class Problem:
         out, i = {}, 0
         for n in self.names:
             p = self.params[n]
-            out[n] = flat[i:i + p.numel()].view_as(p)
+            out[n] = flat[i : i + p.numel()].view_as(p)
             i += p.numel()
         return out
 
@@ -230,8 +246,9 @@ class Problem:
     def loss_and_grad(self) -> tuple:
         """(loss, flat gradient)."""
         leaves, loss, grads = self._hvp_graph_built()
-        return loss, torch.cat([(torch.zeros_like(p) if g is None else g.detach()).reshape(-1)
-                                for g, p in zip(grads, leaves)])
+        return loss, torch.cat(
+            [(torch.zeros_like(p) if g is None else g.detach()).reshape(-1) for g, p in zip(grads, leaves)]
+        )
 
     def hvp(self, v: torch.Tensor) -> torch.Tensor:
         """``H_L v`` (flat in, flat out) by double backward through a cached gradient graph."""
@@ -265,8 +282,9 @@ class Problem:
         leaves, logits, f_leaf, g_f = self._gn_graph_built()
         jv = self.jvp(v)
         if g_f.requires_grad:
-            (h_jv,) = torch.autograd.grad(g_f, f_leaf, grad_outputs=jv.to(g_f.dtype), retain_graph=True,
-                                          allow_unused=True)
+            (h_jv,) = torch.autograd.grad(
+                g_f, f_leaf, grad_outputs=jv.to(g_f.dtype), retain_graph=True, allow_unused=True
+            )
             h_jv = torch.zeros_like(f_leaf) if h_jv is None else h_jv
         else:  # a loss linear in the logits
             h_jv = torch.zeros_like(f_leaf)
@@ -290,9 +308,15 @@ def _dot(a: torch.Tensor, b: torch.Tensor) -> float:
 # ---------------------------------------------------------------------------------------------
 
 
-def sharpness_terms(model, batch: Mapping[str, Any], loss_fn: Optional[LossFn] = None,
-                    direction: Direction = None, normalize: bool = True,
-                    dtype: Optional[torch.dtype] = None, problem: Optional[Problem] = None) -> Dict[str, float]:
+def sharpness_terms(
+    model,
+    batch: Mapping[str, Any],
+    loss_fn: Optional[LossFn] = None,
+    direction: Direction = None,
+    normalize: bool = True,
+    dtype: Optional[torch.dtype] = None,
+    problem: Optional[Problem] = None,
+) -> Dict[str, float]:
     """Split the Hessian-vector product along ``eps_hat`` into its logit and functional paths.
 
     Args:
@@ -357,8 +381,14 @@ class LambdaMax:
     vector: Optional[torch.Tensor] = field(default=None, repr=False)
 
     def as_dict(self) -> Dict[str, Any]:
-        return {"value": self.value, "iterations": self.iterations, "residual": self.residual,
-                "converged": self.converged, "matrix": self.matrix, "method": self.method}
+        return {
+            "value": self.value,
+            "iterations": self.iterations,
+            "residual": self.residual,
+            "converged": self.converged,
+            "matrix": self.matrix,
+            "method": self.method,
+        }
 
 
 def _start_vector(n: int, like: torch.Tensor, seed: int, init: Optional[torch.Tensor]) -> torch.Tensor:
@@ -370,10 +400,19 @@ def _start_vector(n: int, like: torch.Tensor, seed: int, init: Optional[torch.Te
     return v / v.norm()
 
 
-def lambda_max(model, batch: Mapping[str, Any], matrix: str = "hessian", method: str = "lanczos",
-               iters: int = 20, tol: float = 1e-3, loss_fn: Optional[LossFn] = None,
-               dtype: Optional[torch.dtype] = None, seed: int = 0, init: Optional[torch.Tensor] = None,
-               problem: Optional[Problem] = None) -> LambdaMax:
+def lambda_max(
+    model,
+    batch: Mapping[str, Any],
+    matrix: str = "hessian",
+    method: str = "lanczos",
+    iters: int = 20,
+    tol: float = 1e-3,
+    loss_fn: Optional[LossFn] = None,
+    dtype: Optional[torch.dtype] = None,
+    seed: int = 0,
+    init: Optional[torch.Tensor] = None,
+    problem: Optional[Problem] = None,
+) -> LambdaMax:
     """The largest eigenvalue of the loss Hessian ``H_L`` (``matrix="hessian"``) or of the
     Gauss-Newton matrix ``H_G`` (``matrix="gauss_newton"``) on one batch.
 
@@ -440,8 +479,15 @@ def lambda_max(model, batch: Mapping[str, Any], matrix: str = "hessian", method:
     av = op(vec)
     value = _dot(vec, av) if method == "power" else value
     residual = float((av - value * vec).double().norm())
-    return LambdaMax(value=value, iterations=products, residual=residual,
-                     converged=residual <= tol * abs(value), matrix=matrix, method=method, vector=vec.detach())
+    return LambdaMax(
+        value=value,
+        iterations=products,
+        residual=residual,
+        converged=residual <= tol * abs(value),
+        matrix=matrix,
+        method=method,
+        vector=vec.detach(),
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -481,8 +527,8 @@ class CalibrationStats:
         nb = self.n_bins
         s = torch.zeros_like(self.sums)
         s[:nb] = torch.bincount(idx, minlength=nb).double().cpu()
-        s[nb:2 * nb] = torch.bincount(idx, weights=conf, minlength=nb).cpu()
-        s[2 * nb:3 * nb] = torch.bincount(idx, weights=correct, minlength=nb).cpu()
+        s[nb : 2 * nb] = torch.bincount(idx, weights=conf, minlength=nb).cpu()
+        s[2 * nb : 3 * nb] = torch.bincount(idx, weights=correct, minlength=nb).cpu()
         s[3 * nb] = entropy.sum().cpu()
         s[3 * nb + 1] = nll.sum().cpu()
         self.sums += s
@@ -500,19 +546,31 @@ class CalibrationStats:
     def result(self) -> Dict[str, float]:
         """``ece``, ``mean_max_prob``, ``mean_entropy`` (nats), ``accuracy``, ``nll``, ``n_tokens``."""
         nb = self.n_bins
-        count, conf, correct = self.sums[:nb], self.sums[nb:2 * nb], self.sums[2 * nb:3 * nb]
+        count, conf, correct = self.sums[:nb], self.sums[nb : 2 * nb], self.sums[2 * nb : 3 * nb]
         n = float(count.sum())
         if n == 0:
-            return {"ece": float("nan"), "mean_max_prob": float("nan"), "mean_entropy": float("nan"),
-                    "accuracy": float("nan"), "nll": float("nan"), "n_tokens": 0}
+            return {
+                "ece": float("nan"),
+                "mean_max_prob": float("nan"),
+                "mean_entropy": float("nan"),
+                "accuracy": float("nan"),
+                "nll": float("nan"),
+                "n_tokens": 0,
+            }
         ece = float((conf - correct).abs().sum() / n)  # sum_b n_b/N |acc_b - conf_b|
-        return {"ece": ece, "mean_max_prob": float(conf.sum() / n),
-                "mean_entropy": float(self.sums[3 * nb] / n), "accuracy": float(correct.sum() / n),
-                "nll": float(self.sums[3 * nb + 1] / n), "n_tokens": int(n)}
+        return {
+            "ece": ece,
+            "mean_max_prob": float(conf.sum() / n),
+            "mean_entropy": float(self.sums[3 * nb] / n),
+            "accuracy": float(correct.sum() / n),
+            "nll": float(self.sums[3 * nb + 1] / n),
+            "n_tokens": int(n),
+        }
 
 
-def calibration(logits: torch.Tensor, labels: torch.Tensor, n_bins: int = 15,
-                ignore_index: int = -100) -> Dict[str, float]:
+def calibration(
+    logits: torch.Tensor, labels: torch.Tensor, n_bins: int = 15, ignore_index: int = -100
+) -> Dict[str, float]:
     """Calibration of predictions ``logits [..., V]`` against aligned ``labels [...]`` (already
     shifted for a causal LM): expected calibration error over ``n_bins`` equal-width confidence
     bins, mean max-probability, mean entropy (nats), accuracy, NLL and the token count."""
@@ -522,8 +580,14 @@ def calibration(logits: torch.Tensor, labels: torch.Tensor, n_bins: int = 15,
 
 
 @torch.no_grad()
-def model_calibration(model, batches: Iterable[Mapping[str, Any]], n_bins: int = 15, shift: bool = True,
-                      dtype: Optional[torch.dtype] = None, group=None) -> Dict[str, float]:
+def model_calibration(
+    model,
+    batches: Iterable[Mapping[str, Any]],
+    n_bins: int = 15,
+    shift: bool = True,
+    dtype: Optional[torch.dtype] = None,
+    group=None,
+) -> Dict[str, float]:
     """Calibration of ``model`` over all tokens of ``batches`` (eval mode). ``shift``: next-token
     prediction (logits at ``t`` against labels at ``t + 1``, Hugging Face convention; labels from
     ``labels`` or ``input_ids`` with padding ignored). With ``group`` (or under a running
@@ -576,8 +640,7 @@ def training_diagnostics(engine, batch: Mapping[str, Any], init: Optional[torch.
     t0 = time.perf_counter()
     pb = Problem(engine, batch)
     terms = sharpness_terms(engine, batch, problem=pb)
-    lm = lambda_max(engine, batch, matrix="hessian", iters=TRAINING_LANCZOS_ITERS, tol=1e-3, init=init,
-                    problem=pb)
+    lm = lambda_max(engine, batch, matrix="hessian", iters=TRAINING_LANCZOS_ITERS, tol=1e-3, init=init, problem=pb)
     values = {k: terms[k] for k in TRAINING_KEYS[:7]}
     values.update(lambda_max=lm.value, lambda_max_iters=lm.iterations, lambda_max_residual=lm.residual)
     ds = engine.engine if hasattr(engine, "engine") else engine

@@ -24,6 +24,7 @@ The sharpness terms and eigenvalues use one fixed batch (``--batch-rows`` blocks
 training split in dataset order, or of the held-out split with ``--batch-split eval``); the
 calibration uses ``--eval-batches`` held-out batches of ``--micro-batch`` blocks.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -54,8 +55,10 @@ def _resolve(path: Path, tag: Optional[str]) -> tuple:
         return "ds", folder
     if any(path.glob("*model_states.pt")):
         return "ds", path
-    raise FileNotFoundError(f"{str(path)!r} is neither an fsam-train save folder (with 'latest'), a checkpoint tag "
-                            "folder (with *model_states.pt) nor a Hugging Face model folder (with config.json)")
+    raise FileNotFoundError(
+        f"{str(path)!r} is neither an fsam-train save folder (with 'latest'), a checkpoint tag "
+        "folder (with *model_states.pt) nor a Hugging Face model folder (with config.json)"
+    )
 
 
 def _ds_state(folder: Path) -> tuple:
@@ -104,16 +107,20 @@ def load_model(path, tag: Optional[str] = None) -> Dict[str, Any]:
     else:
         preset = args.get("model")
         if preset not in fmodels.PRESETS:
-            raise ValueError(f"checkpoint {str(folder)!r}: its model {preset!r} is not a preset and the tag has no "
-                             "hf/config.json; accepted: checkpoints written by fsam-train")
+            raise ValueError(
+                f"checkpoint {str(folder)!r}: its model {preset!r} is not a preset and the tag has no "
+                "hf/config.json; accepted: checkpoints written by fsam-train"
+            )
         seq = int(args.get("seq_len", 128))
-        model = fmodels.build_model(preset, vocab_size=vocab,
-                                    max_seq_len=max(seq, fmodels.PRESETS[preset].max_position_embeddings))
+        model = fmodels.build_model(
+            preset, vocab_size=vocab, max_seq_len=max(seq, fmodels.PRESETS[preset].max_position_embeddings)
+        )
     missing, unexpected = model.load_state_dict(state, strict=False)
     missing = [m for m in missing if "rotary" not in m]
     if missing or unexpected:
-        raise ValueError(f"checkpoint {str(folder)!r} does not fit the model: missing {missing[:3]}, "
-                         f"unexpected {unexpected[:3]}")
+        raise ValueError(
+            f"checkpoint {str(folder)!r} does not fit the model: missing {missing[:3]}, unexpected {unexpected[:3]}"
+        )
     model.float().eval()
     return {"model": model, "args": args, "tag": folder.name, "folder": folder, "kind": kind}
 
@@ -137,8 +144,10 @@ def load_data(loaded: Dict[str, Any], dataset: Optional[str] = None, seq_len: Op
         vocab = loaded["model"].get_input_embeddings().weight.shape[0]
         tok = fdata.get_tokenizer(train_texts, vocab_size=vocab)
     cache = fdata.cache_root() / "tokens"
-    return (fdata.TokenBlocks(train_texts, tok, seq, cache_dir=cache),
-            fdata.TokenBlocks(eval_texts, tok, seq, cache_dir=cache))
+    return (
+        fdata.TokenBlocks(train_texts, tok, seq, cache_dir=cache),
+        fdata.TokenBlocks(eval_texts, tok, seq, cache_dir=cache),
+    )
 
 
 def report(model, sharp_batch, eval_list: List[dict], iters: int = 20, tol: float = 1e-3) -> Dict[str, Any]:
@@ -149,15 +158,24 @@ def report(model, sharp_batch, eval_list: List[dict], iters: int = 20, tol: floa
     pb = Problem(model, sharp_batch)
     out: Dict[str, Any] = {"terms": sharpness_terms(model, sharp_batch, problem=pb)}
     for matrix in ("hessian", "gauss_newton"):
-        out[f"lambda_max_{matrix}"] = lambda_max(model, sharp_batch, matrix=matrix, iters=iters, tol=tol,
-                                                 problem=pb).as_dict()
+        out[f"lambda_max_{matrix}"] = lambda_max(
+            model, sharp_batch, matrix=matrix, iters=iters, tol=tol, problem=pb
+        ).as_dict()
     out["calibration"] = model_calibration(model, eval_list)
     return out
 
 
-def analyse(path, tag: Optional[str] = None, dataset: Optional[str] = None, batch_rows: int = 8,
-            batch_split: str = "train", micro_batch: int = 8, eval_batches: int = 20, iters: int = 20,
-            tol: float = 1e-3) -> Dict[str, Any]:
+def analyse(
+    path,
+    tag: Optional[str] = None,
+    dataset: Optional[str] = None,
+    batch_rows: int = 8,
+    batch_split: str = "train",
+    micro_batch: int = 8,
+    eval_batches: int = 20,
+    iters: int = 20,
+    tol: float = 1e-3,
+) -> Dict[str, Any]:
     """Everything ``fsam-sharpness`` prints, as a dict."""
     import torch
 
@@ -169,16 +187,23 @@ def analyse(path, tag: Optional[str] = None, dataset: Optional[str] = None, batc
     rows = min(batch_rows, len(blocks))
     batch = {"input_ids": torch.stack([blocks[i]["input_ids"] for i in range(rows)])}
     eval_list = fdata.eval_batches(evals, micro_batch, max_batches=eval_batches)
-    out = {"path": str(path), "tag": loaded["tag"], "model": loaded["args"].get("model", str(loaded["folder"])),
-           "dataset": dataset or loaded["args"].get("dataset"),
-           "batch": {"rows": rows, "seq_len": blocks.seq_len, "source": f"first {rows} {batch_split} blocks"}}
+    out = {
+        "path": str(path),
+        "tag": loaded["tag"],
+        "model": loaded["args"].get("model", str(loaded["folder"])),
+        "dataset": dataset or loaded["args"].get("dataset"),
+        "batch": {"rows": rows, "seq_len": blocks.seq_len, "source": f"first {rows} {batch_split} blocks"},
+    }
     out.update(report(loaded["model"], batch, eval_list, iters=iters, tol=tol))
     return out
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog=PROG, description="Sharpness (tau terms, lambda_max of the Hessian and of the "
-                                "Gauss-Newton matrix) and calibration of a saved model")
+    p = argparse.ArgumentParser(
+        prog=PROG,
+        description="Sharpness (tau terms, lambda_max of the Hessian and of the "
+        "Gauss-Newton matrix) and calibration of a saved model",
+    )
     p.add_argument("path", help="fsam-train save folder, checkpoint tag folder, or Hugging Face model folder")
     p.add_argument("--tag", default=None, help="checkpoint tag inside a save folder (default: 'latest')")
     p.add_argument("--dataset", default=None, help="texts (default: the run's --dataset)")
@@ -198,8 +223,17 @@ def main(argv: Optional[List[str]] = None) -> int:
         if getattr(args, key) < 1:
             return _fail(f"--{key.replace('_', '-')} must be an integer >= 1, got {getattr(args, key)}")
     try:
-        out = analyse(args.path, args.tag, args.dataset, args.batch_rows, args.batch_split, args.micro_batch,
-                      args.eval_batches, args.iters, args.tol)
+        out = analyse(
+            args.path,
+            args.tag,
+            args.dataset,
+            args.batch_rows,
+            args.batch_split,
+            args.micro_batch,
+            args.eval_batches,
+            args.iters,
+            args.tol,
+        )
     except (FileNotFoundError, ValueError) as err:
         return _fail(err)
     text = json.dumps(out, indent=2)

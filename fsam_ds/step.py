@@ -22,6 +22,7 @@ run their steps through it.
 (a skipped step does not advance it, as it does not advance the LR schedule) and the bias
 correction of the preconditioner.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -128,9 +129,14 @@ class SAMStep:
     when unknown).
     """
 
-    def __init__(self, sam: SAMConfig, view: RankView, adam_updates: Callable[[], int],
-                 step_index: Callable[[], int],
-                 share_params: Optional[Mapping[str, Sequence[torch.nn.Parameter]]] = None):
+    def __init__(
+        self,
+        sam: SAMConfig,
+        view: RankView,
+        adam_updates: Callable[[], int],
+        step_index: Callable[[], int],
+        share_params: Optional[Mapping[str, Sequence[torch.nn.Parameter]]] = None,
+    ):
         self.sam = sam
         self.view = view
         self.adam_updates = adam_updates
@@ -178,8 +184,16 @@ class SAMStep:
             tensors, scale = view.grads(), view.grad_scale
         denoms = view.denominators(updates) if self.sam.preconditioned else None
         regions = [view.region(self.share_params[k]) for k in SHARE_KEYS] if self.share_params else None
-        return ascent_direction(tensors, rho, denoms, self.sam.precondition_norm, group=view.norm_group,
-                                grad_scale=scale, weights=view.weights(), regions=regions)
+        return ascent_direction(
+            tensors,
+            rho,
+            denoms,
+            self.sam.precondition_norm,
+            group=view.norm_group,
+            grad_scale=scale,
+            weights=view.weights(),
+            regions=regions,
+        )
 
     def _stored_ascent(self, rho: float) -> Tuple[Ascent, Optional[torch.Tensor]]:
         """``ascent_every: k > 1`` on a computing step: the direction at rho = 1, stored; returns
@@ -196,8 +210,13 @@ class SAMStep:
         assert self._eps_unit is not None and self._eps_unit_norm is not None  # reuses_ascent() holds
         ok = self._eps_unit_ok and rho > 0
         coef = torch.tensor(float(rho) if ok else 0.0, dtype=torch.float32, device=self._eps_unit_norm.device)
-        return Ascent(directions=self._eps_unit, coef=coef, grad_norm=None, eps_norm=self._eps_unit_norm * coef,
-                      shares=self._eps_unit_shares)
+        return Ascent(
+            directions=self._eps_unit,
+            coef=coef,
+            grad_norm=None,
+            eps_norm=self._eps_unit_norm * coef,
+            shares=self._eps_unit_shares,
+        )
 
     def _exact_ascent(self, rho: float) -> Tuple[Ascent, Optional[torch.Tensor]]:
         if self.sam.ascent_every > 1:
@@ -236,8 +255,15 @@ class SAMStep:
             losses, replay = passes.pass1()
         if not (reused or momentum):
             ascent, grad_norm = self._exact_ascent(rho)
-        out = StepOutcome(losses=losses, rho=rho, grad_norm=grad_norm, eps_norm=ascent.eps_norm, reused=reused,
-                          momentum=momentum, shares=None if ascent.shares is None or ascent.is_zero else ascent.shares)
+        out = StepOutcome(
+            losses=losses,
+            rho=rho,
+            grad_norm=grad_norm,
+            eps_norm=ascent.eps_norm,
+            reused=reused,
+            momentum=momentum,
+            shares=None if ascent.shares is None or ascent.is_zero else ascent.shares,
+        )
         if reused or momentum or self._runs_pass2(ascent, grad_norm):
             pass2_losses = self._perturbed_pass(passes, ascent, replay)
             out.pass2 = True
@@ -269,14 +295,20 @@ class SAMStep:
         ``ascent_every > 1`` the stored direction (this rank's tensors, in the layout it holds),
         its norm and the step it was computed at. Under sharding each rank's differs: save one
         per rank."""
-        state: Dict[str, Any] = {"method": self.sam.method, "ascent_every": self.sam.ascent_every,
-                                 "eps_step": self._eps_step, "eps_unit": None}
+        state: Dict[str, Any] = {
+            "method": self.sam.method,
+            "ascent_every": self.sam.ascent_every,
+            "eps_step": self._eps_step,
+            "eps_unit": None,
+        }
         if self._eps_unit is not None:
             assert self._eps_unit_norm is not None  # stored with the direction
-            state.update(eps_unit=[t.detach().cpu().clone() for t in self._eps_unit],
-                         eps_unit_norm=float(self._eps_unit_norm), eps_unit_ok=bool(self._eps_unit_ok),
-                         eps_unit_shares=(None if self._eps_unit_shares is None
-                                          else [float(x) for x in self._eps_unit_shares]))
+            state.update(
+                eps_unit=[t.detach().cpu().clone() for t in self._eps_unit],
+                eps_unit_norm=float(self._eps_unit_norm),
+                eps_unit_ok=bool(self._eps_unit_ok),
+                eps_unit_shares=(None if self._eps_unit_shares is None else [float(x) for x in self._eps_unit_shares]),
+            )
         return state
 
     def load_state_dict(self, state: Dict[str, Any], device: torch.device) -> None:
@@ -289,8 +321,10 @@ class SAMStep:
             return
         shapes = [tuple(s) for s in self.view.local_shapes()]
         if [tuple(t.shape) for t in eps] != shapes:
-            raise ValueError("the stored ascent direction was written for another layout (world size, ZeRO stage, "
-                             "parallel sizes or model) than this rank's; it is recomputed at the next step instead")
+            raise ValueError(
+                "the stored ascent direction was written for another layout (world size, ZeRO stage, "
+                "parallel sizes or model) than this rank's; it is recomputed at the next step instead"
+            )
         self._eps_unit = [t.to(device, dtype=torch.float32) for t in eps]
         self._eps_unit_norm = torch.tensor(float(state["eps_unit_norm"]), dtype=torch.float32, device=device)
         self._eps_unit_ok = bool(state["eps_unit_ok"])
@@ -299,8 +333,15 @@ class SAMStep:
         self._eps_unit_shares = None if shares is None else torch.tensor(shares, dtype=torch.float32, device=device)
 
 
-def step_metrics(sam: SAMConfig, out: StepOutcome, loss: Optional[float], lr: Optional[float], skipped: bool,
-                 step_time: float, have_shares: bool) -> Dict[str, Any]:
+def step_metrics(
+    sam: SAMConfig,
+    out: StepOutcome,
+    loss: Optional[float],
+    lr: Optional[float],
+    skipped: bool,
+    step_time: float,
+    have_shares: bool,
+) -> Dict[str, Any]:
     """The metrics of one step, the same keys on every back end: ``method``, ``loss``,
     ``grad_norm``, ``eps_norm``, ``rho``, ``lr``, ``skipped``, ``step_time`` (``loss`` None where this
     rank has none: a pipeline stage before the last); ``ascent_reused``

@@ -35,6 +35,7 @@ Not covered: the ``deepspeed`` runner exits 0 when its own ``launch.py`` child i
 signal (DeepSpeed's runner passes on only positive statuses); a lost rank is reported
 correctly (status 247 for SIGKILL), but a killed launcher looks finished.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -57,19 +58,39 @@ FORWARDED = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog=PROG, description="Rerun a training command that died, with --resume appended, until it exits 0, "
+        prog=PROG,
+        description="Rerun a training command that died, with --resume appended, until it exits 0, "
         "refuses its input (exit 2) or has been restarted --max-restarts times.",
-        usage=f"{PROG} [options] -- COMMAND [ARG ...]")
-    p.add_argument("--max-restarts", type=int, default=3, metavar="N",
-                   help="restarts after the first run (default: 3; 0: run once)")
-    p.add_argument("--checkpoint-dir", default=None, metavar="DIR",
-                   help="resume (every run, the first included) exactly when DIR/latest exists; without it the "
-                   "first run is as given and every restart resumes")
-    p.add_argument("--resume-arg", default="--resume", metavar="ARG",
-                   help="what makes the command resume (default: --resume); it replaces the placeholder "
-                   f"{PLACEHOLDER} or is appended")
-    p.add_argument("--delay", type=float, default=5.0, metavar="SECONDS",
-                   help="wait before a restart (default: 5; ports and files of the dead run are released)")
+        usage=f"{PROG} [options] -- COMMAND [ARG ...]",
+    )
+    p.add_argument(
+        "--max-restarts",
+        type=int,
+        default=3,
+        metavar="N",
+        help="restarts after the first run (default: 3; 0: run once)",
+    )
+    p.add_argument(
+        "--checkpoint-dir",
+        default=None,
+        metavar="DIR",
+        help="resume (every run, the first included) exactly when DIR/latest exists; without it the "
+        "first run is as given and every restart resumes",
+    )
+    p.add_argument(
+        "--resume-arg",
+        default="--resume",
+        metavar="ARG",
+        help="what makes the command resume (default: --resume); it replaces the placeholder "
+        f"{PLACEHOLDER} or is appended",
+    )
+    p.add_argument(
+        "--delay",
+        type=float,
+        default=5.0,
+        metavar="SECONDS",
+        help="wait before a restart (default: 5; ports and files of the dead run are released)",
+    )
     p.add_argument("--log", default=None, metavar="FILE", help="append one JSON line per run to FILE")
     p.add_argument("command", nargs=argparse.REMAINDER, help="the command, after --")
     return p
@@ -106,13 +127,22 @@ def _latest(checkpoint_dir: Optional[Path]) -> Optional[str]:
         return None
 
 
-def supervise(command: Sequence[str], max_restarts: int = 3, checkpoint_dir: Optional[os.PathLike] = None,
-              resume_arg: str = "--resume", delay: float = 5.0, log: Optional[os.PathLike] = None,
-              env: Optional[Dict[str, str]] = None, say: Optional[Callable[[str], None]] = None) -> int:
+def supervise(
+    command: Sequence[str],
+    max_restarts: int = 3,
+    checkpoint_dir: Optional[os.PathLike] = None,
+    resume_arg: str = "--resume",
+    delay: float = 5.0,
+    log: Optional[os.PathLike] = None,
+    env: Optional[Dict[str, str]] = None,
+    say: Optional[Callable[[str], None]] = None,
+) -> int:
     """Run ``command`` under the rules of the module docstring; returns the exit status."""
     if say is None:
+
         def say(text):
             print(f"{PROG}: {text}", file=sys.stderr, flush=True)
+
     ckpt = Path(checkpoint_dir) if checkpoint_dir is not None else None
     base_env = dict(os.environ if env is None else env)
     stop = {"signal": None}
@@ -134,8 +164,12 @@ def supervise(command: Sequence[str], max_restarts: int = 3, checkpoint_dir: Opt
             resume = (_latest(ckpt) is not None) if ckpt is not None else attempt > 0
             cmd = command_for(command, resume, resume_arg)
             run_env = dict(base_env, FSAM_SUPERVISE_ATTEMPT=str(attempt))
-            say(f"run {attempt + 1} of at most {max_restarts + 1}" + (" (resuming)" if resume else "") + ": "
-                + " ".join(cmd))
+            say(
+                f"run {attempt + 1} of at most {max_restarts + 1}"
+                + (" (resuming)" if resume else "")
+                + ": "
+                + " ".join(cmd)
+            )
             t0 = time.time()
             try:
                 proc = subprocess.Popen(cmd, env=run_env, start_new_session=True)
@@ -154,8 +188,19 @@ def supervise(command: Sequence[str], max_restarts: int = 3, checkpoint_dir: Opt
             seconds = time.time() - t0
             if log is not None:
                 with open(log, "a") as f:
-                    f.write(json.dumps({"attempt": attempt, "command": cmd, "resume": resume, "rc": rc,
-                                        "seconds": round(seconds, 3), "latest": _latest(ckpt)}) + "\n")
+                    f.write(
+                        json.dumps(
+                            {
+                                "attempt": attempt,
+                                "command": cmd,
+                                "resume": resume,
+                                "rc": rc,
+                                "seconds": round(seconds, 3),
+                                "latest": _latest(ckpt),
+                            }
+                        )
+                        + "\n"
+                    )
             if stop["signal"] is not None:
                 say(f"stopped by signal {signal.Signals(stop['signal']).name}; not restarting")
                 return 128 + int(stop["signal"])
@@ -166,14 +211,20 @@ def supervise(command: Sequence[str], max_restarts: int = 3, checkpoint_dir: Opt
             if rc == REFUSED:
                 say("the command refused its input (exit 2); not restarting")
                 return REFUSED
-            how = f"killed by {signal.Signals(-rc).name}" if rc < 0 and -rc in signal.Signals._value2member_map_ \
+            how = (
+                f"killed by {signal.Signals(-rc).name}"
+                if rc < 0 and -rc in signal.Signals._value2member_map_
                 else f"exit status {rc}"
+            )
             if attempt >= max_restarts:
                 say(f"run {attempt + 1} ended ({how}); no restarts left (--max-restarts {max_restarts})")
                 return _status(rc)
             where = _latest(ckpt)
-            say(f"run {attempt + 1} ended ({how}) after {seconds:.1f} s; restarting"
-                + (f" from {where}" if where else "") + (f" in {delay:g} s" if delay > 0 else ""))
+            say(
+                f"run {attempt + 1} ended ({how}) after {seconds:.1f} s; restarting"
+                + (f" from {where}" if where else "")
+                + (f" in {delay:g} s" if delay > 0 else "")
+            )
             if delay > 0:
                 deadline = time.time() + delay
                 while time.time() < deadline and stop["signal"] is None:
@@ -201,8 +252,14 @@ def main(argv: Optional[List[str]] = None) -> int:
     if args.delay < 0:
         print(f"{PROG}: error: --delay: expected seconds >= 0, got {args.delay}", file=sys.stderr)
         return 2
-    return supervise(command, max_restarts=args.max_restarts, checkpoint_dir=args.checkpoint_dir,
-                     resume_arg=args.resume_arg, delay=args.delay, log=args.log)
+    return supervise(
+        command,
+        max_restarts=args.max_restarts,
+        checkpoint_dir=args.checkpoint_dir,
+        resume_arg=args.resume_arg,
+        delay=args.delay,
+        log=args.log,
+    )
 
 
 if __name__ == "__main__":

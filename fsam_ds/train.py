@@ -40,6 +40,7 @@ Data order: global micro-step ``k`` reads the ``k``-th batch of :func:`fsam_ds.d
 (shuffled per epoch from ``--seed``); a checkpoint stores ``k`` so that ``--resume`` continues with
 the next unseen batch instead of starting the epoch again.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -49,20 +50,71 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 # absolute imports: the deepspeed launcher may run this file as a script (deepspeed fsam_ds/train.py)
-from fsam_ds.names import (ENGINE_FILE, EVAL_LOSS, HF_META_DIR, LATEST, METRICS_FILE, OPTIONAL_STEP_METRICS,
-                           RNG_FILE, SHARPNESS_METRICS, SHORT_NAMES, deepspeed_tag)
-from fsam_ds.runkit import (DataError, Formatter, MetricsLog, Parser, RunBase, UsageError, all_ranks_ok,
-                            cpu_threads_per_rank, fmt, int_at_least, load_rng_state, one_line, open_batches,
-                            prepare_data,
-                            prepare_data_in_turn, preset_names, publish_latest, resume_micro_step, rng_state,
-                            run_phases, save_rng_state, seed_everything, set_rng_state, write_hf_meta)
+from fsam_ds.names import (
+    ENGINE_FILE,
+    EVAL_LOSS,
+    HF_META_DIR,
+    LATEST,
+    METRICS_FILE,
+    OPTIONAL_STEP_METRICS,
+    RNG_FILE,
+    SHARPNESS_METRICS,
+    SHORT_NAMES,
+    deepspeed_tag,
+)
+from fsam_ds.runkit import (
+    DataError,
+    Formatter,
+    MetricsLog,
+    Parser,
+    RunBase,
+    UsageError,
+    all_ranks_ok,
+    cpu_threads_per_rank,
+    fmt,
+    int_at_least,
+    load_rng_state,
+    one_line,
+    open_batches,
+    prepare_data,
+    prepare_data_in_turn,
+    preset_names,
+    publish_latest,
+    resume_micro_step,
+    rng_state,
+    run_phases,
+    save_rng_state,
+    seed_everything,
+    set_rng_state,
+    write_hf_meta,
+)
 
 # The names above stay importable from here (fsam_ds.train.UsageError, ...); save() calls rng_state
 # and publish_latest through this module, where a fault-injection harness may wrap them.
-__all__ = ["main", "build_parser", "validate", "check_checkpoint_files", "UsageError", "DataError", "MetricsLog",
-           "prepare_data", "prepare_data_in_turn", "resume_micro_step", "seed_everything", "cpu_threads_per_rank",
-           "rng_state", "set_rng_state", "publish_latest", "all_ranks_ok", "evaluate", "ENGINE_FILE", "HF_META_DIR",
-           "METRICS_FILE", "RNG_FILE", "SHORT_NAMES"]
+__all__ = [
+    "main",
+    "build_parser",
+    "validate",
+    "check_checkpoint_files",
+    "UsageError",
+    "DataError",
+    "MetricsLog",
+    "prepare_data",
+    "prepare_data_in_turn",
+    "resume_micro_step",
+    "seed_everything",
+    "cpu_threads_per_rank",
+    "rng_state",
+    "set_rng_state",
+    "publish_latest",
+    "all_ranks_ok",
+    "evaluate",
+    "ENGINE_FILE",
+    "HF_META_DIR",
+    "METRICS_FILE",
+    "RNG_FILE",
+    "SHORT_NAMES",
+]
 
 PROG = "fsam-train"
 
@@ -73,34 +125,60 @@ PROG = "fsam-train"
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = Parser(prog=PROG, description="Train a causal LM with AdamW / SAM / Functional-SAM "
-                "(preconditioned or not) on DeepSpeed. The method is optimizer.type in the config.",
-                formatter_class=Formatter)
-    p.add_argument("--deepspeed_config", "--deepspeed-config", dest="deepspeed_config", required=True,
-                   metavar="PATH", help="DeepSpeed JSON config (see ds_configs/)")
-    p.add_argument("--model", default="2m", help="preset name (tiny, 2m, 24m, 42m, 118m, 1.2b) or a local "
-                   "Hugging Face model folder")
-    p.add_argument("--dataset", default="default", help="'default' (embedded corpus), a local .txt file or "
-                   "folder, or a Hugging Face dataset name ('owner/name:config')")
-    p.add_argument("--tokenizer", default=None, help="local tokenizer folder or Hugging Face name; default: "
-                   "a byte-level BPE trained on the dataset's training texts with the preset's vocabulary size")
+    p = Parser(
+        prog=PROG,
+        description="Train a causal LM with AdamW / SAM / Functional-SAM "
+        "(preconditioned or not) on DeepSpeed. The method is optimizer.type in the config.",
+        formatter_class=Formatter,
+    )
+    p.add_argument(
+        "--deepspeed_config",
+        "--deepspeed-config",
+        dest="deepspeed_config",
+        required=True,
+        metavar="PATH",
+        help="DeepSpeed JSON config (see ds_configs/)",
+    )
+    p.add_argument(
+        "--model",
+        default="2m",
+        help="preset name (tiny, 2m, 24m, 42m, 118m, 1.2b) or a local Hugging Face model folder",
+    )
+    p.add_argument(
+        "--dataset",
+        default="default",
+        help="'default' (embedded corpus), a local .txt file or "
+        "folder, or a Hugging Face dataset name ('owner/name:config')",
+    )
+    p.add_argument(
+        "--tokenizer",
+        default=None,
+        help="local tokenizer folder or Hugging Face name; default: "
+        "a byte-level BPE trained on the dataset's training texts with the preset's vocabulary size",
+    )
     p.add_argument("--seq-len", type=int_at_least(2), default=128, help="tokens per sequence")
-    p.add_argument("--steps", type=int_at_least(0), default=200, help="optimizer steps in total (a resumed "
-                   "run continues up to this step)")
-    p.add_argument("--eval-every", type=int_at_least(0), default=50, help="evaluate every N steps (0: only "
-                   "at the end)")
+    p.add_argument(
+        "--steps",
+        type=int_at_least(0),
+        default=200,
+        help="optimizer steps in total (a resumed run continues up to this step)",
+    )
+    p.add_argument("--eval-every", type=int_at_least(0), default=50, help="evaluate every N steps (0: only at the end)")
     p.add_argument("--eval-batches", type=int_at_least(1), default=20, help="evaluation micro-batches per rank")
-    p.add_argument("--save-dir", default=None, help="checkpoints and metrics.jsonl (default: runs/<method>-<model>, "
-                   "e.g. runs/functional_sam-2m)")
-    p.add_argument("--save-every", type=int_at_least(0), default=0, help="checkpoint every N steps (0: only "
-                   "at the end)")
+    p.add_argument(
+        "--save-dir",
+        default=None,
+        help="checkpoints and metrics.jsonl (default: runs/<method>-<model>, e.g. runs/functional_sam-2m)",
+    )
+    p.add_argument(
+        "--save-every", type=int_at_least(0), default=0, help="checkpoint every N steps (0: only at the end)"
+    )
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --save-dir")
     p.add_argument("--seed", type=int, default=1234, help="model initialisation and data order")
     p.add_argument("--log-every", type=int_at_least(1), default=1, help="print a log line every N steps")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     # set by the deepspeed launcher; the rank is read from the environment instead
-    p.add_argument("--local_rank", "--local-rank", dest="local_rank", type=int, default=None,
-                   help=argparse.SUPPRESS)
+    p.add_argument("--local_rank", "--local-rank", dest="local_rank", type=int, default=None, help=argparse.SUPPRESS)
     return p
 
 
@@ -116,23 +194,30 @@ def validate(args: argparse.Namespace) -> Dict[str, Any]:
     model_path = Path(model).expanduser()
     if model not in presets:
         if not model_path.is_dir():
-            raise UsageError(f"--model {model!r} is neither a preset (accepted: {', '.join(presets)}) "
-                             "nor a local model folder")
+            raise UsageError(
+                f"--model {model!r} is neither a preset (accepted: {', '.join(presets)}) nor a local model folder"
+            )
         if not (model_path / "config.json").is_file():
-            raise UsageError(f"--model {model!r}: the folder has no config.json (a Hugging Face model folder "
-                             f"is expected, or a preset: {', '.join(presets)})")
+            raise UsageError(
+                f"--model {model!r}: the folder has no config.json (a Hugging Face model folder "
+                f"is expected, or a preset: {', '.join(presets)})"
+            )
 
     model_name = model if model in presets else model_path.resolve().name
     short = SHORT_NAMES.get(sam.method, sam.method.lower())
     save_dir = Path(args.save_dir) if args.save_dir else Path("runs") / f"{short}-{model_name}"
     if args.resume and not (save_dir / LATEST).is_file():
-        raise UsageError(f"--resume: no checkpoint in {str(save_dir)!r} (DeepSpeed's 'latest' file is "
-                         "missing); accepted: a --save-dir written by an earlier run")
+        raise UsageError(
+            f"--resume: no checkpoint in {str(save_dir)!r} (DeepSpeed's 'latest' file is "
+            "missing); accepted: a --save-dir written by an earlier run"
+        )
     if args.resume:
         tag = (save_dir / LATEST).read_text().strip()
         if not tag or not (save_dir / tag).is_dir():
-            raise UsageError(f"--resume: {str(save_dir / LATEST)!r} names {tag!r}, which is not a checkpoint "
-                             f"folder in {str(save_dir)!r}")
+            raise UsageError(
+                f"--resume: {str(save_dir / LATEST)!r} names {tag!r}, which is not a checkpoint "
+                f"folder in {str(save_dir)!r}"
+            )
         try:
             check_checkpoint_files(save_dir / tag)
         except ValueError as err:
@@ -140,24 +225,43 @@ def validate(args: argparse.Namespace) -> Dict[str, Any]:
     if save_dir.exists() and not save_dir.is_dir():
         raise UsageError(f"--save-dir {str(save_dir)!r} exists and is not a folder")
 
-    from fsam_ds.data import EMBEDDED_CORPORA  # the first import of transformers (lazily)
-    from fsam_ds.data import looks_like_path  # the rule fsam_ds.data.load_texts applies
-    if (args.dataset not in EMBEDDED_CORPORA and not Path(args.dataset).expanduser().exists()
-            and looks_like_path(args.dataset)):
-        raise UsageError(f"--dataset {args.dataset!r}: no such file or folder (accepted: "
-                         f"{', '.join(EMBEDDED_CORPORA)}, a local .txt file or folder, or a Hugging Face "
-                         "dataset name)")
+    from fsam_ds.data import (
+        EMBEDDED_CORPORA,  # the first import of transformers (lazily)
+        looks_like_path,  # the rule fsam_ds.data.load_texts applies
+    )
+
+    if (
+        args.dataset not in EMBEDDED_CORPORA
+        and not Path(args.dataset).expanduser().exists()
+        and looks_like_path(args.dataset)
+    ):
+        raise UsageError(
+            f"--dataset {args.dataset!r}: no such file or folder (accepted: "
+            f"{', '.join(EMBEDDED_CORPORA)}, a local .txt file or folder, or a Hugging Face "
+            "dataset name)"
+        )
     dataset_path = Path(args.dataset).expanduser()
     if args.dataset not in EMBEDDED_CORPORA and dataset_path.is_file() and dataset_path.stat().st_size == 0:
-        raise UsageError(f"--dataset {args.dataset!r}: the file is empty (accepted: a text file with at least "
-                         "one non-blank line)")
-    if (args.tokenizer is not None and not Path(args.tokenizer).expanduser().exists()
-            and looks_like_path(args.tokenizer)):
-        raise UsageError(f"--tokenizer {args.tokenizer!r}: no such folder (accepted: a local tokenizer "
-                         "folder, a Hugging Face tokenizer name, or leave it out to train one)")
+        raise UsageError(
+            f"--dataset {args.dataset!r}: the file is empty (accepted: a text file with at least one non-blank line)"
+        )
+    if (
+        args.tokenizer is not None
+        and not Path(args.tokenizer).expanduser().exists()
+        and looks_like_path(args.tokenizer)
+    ):
+        raise UsageError(
+            f"--tokenizer {args.tokenizer!r}: no such folder (accepted: a local tokenizer "
+            "folder, a Hugging Face tokenizer name, or leave it out to train one)"
+        )
 
-    return {"ds_config": ds_config, "sam": sam, "save_dir": save_dir, "is_preset": model in presets,
-            "model_name": model_name}
+    return {
+        "ds_config": ds_config,
+        "sam": sam,
+        "save_dir": save_dir,
+        "is_preset": model in presets,
+        "model_name": model_name,
+    }
 
 
 def check_checkpoint_files(tag_dir: Path) -> Dict[str, Any]:
@@ -214,8 +318,14 @@ def parse(argv: Optional[List[str]]) -> Run:
     """1. The arguments and every check that costs no model, data or process group."""
     args = build_parser().parse_args(argv)
     checked = validate(args)
-    return Run(args=args, ds_config=checked["ds_config"], sam=checked["sam"], save_dir=checked["save_dir"],
-               is_preset=checked["is_preset"], data_seed=args.seed)
+    return Run(
+        args=args,
+        ds_config=checked["ds_config"],
+        sam=checked["sam"],
+        save_dir=checked["save_dir"],
+        is_preset=checked["is_preset"],
+        data_seed=args.seed,
+    )
 
 
 def set_up(run: Run) -> None:
@@ -249,7 +359,8 @@ def load_data(run: Run) -> None:
     """3. Texts, tokenizer and token blocks of ``--seq-len`` (rank 0 fills the caches first)."""
     a = run.args
     run.tokenizer, run.train_set, run.eval_set = prepare_data_in_turn(
-        a.dataset, a.tokenizer, a.model, run.is_preset, a.seq_len, run.device)
+        a.dataset, a.tokenizer, a.model, run.is_preset, a.seq_len, run.device
+    )
 
 
 def build(run: Run) -> None:
@@ -265,8 +376,7 @@ def build(run: Run) -> None:
         max_pos = max(a.seq_len, fmodels.PRESETS[a.model].max_position_embeddings) if run.is_preset else a.seq_len
         ds_cfg, _ = parse_config(a.deepspeed_config)
         zero3 = ds_cfg if zero_stage(ds_cfg) == 3 else None  # built partitioned (deepspeed.zero.Init)
-        run.model = fmodels.build_model(a.model, vocab_size=len(run.tokenizer), max_seq_len=max_pos,
-                                        zero3_config=zero3)
+        run.model = fmodels.build_model(a.model, vocab_size=len(run.tokenizer), max_seq_len=max_pos, zero3_config=zero3)
     except ValueError as err:
         raise UsageError(one_line(err)) from None
     run.n_params = fmodels.count_parameters(run.model)
@@ -295,12 +405,16 @@ def resume(run: Run) -> None:
     run.start_step = int(engine.global_steps)
     run.micro_step = int(client_state.get("micro_step", run.start_step * run.gas))
     run.data_seed = int(client_state.get("seed", a.seed))
-    old_layout = (int(client_state.get("world_size", run.dp_world)),
-                  int(client_state.get("micro_batch_size", run.micro)))
+    old_layout = (
+        int(client_state.get("world_size", run.dp_world)),
+        int(client_state.get("micro_batch_size", run.micro)),
+    )
     if old_layout != (run.dp_world, run.micro):
         run.micro_step = resume_micro_step(run.micro_step, len(run.train_set), old_layout, (run.dp_world, run.micro))
-        run.say(f"note: the checkpoint was written by {old_layout[0]} rank(s) x micro {old_layout[1]}; "
-                f"the data continues at micro-step {run.micro_step} of this layout")
+        run.say(
+            f"note: the checkpoint was written by {old_layout[0]} rank(s) x micro {old_layout[1]}; "
+            f"the data continues at micro-step {run.micro_step} of this layout"
+        )
     if run.data_seed != a.seed:
         run.say(f"note: keeping the checkpoint's data order (seed {run.data_seed}); --seed {a.seed} is ignored")
     tag_dir = run.save_dir / (run.save_dir / LATEST).read_text().strip()
@@ -309,8 +423,9 @@ def resume(run: Run) -> None:
         run.say(f"note: no saved random state for rank {run.rank}; random streams restart from --seed")
     if run.sam.ascent_every > 1:
         engine_file = tag_dir / ENGINE_FILE.format(rank=run.rank)
-        state = (torch.load(engine_file, weights_only=False) if engine_file.is_file()
-                 else client_state.get("fsam_engine"))
+        state = (
+            torch.load(engine_file, weights_only=False) if engine_file.is_file() else client_state.get("fsam_engine")
+        )
         try:
             engine.load_state_dict(state or {})
         except ValueError as err:
@@ -321,17 +436,21 @@ def open_data(run: Run) -> None:
     """6. This rank's batches from the data position, the opening lines, ``metrics.jsonl``."""
     a = run.args
     open_batches(run, run.micro, run.dp_world, a.eval_batches)
-    run.say(f"{run.sam.method} | model {a.model}: {run.n_params:,} parameters, vocab {len(run.tokenizer)} | "
-            f"data {a.dataset}: {len(run.train_set):,} train / {len(run.eval_set):,} eval blocks of {a.seq_len} | "
-            f"{run.dp_world} rank(s) x micro {run.micro} x accumulation {run.gas} = {run.tokens_per_step:,} "
-            f"tokens/step | device {run.device} | save-dir {run.save_dir}")
+    run.say(
+        f"{run.sam.method} | model {a.model}: {run.n_params:,} parameters, vocab {len(run.tokenizer)} | "
+        f"data {a.dataset}: {len(run.train_set):,} train / {len(run.eval_set):,} eval blocks of {a.seq_len} | "
+        f"{run.dp_world} rank(s) x micro {run.micro} x accumulation {run.gas} = {run.tokens_per_step:,} "
+        f"tokens/step | device {run.device} | save-dir {run.save_dir}"
+    )
     if a.resume:
         run.say(f"resumed from {run.load_path} at step {run.start_step} (micro-step {run.micro_step})")
     sched = run.ds_config.get("scheduler") or {}
     total = (sched.get("params") or {}).get("total_num_steps")
     if isinstance(total, int) and total < a.steps:
-        run.say(f"warning: scheduler.params.total_num_steps is {total} but --steps is {a.steps}; "
-                f"{sched.get('type')} keeps its final learning rate after step {total}")
+        run.say(
+            f"warning: scheduler.params.total_num_steps is {total} but --steps is {a.steps}; "
+            f"{sched.get('type')} keeps its final learning rate after step {total}"
+        )
     run.metrics = MetricsLog(run.save_dir / METRICS_FILE, run.is_main, run.start_step if a.resume else None)
 
 
@@ -341,9 +460,13 @@ def save(run: Run, step: int) -> None:
     import torch
 
     engine, save_dir = run.engine, run.save_dir
-    client_state = {"micro_step": run.micro_step, "seed": run.data_seed, "world_size": run.dp_world,
-                    "micro_batch_size": run.micro, "args": {k: v for k, v in vars(run.args).items()
-                                                            if k != "local_rank"}}
+    client_state = {
+        "micro_step": run.micro_step,
+        "seed": run.data_seed,
+        "world_size": run.dp_world,
+        "micro_batch_size": run.micro,
+        "args": {k: v for k, v in vars(run.args).items() if k != "local_rank"},
+    }
     tag = deepspeed_tag(step)
     if run.sam.ascent_every > 1:
         client_state["fsam_engine"] = engine.state_dict()
@@ -355,8 +478,9 @@ def save(run: Run, step: int) -> None:
     if run.sam.ascent_every > 1:
         torch.save(client_state["fsam_engine"], save_dir / tag / ENGINE_FILE.format(rank=run.rank))
     if run.is_main:
-        write_hf_meta(save_dir / tag / HF_META_DIR, run.model.config, run.tokenizer,
-                      getattr(run.model, "generation_config", None))
+        write_hf_meta(
+            save_dir / tag / HF_META_DIR, run.model.config, run.tokenizer, getattr(run.model, "generation_config", None)
+        )
     if not all_ranks_ok(True, run.device):
         raise RuntimeError("a rank failed while saving")
     if run.is_main:
@@ -368,14 +492,27 @@ def _log_step(run: Run, step: int, m: Dict[str, Any], log) -> None:
     """Rank 0: the step's record in ``metrics.jsonl`` and, every ``--log-every`` steps, a line."""
     a = run.args
     tokens_per_s = run.tokens_per_step / m["step_time"] if m["step_time"] > 0 else None
-    run.metrics.write({"step": step, "loss": m["loss"], "grad_norm": m["grad_norm"], "eps_norm": m["eps_norm"],
-                       "rho": m["rho"], "lr": m["lr"], "tokens_per_s": tokens_per_s, "method": m["method"],
-                       "skipped": m["skipped"], "step_time": m["step_time"],
-                       **{k: m[k] for k in OPTIONAL_STEP_METRICS + SHARPNESS_METRICS if k in m}})
+    run.metrics.write(
+        {
+            "step": step,
+            "loss": m["loss"],
+            "grad_norm": m["grad_norm"],
+            "eps_norm": m["eps_norm"],
+            "rho": m["rho"],
+            "lr": m["lr"],
+            "tokens_per_s": tokens_per_s,
+            "method": m["method"],
+            "skipped": m["skipped"],
+            "step_time": m["step_time"],
+            **{k: m[k] for k in OPTIONAL_STEP_METRICS + SHARPNESS_METRICS if k in m},
+        }
+    )
     if step % a.log_every == 0 or step == a.steps:
-        log(f"step {step}/{a.steps} | {m['method']} | loss {m['loss']:.4f} | "
+        log(
+            f"step {step}/{a.steps} | {m['method']} | loss {m['loss']:.4f} | "
             f"||g|| {fmt(m['grad_norm'], '.4f')} | ||eps|| {m['eps_norm']:.4f} | lr {m['lr']:.3e} | "
-            f"{fmt(tokens_per_s, ',.0f')} tok/s" + (" | skipped (overflow)" if m["skipped"] else ""))
+            f"{fmt(tokens_per_s, ',.0f')} tok/s" + (" | skipped (overflow)" if m["skipped"] else "")
+        )
 
 
 @dataclass
@@ -395,8 +532,9 @@ def train_loop(run: Run) -> LoopEnd:
 
     a, engine = run.args, run.engine
     show_bar = run.is_main and not a.no_progress and sys.stderr.isatty()
-    bar = tqdm(total=a.steps, initial=min(run.start_step, a.steps), disable=not show_bar, unit="step",
-               dynamic_ncols=True)
+    bar = tqdm(
+        total=a.steps, initial=min(run.start_step, a.steps), disable=not show_bar, unit="step", dynamic_ncols=True
+    )
     log = bar.write if show_bar else (lambda s: print(s, flush=True))
     end = LoopEnd(step=run.start_step, last_eval=None, last_eval_step=-1, last_saved_step=-1)
     while end.step < a.steps:
@@ -446,6 +584,7 @@ def main(argv: Optional[List[str]] = None, *, destroy_process_group: Optional[bo
     existed before the call is never destroyed."""
     if destroy_process_group is None:
         destroy_process_group = argv is None
+
     def initialized() -> bool:  # without importing torch where nothing has yet (argument errors stay fast)
         dist = sys.modules.get("torch.distributed")
         return bool(dist is not None and dist.is_available() and dist.is_initialized())
@@ -468,9 +607,14 @@ def _main(argv: Optional[List[str]] = None) -> int:
     """The phases in order; a refusal at any of them is one line and exit status 2."""
     from fsam_ds.config import FSAMConfigError
 
-    return run_phases(PROG, argv, parse, (set_up, load_data, build, resume, open_data),
-                      lambda run: finish(run, train_loop(run)),
-                      refused=(UsageError, FSAMConfigError, ValueError, FileNotFoundError))
+    return run_phases(
+        PROG,
+        argv,
+        parse,
+        (set_up, load_data, build, resume, open_data),
+        lambda run: finish(run, train_loop(run)),
+        refused=(UsageError, FSAMConfigError, ValueError, FileNotFoundError),
+    )
 
 
 def cli() -> None:

@@ -8,6 +8,7 @@ change, FSAMTrainer in place of Trainer; the method comes from the DeepSpeed JSO
 Trains a size preset on the embedded corpus (or --dataset), logs loss, grad_norm, eps_norm and rho
 every step, saves Trainer checkpoints (--save-steps; resume with --resume) and evaluates at the end.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -31,7 +32,7 @@ class Blocks(torch.utils.data.Dataset):
         return (len(self.ids) - 1) // self.seq_len
 
     def __getitem__(self, i):
-        return {"input_ids": self.ids[i * self.seq_len:(i + 1) * self.seq_len]}
+        return {"input_ids": self.ids[i * self.seq_len : (i + 1) * self.seq_len]}
 
 
 def main():
@@ -64,16 +65,32 @@ def main():
         PartialState(backend="gloo")
         accelerator_config = {"use_configured_state": True}
     targs = TrainingArguments(
-        output_dir=args.output_dir, max_steps=args.steps, per_device_train_batch_size=args.batch_size,
-        per_device_eval_batch_size=args.batch_size, gradient_accumulation_steps=args.gradient_accumulation_steps,
-        learning_rate=args.lr, weight_decay=0.1, adam_beta2=0.95, max_grad_norm=1.0, warmup_steps=10,
-        lr_scheduler_type="cosine", bf16=args.bf16, logging_steps=1, save_steps=args.save_steps,
-        report_to="none", deepspeed=args.deepspeed_config, accelerator_config=accelerator_config,
-        disable_tqdm=True)
+        output_dir=args.output_dir,
+        max_steps=args.steps,
+        per_device_train_batch_size=args.batch_size,
+        per_device_eval_batch_size=args.batch_size,
+        gradient_accumulation_steps=args.gradient_accumulation_steps,
+        learning_rate=args.lr,
+        weight_decay=0.1,
+        adam_beta2=0.95,
+        max_grad_norm=1.0,
+        warmup_steps=10,
+        lr_scheduler_type="cosine",
+        bf16=args.bf16,
+        logging_steps=1,
+        save_steps=args.save_steps,
+        report_to="none",
+        deepspeed=args.deepspeed_config,
+        accelerator_config=accelerator_config,
+        disable_tqdm=True,
+    )
     trainer = FSAMTrainer(
-        model=model, args=targs, train_dataset=Blocks(token_ids(train_texts, tokenizer), args.seq_len),
+        model=model,
+        args=targs,
+        train_dataset=Blocks(token_ids(train_texts, tokenizer), args.seq_len),
         eval_dataset=Blocks(token_ids(eval_texts, tokenizer), args.seq_len),
-        data_collator=DataCollatorForLanguageModeling(tokenizer, mlm=False))
+        data_collator=DataCollatorForLanguageModeling(tokenizer, mlm=False),
+    )
     trainer.train(resume_from_checkpoint=True if args.resume else None)
     metrics = trainer.evaluate()
     if trainer.is_world_process_zero():

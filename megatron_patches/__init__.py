@@ -19,8 +19,10 @@ __all__ = ["MegatronSAM", "fsam_train_step", "install", "add_sam_args", "sam_con
 def __getattr__(name):
     if name == "MegatronSAM":
         from .sam import MegatronSAM
+
         return MegatronSAM
     if name in ("fsam_train_step", "install", "add_sam_args", "sam_config_from_args"):
         from . import megatron_lm
+
         return getattr(megatron_lm, name)
     raise AttributeError(name)

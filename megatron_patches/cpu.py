@@ -45,6 +45,7 @@ What it changes (megatron-core 0.16.1; file:line into ``megatron/core``):
     ``fully_reshardable`` loader raises ``KeyError: 'step'`` (:940). Each parameter gets its own,
     correct step again. Applied on every machine where megatron-core runs without apex/TE.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -123,16 +124,17 @@ def _patch_current_device():
 
 
 def _patch_rng():
-    from megatron.core.tensor_parallel import random as R
     import megatron.core.tensor_parallel as TP
+    from megatron.core.tensor_parallel import random as R
 
     def initialize_rng_tracker(*args, force_reset=False, **kwargs):
         if force_reset or not R._CUDA_RNG_STATE_TRACKER_INITIALIZED:
             R._CUDA_RNG_STATE_TRACKER = CPURNGStatesTracker()
             R._CUDA_RNG_STATE_TRACKER_INITIALIZED = True
 
-    def model_parallel_cuda_manual_seed(seed, *args, tp_rank=None, ep_rank=None, etp_rank=None,
-                                        force_reset_rng=False, **kwargs):
+    def model_parallel_cuda_manual_seed(
+        seed, *args, tp_rank=None, ep_rank=None, etp_rank=None, force_reset_rng=False, **kwargs
+    ):
         tp_rank = R.get_tensor_model_parallel_rank() if tp_rank is None else tp_rank
         ep_rank = R.get_expert_model_parallel_rank() if ep_rank is None else ep_rank
         etp_rank = R.get_expert_tensor_parallel_rank() if etp_rank is None else etp_rank
@@ -187,7 +189,7 @@ def _patch_tensor_type():
             name = original(self)
             caller = sys._getframe(1).f_globals.get("__name__", "")
             if caller.startswith("megatron.") and name.startswith("torch.") and not name.startswith("torch.cuda."):
-                return "torch.cuda." + name[len("torch."):]
+                return "torch.cuda." + name[len("torch.") :]
             return name
         return original(self, dtype, non_blocking, **kwargs)
 
@@ -244,10 +246,15 @@ def _patch_distopt_step():
     DO.DistributedOptimizer._set_main_param_and_optimizer_states = _set_main_param_and_optimizer_states
 
 
-_CPU_PATCHES = (("current_device", _patch_current_device), ("rng", _patch_rng),
-                ("cuda_literals", _patch_cuda_literals), ("tensor_type", _patch_tensor_type),
-                ("tensor_cuda", _patch_tensor_cuda), ("cuda_sync", _patch_cuda_sync),
-                ("p2p_pairs", _patch_p2p_pairs))
+_CPU_PATCHES = (
+    ("current_device", _patch_current_device),
+    ("rng", _patch_rng),
+    ("cuda_literals", _patch_cuda_literals),
+    ("tensor_type", _patch_tensor_type),
+    ("tensor_cuda", _patch_tensor_cuda),
+    ("cuda_sync", _patch_cuda_sync),
+    ("p2p_pairs", _patch_p2p_pairs),
+)
 
 
 def apply() -> list:

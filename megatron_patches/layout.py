@@ -28,6 +28,7 @@ halves (each rank holds ``[gate shard; up shard]``), the columns of ``linear_pro
 ``linear_fc2``. Norms are replicated. Pipeline stages hold consecutive layers; a local layer's
 global number is its ``layer_number - 1``.
 """
+
 from __future__ import annotations
 
 import re
@@ -45,6 +46,7 @@ class LayoutError(ValueError):
 
 # ---- configs ------------------------------------------------------------------------------------
 
+
 def rope_theta_of(hf_config) -> float:
     theta = getattr(hf_config, "rope_theta", None)
     if theta is None:
@@ -60,11 +62,16 @@ def check_llama(hf_config) -> None:
     arch = getattr(hf_config, "model_type", None)
     if arch != "llama":
         raise LayoutError(f"model_type {arch!r} is not supported for megatron-core; accepted: 'llama'")
-    for key, ok in (("hidden_act", lambda v: v == "silu"), ("attention_bias", lambda v: not v),
-                    ("mlp_bias", lambda v: not v)):
+    for key, ok in (
+        ("hidden_act", lambda v: v == "silu"),
+        ("attention_bias", lambda v: not v),
+        ("mlp_bias", lambda v: not v),
+    ):
         if hasattr(hf_config, key) and not ok(getattr(hf_config, key)):
-            raise LayoutError(f"{key}={getattr(hf_config, key)!r} is not supported for megatron-core; "
-                              "accepted: hidden_act 'silu', attention_bias false, mlp_bias false")
+            raise LayoutError(
+                f"{key}={getattr(hf_config, key)!r} is not supported for megatron-core; "
+                "accepted: hidden_act 'silu', attention_bias false, mlp_bias false"
+            )
     rope_theta_of(hf_config)
 
 
@@ -77,25 +84,45 @@ def transformer_config(hf_config, tp: int = 1, pp: int = 1, dtype: torch.dtype =
     groups = getattr(hf_config, "num_key_value_heads", None) or heads
     head_dim = getattr(hf_config, "head_dim", None) or hf_config.hidden_size // heads
     if hf_config.num_hidden_layers % pp:
-        raise LayoutError(f"num_hidden_layers {hf_config.num_hidden_layers} is not divisible by the "
-                          f"pipeline-parallel size {pp}")
+        raise LayoutError(
+            f"num_hidden_layers {hf_config.num_hidden_layers} is not divisible by the pipeline-parallel size {pp}"
+        )
     if groups % tp or heads % tp:
-        raise LayoutError(f"num_key_value_heads {groups} and num_attention_heads {heads} must be divisible "
-                          f"by the tensor-parallel size {tp}")
+        raise LayoutError(
+            f"num_key_value_heads {groups} and num_attention_heads {heads} must be divisible "
+            f"by the tensor-parallel size {tp}"
+        )
     if hf_config.vocab_size % tp:
         raise LayoutError(f"vocab_size {hf_config.vocab_size} is not divisible by the tensor-parallel size {tp}")
     kw = dict(
-        num_layers=hf_config.num_hidden_layers, hidden_size=hf_config.hidden_size,
-        num_attention_heads=heads, num_query_groups=groups, kv_channels=head_dim,
-        ffn_hidden_size=hf_config.intermediate_size, normalization="RMSNorm",
-        layernorm_epsilon=float(hf_config.rms_norm_eps), gated_linear_unit=True,
-        activation_func=torch.nn.functional.silu, add_bias_linear=False, add_qkv_bias=False,
-        hidden_dropout=0.0, attention_dropout=float(getattr(hf_config, "attention_dropout", 0.0) or 0.0),
+        num_layers=hf_config.num_hidden_layers,
+        hidden_size=hf_config.hidden_size,
+        num_attention_heads=heads,
+        num_query_groups=groups,
+        kv_channels=head_dim,
+        ffn_hidden_size=hf_config.intermediate_size,
+        normalization="RMSNorm",
+        layernorm_epsilon=float(hf_config.rms_norm_eps),
+        gated_linear_unit=True,
+        activation_func=torch.nn.functional.silu,
+        add_bias_linear=False,
+        add_qkv_bias=False,
+        hidden_dropout=0.0,
+        attention_dropout=float(getattr(hf_config, "attention_dropout", 0.0) or 0.0),
         init_method_std=float(getattr(hf_config, "initializer_range", 0.02)),
-        use_cpu_initialization=True, tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
-        params_dtype=dtype, pipeline_dtype=dtype, bf16=dtype == torch.bfloat16, fp16=dtype == torch.float16,
-        bias_activation_fusion=False, bias_dropout_fusion=False, masked_softmax_fusion=False,
-        apply_rope_fusion=False, persist_layer_norm=False, gradient_accumulation_fusion=False,
+        use_cpu_initialization=True,
+        tensor_model_parallel_size=tp,
+        pipeline_model_parallel_size=pp,
+        params_dtype=dtype,
+        pipeline_dtype=dtype,
+        bf16=dtype == torch.bfloat16,
+        fp16=dtype == torch.float16,
+        bias_activation_fusion=False,
+        bias_dropout_fusion=False,
+        masked_softmax_fusion=False,
+        apply_rope_fusion=False,
+        persist_layer_norm=False,
+        gradient_accumulation_fusion=False,
     )
     kw.update(overrides)
     return TransformerConfig(**kw)
@@ -109,15 +136,21 @@ def build_gpt(hf_config, config, vp_stage: Optional[int] = None):
 
     kw = {} if vp_stage is None else {"vp_stage": vp_stage}
     return GPTModel(
-        config=config, transformer_layer_spec=get_gpt_layer_local_spec(normalization="RMSNorm"),
-        vocab_size=hf_config.vocab_size, max_sequence_length=hf_config.max_position_embeddings,
+        config=config,
+        transformer_layer_spec=get_gpt_layer_local_spec(normalization="RMSNorm"),
+        vocab_size=hf_config.vocab_size,
+        max_sequence_length=hf_config.max_position_embeddings,
         pre_process=ps.is_pipeline_first_stage(ignore_virtual=vp_stage is None, vp_stage=vp_stage),
         post_process=ps.is_pipeline_last_stage(ignore_virtual=vp_stage is None, vp_stage=vp_stage),
         share_embeddings_and_output_weights=bool(getattr(hf_config, "tie_word_embeddings", False)),
-        position_embedding_type="rope", rotary_base=rope_theta_of(hf_config), **kw)
+        position_embedding_type="rope",
+        rotary_base=rope_theta_of(hf_config),
+        **kw,
+    )
 
 
 # ---- Hugging Face <-> full megatron -------------------------------------------------------------
+
 
 def _dims(hf_config):
     heads = hf_config.num_attention_heads
@@ -130,8 +163,10 @@ def hf_to_megatron(hf_sd: Mapping[str, torch.Tensor], hf_config) -> Dict[str, to
     """A Hugging Face Llama state dict in full-megatron naming (see the module docstring)."""
     heads, groups, hd = _dims(hf_config)
     qpg = heads // groups
-    out = {"embedding.word_embeddings.weight": hf_sd["model.embed_tokens.weight"],
-           "decoder.final_layernorm.weight": hf_sd["model.norm.weight"]}
+    out = {
+        "embedding.word_embeddings.weight": hf_sd["model.embed_tokens.weight"],
+        "decoder.final_layernorm.weight": hf_sd["model.norm.weight"],
+    }
     if not getattr(hf_config, "tie_word_embeddings", False):
         out["output_layer.weight"] = hf_sd["lm_head.weight"]
     for i in range(hf_config.num_hidden_layers):
@@ -143,8 +178,9 @@ def hf_to_megatron(hf_sd: Mapping[str, torch.Tensor], hf_config) -> Dict[str, to
         out[m + "self_attention.linear_proj.weight"] = hf_sd[h + "self_attn.o_proj.weight"]
         out[m + "input_layernorm.weight"] = hf_sd[h + "input_layernorm.weight"]
         out[m + "pre_mlp_layernorm.weight"] = hf_sd[h + "post_attention_layernorm.weight"]
-        out[m + "mlp.linear_fc1.weight"] = torch.cat([hf_sd[h + "mlp.gate_proj.weight"],
-                                                      hf_sd[h + "mlp.up_proj.weight"]], 0)
+        out[m + "mlp.linear_fc1.weight"] = torch.cat(
+            [hf_sd[h + "mlp.gate_proj.weight"], hf_sd[h + "mlp.up_proj.weight"]], 0
+        )
         out[m + "mlp.linear_fc2.weight"] = hf_sd[h + "mlp.down_proj.weight"]
     return out
 
@@ -156,8 +192,10 @@ def megatron_to_hf(meg_sd: Mapping[str, torch.Tensor], hf_config) -> Dict[str, t
     missing = [k for k in ("embedding.word_embeddings.weight", "decoder.final_layernorm.weight") if k not in meg_sd]
     if missing:
         raise LayoutError(f"megatron weights lack {missing}")
-    out = {"model.embed_tokens.weight": meg_sd["embedding.word_embeddings.weight"],
-           "model.norm.weight": meg_sd["decoder.final_layernorm.weight"]}
+    out = {
+        "model.embed_tokens.weight": meg_sd["embedding.word_embeddings.weight"],
+        "model.norm.weight": meg_sd["decoder.final_layernorm.weight"],
+    }
     if getattr(hf_config, "tie_word_embeddings", False):
         out["lm_head.weight"] = meg_sd["embedding.word_embeddings.weight"]
     else:
@@ -171,8 +209,8 @@ def megatron_to_hf(meg_sd: Mapping[str, torch.Tensor], hf_config) -> Dict[str, t
         qkv = meg_sd[m + "self_attention.linear_qkv.weight"]
         qkv = qkv.reshape(groups, (qpg + 2) * hd, -1)
         out[h + "self_attn.q_proj.weight"] = qkv[:, : qpg * hd].reshape(heads * hd, -1)
-        out[h + "self_attn.k_proj.weight"] = qkv[:, qpg * hd: (qpg + 1) * hd].reshape(groups * hd, -1)
-        out[h + "self_attn.v_proj.weight"] = qkv[:, (qpg + 1) * hd:].reshape(groups * hd, -1)
+        out[h + "self_attn.k_proj.weight"] = qkv[:, qpg * hd : (qpg + 1) * hd].reshape(groups * hd, -1)
+        out[h + "self_attn.v_proj.weight"] = qkv[:, (qpg + 1) * hd :].reshape(groups * hd, -1)
         out[h + "self_attn.o_proj.weight"] = meg_sd[m + "self_attention.linear_proj.weight"]
         out[h + "input_layernorm.weight"] = meg_sd[m + "input_layernorm.weight"]
         out[h + "post_attention_layernorm.weight"] = meg_sd[m + "pre_mlp_layernorm.weight"]
@@ -184,6 +222,7 @@ def megatron_to_hf(meg_sd: Mapping[str, torch.Tensor], hf_config) -> Dict[str, t
 
 
 # ---- full megatron <-> this rank's stage ----------------------------------------------------------
+
 
 def unwrap(module):
     """The ``GPTModel`` inside DDP / Float16Module wrappers."""

@@ -12,6 +12,7 @@ Recipe for a Megatron-LM user (``pretrain_gpt.py`` or a script like it)::
 and on the command line ``--sam-type PreconditionedFunctionalSAM --sam-rho 0.1``. With
 ``--sam-type AdamW`` (the default) Megatron-LM's own ``train_step`` runs unchanged.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -26,9 +27,14 @@ from fsam_ds.names import METHODS, PRECONDITION_NORMS
 from .sam import MegatronSAM, check_sam_config
 
 #: Megatron-style flags and the optimizer.params keys of the DeepSpeed JSON they correspond to.
-SAM_FLAGS = {"sam_rho": "rho", "sam_precondition_norm": "precondition_norm",
-             "sam_rho_warmup_steps": "rho_warmup_steps", "sam_logit_grad_cache": "logit_grad_cache",
-             "sam_ascent_every": "ascent_every", "sam_ascent_direction": "ascent_direction"}
+SAM_FLAGS = {
+    "sam_rho": "rho",
+    "sam_precondition_norm": "precondition_norm",
+    "sam_rho_warmup_steps": "rho_warmup_steps",
+    "sam_logit_grad_cache": "logit_grad_cache",
+    "sam_ascent_every": "ascent_every",
+    "sam_ascent_direction": "ascent_direction",
+}
 #: How errors call the method's settings here: by their flags.
 SAM_TYPE_FLAG = "--sam-type"
 FLAG_OF_KEY = {key: "--" + dest.replace("_", "-") for dest, key in SAM_FLAGS.items()}
@@ -39,20 +45,37 @@ def add_sam_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     ``--sam-logit-grad-cache``, ``--sam-ascent-every``, ``--sam-ascent-direction`` (usable as
     Megatron-LM's ``extra_args_provider``)."""
     group = parser.add_argument_group("fsam-ds (SAM / Functional-SAM)")
-    group.add_argument("--sam-type", default="AdamW",
-                       help=f"one of {', '.join(METHODS)} (any case); AdamW runs the plain step")
+    group.add_argument(
+        "--sam-type", default="AdamW", help=f"one of {', '.join(METHODS)} (any case); AdamW runs the plain step"
+    )
     group.add_argument("--sam-rho", type=float, default=SAM_DEFAULTS["rho"], help="perturbation radius (>= 0)")
-    group.add_argument("--sam-precondition-norm", default=SAM_DEFAULTS["precondition_norm"],
-                       help=f"preconditioned types: {' or '.join(PRECONDITION_NORMS)}")
-    group.add_argument("--sam-rho-warmup-steps", type=int, default=SAM_DEFAULTS["rho_warmup_steps"],
-                       help="rho ramps linearly from 0 over this many applied AdamW updates (a skipped step "
-                            "does not count)")
-    group.add_argument("--sam-logit-grad-cache", default=SAM_DEFAULTS["logit_grad_cache"],
-                       help="functional types: where g_F waits for pass 2, device or host")
-    group.add_argument("--sam-ascent-every", type=int, default=SAM_DEFAULTS["ascent_every"],
-                       help="compute the ascent direction every k optimizer steps and reuse it in between (1: exact)")
-    group.add_argument("--sam-ascent-direction", default=SAM_DEFAULTS["ascent_direction"],
-                       help="gradient, or momentum (from AdamW's first moment after its first update)")
+    group.add_argument(
+        "--sam-precondition-norm",
+        default=SAM_DEFAULTS["precondition_norm"],
+        help=f"preconditioned types: {' or '.join(PRECONDITION_NORMS)}",
+    )
+    group.add_argument(
+        "--sam-rho-warmup-steps",
+        type=int,
+        default=SAM_DEFAULTS["rho_warmup_steps"],
+        help="rho ramps linearly from 0 over this many applied AdamW updates (a skipped step does not count)",
+    )
+    group.add_argument(
+        "--sam-logit-grad-cache",
+        default=SAM_DEFAULTS["logit_grad_cache"],
+        help="functional types: where g_F waits for pass 2, device or host",
+    )
+    group.add_argument(
+        "--sam-ascent-every",
+        type=int,
+        default=SAM_DEFAULTS["ascent_every"],
+        help="compute the ascent direction every k optimizer steps and reuse it in between (1: exact)",
+    )
+    group.add_argument(
+        "--sam-ascent-direction",
+        default=SAM_DEFAULTS["ascent_direction"],
+        help="gradient, or momentum (from AdamW's first moment after its first update)",
+    )
     return parser
 
 
@@ -70,6 +93,7 @@ def sam_config_from_args(args) -> SAMConfig:
 def _megatron_lm_args():
     try:
         from megatron.training import get_args
+
         return get_args()
     except (ImportError, AssertionError, AttributeError):
         return None
@@ -128,14 +152,28 @@ def check_rerun_mode(machine=None) -> None:
     mode = machine.get_mode()
     if mode != RerunMode.DISABLED:
         value = getattr(mode, "value", mode)
-        raise FSAMConfigError(f"--rerun-mode {value} is not supported by the SAM types (the step replays its "
-                              "micro-batches itself for pass 2); accepted: --rerun-mode disabled")
+        raise FSAMConfigError(
+            f"--rerun-mode {value} is not supported by the SAM types (the step replays its "
+            "micro-batches itself for pass 2); accepted: --rerun-mode disabled"
+        )
 
 
-def fsam_train_step(forward_step_func, data_iterator, model, optimizer, opt_param_scheduler, config,
-                    forward_backward_func=None, iteration=None, *, sam: Optional[SAMConfig] = None,
-                    num_microbatches: Optional[int] = None, seq_length: Optional[int] = None,
-                    micro_batch_size: Optional[int] = None, decoder_seq_length: Optional[int] = None):
+def fsam_train_step(
+    forward_step_func,
+    data_iterator,
+    model,
+    optimizer,
+    opt_param_scheduler,
+    config,
+    forward_backward_func=None,
+    iteration=None,
+    *,
+    sam: Optional[SAMConfig] = None,
+    num_microbatches: Optional[int] = None,
+    seq_length: Optional[int] = None,
+    micro_batch_size: Optional[int] = None,
+    decoder_seq_length: Optional[int] = None,
+):
     """Megatron-LM's ``train_step`` (megatron/training/training.py, core 0.16) running the method.
 
     Returns what Megatron-LM's returns: ``(loss_reduced, skipped_iter, should_checkpoint,
@@ -158,6 +196,7 @@ def fsam_train_step(forward_step_func, data_iterator, model, optimizer, opt_para
     if num_microbatches is None:
         try:
             from megatron.core.num_microbatches_calculator import get_num_microbatches
+
             num_microbatches = get_num_microbatches()
         except (ImportError, AssertionError, AttributeError):
             raise ValueError("fsam_train_step outside Megatron-LM needs num_microbatches") from None
@@ -171,18 +210,26 @@ def fsam_train_step(forward_step_func, data_iterator, model, optimizer, opt_para
     check_rerun_mode(machine)
     forward_backward_func = forward_backward_func or get_forward_backward_func()
     runner = _runner(model, optimizer, sam)
-    kw = dict(num_microbatches=num_microbatches, seq_length=seq_length, micro_batch_size=micro_batch_size,
-              decoder_seq_length=decoder_seq_length, iteration=iteration)
+    kw = dict(
+        num_microbatches=num_microbatches,
+        seq_length=seq_length,
+        micro_batch_size=micro_batch_size,
+        decoder_seq_length=decoder_seq_length,
+        iteration=iteration,
+    )
     if machine is None:
         losses, update_successful, grad_norm, num_zeros = runner.step(
-            forward_backward_func, forward_step_func, data_iterator, **kw)
+            forward_backward_func, forward_step_func, data_iterator, **kw
+        )
     else:  # as Megatron-LM's train_step (the disabled mode runs the loop body exactly once)
         runs = 0
         while machine.should_run_forward_backward(data_iterator):
             runs += 1
             if runs > 1:
-                raise RuntimeError("the rerun state machine asked to run the step again; the SAM types "
-                                   "support --rerun-mode disabled only")
+                raise RuntimeError(
+                    "the rerun state machine asked to run the step again; the SAM types "
+                    "support --rerun-mode disabled only"
+                )
             losses = runner.forward_backward(forward_backward_func, forward_step_func, data_iterator, **kw)
         should_checkpoint, should_exit, exit_code = machine.should_checkpoint_and_exit()
         if should_exit:

@@ -21,11 +21,11 @@ Checkpoints: ``<save>/iter_NNNNNNN/`` (megatron-core ``dist_checkpointing``, loa
 other TP/PP/DP layout) with ``hf/`` inside (config and tokenizer, for ``fsam-convert``), and
 ``<save>/latest_checkpointed_iteration.txt``, written only after every rank finished writing.
 """
+
 from __future__ import annotations
 
 import argparse
 import os
-import sys
 import time
 from dataclasses import dataclass
 from functools import partial
@@ -34,9 +34,25 @@ from typing import Any, List, Optional
 
 from fsam_ds.names import EVAL_LOSS, HF_META_DIR, METRICS_FILE, megatron_iteration_dir
 from fsam_ds.names import MEGATRON_LATEST as LATEST
-from fsam_ds.runkit import (Formatter, MetricsLog, Parser, RunBase, UsageError, cpu_threads_per_rank, fmt,
-                            int_at_least, one_line, open_batches, prepare_data_in_turn, preset_names, publish_latest,
-                            resume_micro_step, run_phases, seed_everything, write_hf_meta)
+from fsam_ds.runkit import (
+    Formatter,
+    MetricsLog,
+    Parser,
+    RunBase,
+    UsageError,
+    cpu_threads_per_rank,
+    fmt,
+    int_at_least,
+    one_line,
+    open_batches,
+    prepare_data_in_turn,
+    preset_names,
+    publish_latest,
+    resume_micro_step,
+    run_phases,
+    seed_everything,
+    write_hf_meta,
+)
 
 PROG = "fsam-megatron-train"
 LR_DECAY_STYLES = ("constant", "linear", "cosine")
@@ -45,19 +61,36 @@ LR_DECAY_STYLES = ("constant", "linear", "cosine")
 def build_parser() -> argparse.ArgumentParser:
     from .megatron_lm import add_sam_args
 
-    p = Parser(prog=PROG, formatter_class=Formatter,
-                description="Train a Llama-style causal LM with megatron-core (TP x PP x DP, distributed "
-                            "optimizer) and AdamW / SAM / Functional-SAM, preconditioned or not.")
-    p.add_argument("--model", default="2m", help="preset (tiny, 2m, 24m, 42m, 118m, 1.2b) or a local Hugging Face "
-                   "Llama folder")
-    p.add_argument("--dataset", default="default", help="as fsam-train: 'default', a .txt file or folder, or a "
-                   "Hugging Face dataset name")
+    p = Parser(
+        prog=PROG,
+        formatter_class=Formatter,
+        description="Train a Llama-style causal LM with megatron-core (TP x PP x DP, distributed "
+        "optimizer) and AdamW / SAM / Functional-SAM, preconditioned or not.",
+    )
+    p.add_argument(
+        "--model", default="2m", help="preset (tiny, 2m, 24m, 42m, 118m, 1.2b) or a local Hugging Face Llama folder"
+    )
+    p.add_argument(
+        "--dataset",
+        default="default",
+        help="as fsam-train: 'default', a .txt file or folder, or a Hugging Face dataset name",
+    )
     p.add_argument("--tokenizer", default=None, help="as fsam-train (default: a BPE trained on the training texts)")
-    p.add_argument("--seq-len", "--seq-length", dest="seq_len", type=int_at_least(2), default=128,
-                   help="tokens per sequence the model sees")
+    p.add_argument(
+        "--seq-len",
+        "--seq-length",
+        dest="seq_len",
+        type=int_at_least(2),
+        default=128,
+        help="tokens per sequence the model sees",
+    )
     p.add_argument("--micro-batch-size", type=int_at_least(1), default=4)
-    p.add_argument("--global-batch-size", type=int_at_least(1), default=None,
-                   help="sequences per iteration (default: micro batch x data-parallel size)")
+    p.add_argument(
+        "--global-batch-size",
+        type=int_at_least(1),
+        default=None,
+        help="sequences per iteration (default: micro batch x data-parallel size)",
+    )
     p.add_argument("--train-iters", type=int_at_least(0), default=200)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--min-lr", type=float, default=0.0)
@@ -76,8 +109,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--save", default=None, help="checkpoint folder (default: runs/mcore-<method>-<model>)")
     p.add_argument("--save-interval", type=int_at_least(0), default=0, help="0: only at the end")
     p.add_argument("--load", default=None, help="resume from the latest checkpoint in this folder")
-    p.add_argument("--ckpt-step", type=int_at_least(0), default=None,
-                   help="with --load: resume from this iteration's checkpoint instead of the latest")
+    p.add_argument(
+        "--ckpt-step",
+        type=int_at_least(0),
+        default=None,
+        help="with --load: resume from this iteration's checkpoint instead of the latest",
+    )
     p.add_argument("--eval-interval", type=int_at_least(0), default=50, help="0: only at the end")
     p.add_argument("--eval-iters", type=int_at_least(1), default=20, help="evaluation micro-batches per DP rank")
     p.add_argument("--log-interval", type=int_at_least(1), default=1)
@@ -92,16 +129,21 @@ def validate(args, world: int):
     sam = sam_config_from_args(args)
     tp, pp = args.tensor_model_parallel_size, args.pipeline_model_parallel_size
     if world % (tp * pp):
-        raise UsageError(f"--tensor-model-parallel-size {tp} x --pipeline-model-parallel-size {pp} does not divide "
-                         f"the world size {world}")
+        raise UsageError(
+            f"--tensor-model-parallel-size {tp} x --pipeline-model-parallel-size {pp} does not divide "
+            f"the world size {world}"
+        )
     dp = world // (tp * pp)
     gbs = args.global_batch_size or args.micro_batch_size * dp
     if gbs % (args.micro_batch_size * dp):
-        raise UsageError(f"--global-batch-size {gbs} is not a multiple of --micro-batch-size "
-                         f"{args.micro_batch_size} x data-parallel size {dp}")
+        raise UsageError(
+            f"--global-batch-size {gbs} is not a multiple of --micro-batch-size "
+            f"{args.micro_batch_size} x data-parallel size {dp}"
+        )
     if args.lr_decay_style not in LR_DECAY_STYLES:
-        raise UsageError(f"--lr-decay-style {args.lr_decay_style!r} is not supported; accepted: "
-                         f"{', '.join(LR_DECAY_STYLES)}")
+        raise UsageError(
+            f"--lr-decay-style {args.lr_decay_style!r} is not supported; accepted: {', '.join(LR_DECAY_STYLES)}"
+        )
     for name in ("lr", "min_lr", "weight_decay", "clip_grad"):
         if getattr(args, name) < 0:
             raise UsageError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
@@ -111,8 +153,10 @@ def validate(args, world: int):
     if args.model not in presets:
         folder = Path(args.model).expanduser()
         if not (folder / "config.json").is_file():
-            raise UsageError(f"--model {args.model!r} is neither a preset (accepted: {', '.join(presets)}) nor a "
-                             "local Hugging Face model folder with config.json")
+            raise UsageError(
+                f"--model {args.model!r} is neither a preset (accepted: {', '.join(presets)}) nor a "
+                "local Hugging Face model folder with config.json"
+            )
     if args.load is not None:
         latest = Path(args.load) / LATEST
         if not latest.is_file():
@@ -125,8 +169,10 @@ def validate(args, world: int):
             raise UsageError("--ckpt-step needs --load")
         if not (Path(args.load) / megatron_iteration_dir(args.ckpt_step)).is_dir():
             have = sorted(int(d.name[5:]) for d in Path(args.load).glob("iter_*") if d.name[5:].isdigit())
-            raise UsageError(f"--ckpt-step {args.ckpt_step}: no such checkpoint in {args.load!r}; accepted: "
-                             f"{', '.join(map(str, have)) or 'none'}")
+            raise UsageError(
+                f"--ckpt-step {args.ckpt_step}: no such checkpoint in {args.load!r}; accepted: "
+                f"{', '.join(map(str, have)) or 'none'}"
+            )
     model_name = args.model if args.model in presets else Path(args.model).resolve().name
     save = Path(args.save) if args.save else Path("runs") / f"mcore-{sam.method.lower()}-{model_name}"
     return sam, dp, gbs // (args.micro_batch_size * dp), save, args.model in presets
@@ -138,8 +184,9 @@ def _hf_config(args, vocab: Optional[int], is_preset: bool):
     from fsam_ds.models import PRESETS, llama_config
 
     if is_preset:
-        return llama_config(args.model, vocab_size=vocab, max_seq_len=max(args.seq_len + 1,
-                                                                           PRESETS[args.model].max_position_embeddings))
+        return llama_config(
+            args.model, vocab_size=vocab, max_seq_len=max(args.seq_len + 1, PRESETS[args.model].max_position_embeddings)
+        )
     return AutoConfig.from_pretrained(args.model, local_files_only=True)
 
 
@@ -196,8 +243,16 @@ def parse(argv: Optional[List[str]]) -> Run:
     args = build_parser().parse_args(argv)
     _require_megatron_core()
     sam, dp, num_micro, save_dir, is_preset = validate(args, world)
-    return Run(args=args, sam=sam, dp=dp, num_micro=num_micro, save_dir=save_dir, is_preset=is_preset, world=world,
-               data_seed=args.seed)
+    return Run(
+        args=args,
+        sam=sam,
+        dp=dp,
+        num_micro=num_micro,
+        save_dir=save_dir,
+        is_preset=is_preset,
+        world=world,
+        data_seed=args.seed,
+    )
 
 
 def _require_megatron_core() -> None:
@@ -228,6 +283,7 @@ def set_up(run: Run) -> None:
     import megatron.core  # noqa: F401  (megatron-core first, then its patches)
 
     from . import cpu
+
     cpu.apply()
     from megatron.core import parallel_state as ps
     from megatron.core import tensor_parallel
@@ -246,8 +302,9 @@ def load_data(run: Run) -> None:
     """3. The same texts, tokenizer and blocks as fsam-train, blocks one token longer (the model
     sees seq_len inputs, labels are shifted by one)."""
     a = run.args
-    run.tokenizer, run.train_set, run.eval_set = prepare_data_in_turn(a.dataset, a.tokenizer, a.model, run.is_preset,
-                                                                      a.seq_len + 1, run.device)
+    run.tokenizer, run.train_set, run.eval_set = prepare_data_in_turn(
+        a.dataset, a.tokenizer, a.model, run.is_preset, a.seq_len + 1, run.device
+    )
 
 
 def _make_forward_step(device):
@@ -301,22 +358,48 @@ def build(run: Run) -> None:
     module = gpt
     if a.bf16:
         from megatron.core.transformer.module import Float16Module
+
         module = Float16Module(cfg, gpt)
     if run.device.type == "cuda":
         module.cuda(run.device)
-    run.model = DistributedDataParallel(config=cfg, module=module, ddp_config=DistributedDataParallelConfig(
-        grad_reduce_in_fp32=True, use_distributed_optimizer=a.use_distributed_optimizer))
+    run.model = DistributedDataParallel(
+        config=cfg,
+        module=module,
+        ddp_config=DistributedDataParallelConfig(
+            grad_reduce_in_fp32=True, use_distributed_optimizer=a.use_distributed_optimizer
+        ),
+    )
     cfg.finalize_model_grads_func = finalize_model_grads
-    run.opt = get_megatron_optimizer(OptimizerConfig(
-        optimizer="adam", lr=a.lr, min_lr=a.min_lr, weight_decay=a.weight_decay,
-        adam_beta1=a.adam_beta1, adam_beta2=a.adam_beta2, adam_eps=a.adam_eps, clip_grad=a.clip_grad,
-        bf16=a.bf16, params_dtype=dtype, use_distributed_optimizer=a.use_distributed_optimizer), [run.model])
+    run.opt = get_megatron_optimizer(
+        OptimizerConfig(
+            optimizer="adam",
+            lr=a.lr,
+            min_lr=a.min_lr,
+            weight_decay=a.weight_decay,
+            adam_beta1=a.adam_beta1,
+            adam_beta2=a.adam_beta2,
+            adam_eps=a.adam_eps,
+            clip_grad=a.clip_grad,
+            bf16=a.bf16,
+            params_dtype=dtype,
+            use_distributed_optimizer=a.use_distributed_optimizer,
+        ),
+        [run.model],
+    )
     run.gbs = gbs = run.num_micro * a.micro_batch_size * run.dp
     run.sched = OptimizerParamScheduler(
-        run.opt, init_lr=0.0 if a.lr_warmup_iters else a.lr, max_lr=a.lr, min_lr=a.min_lr,
-        lr_warmup_steps=a.lr_warmup_iters * gbs, lr_decay_steps=max(1, a.train_iters) * gbs,
-        lr_decay_style=a.lr_decay_style, start_wd=a.weight_decay, end_wd=a.weight_decay,
-        wd_incr_steps=max(1, a.train_iters) * gbs, wd_incr_style="constant")
+        run.opt,
+        init_lr=0.0 if a.lr_warmup_iters else a.lr,
+        max_lr=a.lr,
+        min_lr=a.min_lr,
+        lr_warmup_steps=a.lr_warmup_iters * gbs,
+        lr_decay_steps=max(1, a.train_iters) * gbs,
+        lr_decay_style=a.lr_decay_style,
+        start_wd=a.weight_decay,
+        end_wd=a.weight_decay,
+        wd_incr_steps=max(1, a.train_iters) * gbs,
+        wd_incr_style="constant",
+    )
     run.forward_step = _make_forward_step(run.device)
     run.fwd_bwd = get_forward_backward_func()
 
@@ -328,8 +411,13 @@ def _rng_object(run: Run, same_layout: bool):
     from megatron.core.dist_checkpointing.mapping import ShardedObject
 
     from .sam import _rng_state
-    return ShardedObject("rng_state", _rng_state() if same_layout else None, (run.pp, run.tp, run.dp),
-                         (ps.get_pipeline_model_parallel_rank(), ps.get_tensor_model_parallel_rank(), run.dp_rank))
+
+    return ShardedObject(
+        "rng_state",
+        _rng_state() if same_layout else None,
+        (run.pp, run.tp, run.dp),
+        (ps.get_pipeline_model_parallel_rank(), ps.get_tensor_model_parallel_rank(), run.dp_rank),
+    )
 
 
 def _step_object(run: Run, same_layout: bool):
@@ -340,13 +428,19 @@ def _step_object(run: Run, same_layout: bool):
     from megatron.core.dist_checkpointing.mapping import ShardedObject
 
     from .megatron_lm import _runner
+
     state = _runner([run.model], run.opt, run.sam).state_dict() if same_layout else None
-    return ShardedObject("sam_step", state, (run.pp, run.tp, run.dp),
-                         (ps.get_pipeline_model_parallel_rank(), ps.get_tensor_model_parallel_rank(), run.dp_rank))
+    return ShardedObject(
+        "sam_step",
+        state,
+        (run.pp, run.tp, run.dp),
+        (ps.get_pipeline_model_parallel_rank(), ps.get_tensor_model_parallel_rank(), run.dp_rank),
+    )
 
 
-def sharded_state_dict(run: Run, is_loading: bool, iteration: int, micro_step: int, with_rng: bool = True,
-                       with_step: bool = True):
+def sharded_state_dict(
+    run: Run, is_loading: bool, iteration: int, micro_step: int, with_rng: bool = True, with_step: bool = True
+):
     """What a checkpoint holds (megatron-core ``dist_checkpointing``): model, optimizer, scheduler,
     iteration, data position, layout, method, this rank's random states and, with
     ``--sam-ascent-every`` > 1, this rank's stored ascent direction."""
@@ -354,15 +448,29 @@ def sharded_state_dict(run: Run, is_loading: bool, iteration: int, micro_step: i
 
     a = run.args
     model_sd = layout.unwrap(run.model).sharded_state_dict()
-    sd = {"model": model_sd,
-          "optimizer": run.opt.sharded_state_dict(model_sd, is_loading=is_loading,
-                                                  metadata={"distrib_optim_sharding_type": "fully_reshardable"}),
-          "scheduler": run.sched.state_dict(), "iteration": iteration,
-          "data": {"micro_step": micro_step, "seed": a.seed, "dp": run.dp, "micro_batch_size": a.micro_batch_size},
-          "layout": {"tp": run.tp, "pp": run.pp, "dp": run.dp,
-                     "distributed_optimizer": bool(a.use_distributed_optimizer), "bf16": bool(a.bf16)},
-          "sam": {"method": run.sam.method, "rho": run.sam.rho, "precondition_norm": run.sam.precondition_norm,
-                  "rho_warmup_steps": run.sam.rho_warmup_steps, "ascent_every": run.sam.ascent_every}}
+    sd = {
+        "model": model_sd,
+        "optimizer": run.opt.sharded_state_dict(
+            model_sd, is_loading=is_loading, metadata={"distrib_optim_sharding_type": "fully_reshardable"}
+        ),
+        "scheduler": run.sched.state_dict(),
+        "iteration": iteration,
+        "data": {"micro_step": micro_step, "seed": a.seed, "dp": run.dp, "micro_batch_size": a.micro_batch_size},
+        "layout": {
+            "tp": run.tp,
+            "pp": run.pp,
+            "dp": run.dp,
+            "distributed_optimizer": bool(a.use_distributed_optimizer),
+            "bf16": bool(a.bf16),
+        },
+        "sam": {
+            "method": run.sam.method,
+            "rho": run.sam.rho,
+            "precondition_norm": run.sam.precondition_norm,
+            "rho_warmup_steps": run.sam.rho_warmup_steps,
+            "ascent_every": run.sam.ascent_every,
+        },
+    }
     if with_rng:
         sd["rng_state"] = _rng_object(run, True)
     if with_rng and with_step and run.sam.is_sam and run.sam.ascent_every > 1:
@@ -389,28 +497,37 @@ def resume(run: Run) -> None:
         raise UsageError(f"--load {a.load!r}: cannot read {ckpt} ({one_line(err)})") from None
     saved = common.get("layout", {})
     if bool(saved.get("distributed_optimizer")) != bool(a.use_distributed_optimizer):
-        raise UsageError(f"--load {a.load!r}: the checkpoint was written "
-                         f"{'with' if saved.get('distributed_optimizer') else 'without'} --use-distributed-optimizer; "
-                         "resume with the same optimizer (TP, PP and DP may change)")
+        raise UsageError(
+            f"--load {a.load!r}: the checkpoint was written "
+            f"{'with' if saved.get('distributed_optimizer') else 'without'} --use-distributed-optimizer; "
+            "resume with the same optimizer (TP, PP and DP may change)"
+        )
     for o in getattr(run.opt, "chained_optimizers", [run.opt]):
         if hasattr(o, "_init_optimizer_states_with_dummy_values"):
             o._init_optimizer_states_with_dummy_values()
     same_layout = (saved.get("tp"), saved.get("pp"), saved.get("dp")) == (run.tp, run.pp, run.dp)
     with_step = same_layout and int(common.get("sam", {}).get("ascent_every", 1)) > 1
-    state = dist_checkpointing.load(sharded_state_dict(run, True, 0, 0, with_rng=same_layout, with_step=with_step),
-                                    str(ckpt))
+    state = dist_checkpointing.load(
+        sharded_state_dict(run, True, 0, 0, with_rng=same_layout, with_step=with_step), str(ckpt)
+    )
     if same_layout:
         from .sam import _set_rng_state
+
         _set_rng_state(state["rng_state"])
     else:
-        run.say(f"note: the checkpoint was written at TP {saved.get('tp')} x PP {saved.get('pp')} x DP "
-                f"{saved.get('dp')}; random streams restart from --seed")
+        run.say(
+            f"note: the checkpoint was written at TP {saved.get('tp')} x PP {saved.get('pp')} x DP "
+            f"{saved.get('dp')}; random streams restart from --seed"
+        )
     if "sam_step" in state:
         from .megatron_lm import _runner
+
         _runner([run.model], run.opt, run.sam).load_state_dict(state["sam_step"])
     elif run.sam.is_sam and run.sam.ascent_every > 1:
-        run.say("note: the checkpoint holds no ascent direction for this layout; it is computed afresh at the next "
-                "iteration")
+        run.say(
+            "note: the checkpoint holds no ascent direction for this layout; it is computed afresh at the next "
+            "iteration"
+        )
     layout.unwrap(run.model).load_state_dict(state["model"])
     with torch.no_grad():
         run.opt.load_state_dict(state["optimizer"])
@@ -421,8 +538,9 @@ def resume(run: Run) -> None:
     run.micro_step = int(data_state["micro_step"])
     saved_layout = (int(data_state["dp"]), int(data_state["micro_batch_size"]))
     if saved_layout != (run.dp, a.micro_batch_size):
-        run.micro_step = resume_micro_step(run.micro_step, len(run.train_set), saved_layout,
-                                           (run.dp, a.micro_batch_size))
+        run.micro_step = resume_micro_step(
+            run.micro_step, len(run.train_set), saved_layout, (run.dp, a.micro_batch_size)
+        )
     run.say(f"resumed from {ckpt} at iteration {run.start_iter}")
 
 
@@ -438,12 +556,14 @@ def open_data(run: Run) -> None:
     dist.barrier()  # the folder exists before the reporting rank (the last pipeline stage) opens its log
     run.metrics = MetricsLog(run.save_dir / METRICS_FILE, run.reporter, run.start_iter if a.load else None)
     tokens_per_iter = run.gbs * a.seq_len
-    run.say(f"{run.sam.method} | model {a.model}: {run.n_params:,} parameters, vocab {run.hf_config.vocab_size} | "
-            f"TP {run.tp} x PP {run.pp} x DP {run.dp}"
-            f"{' (distributed optimizer)' if a.use_distributed_optimizer else ''} | {run.num_micro} micro-batches of "
-            f"{a.micro_batch_size} x {a.seq_len} per DP rank = {tokens_per_iter:,} tokens/iteration | "
-            f"{len(run.train_set):,} train / {len(run.eval_set):,} eval blocks | device {run.device.type} | "
-            f"save {run.save_dir}")
+    run.say(
+        f"{run.sam.method} | model {a.model}: {run.n_params:,} parameters, vocab {run.hf_config.vocab_size} | "
+        f"TP {run.tp} x PP {run.pp} x DP {run.dp}"
+        f"{' (distributed optimizer)' if a.use_distributed_optimizer else ''} | {run.num_micro} micro-batches of "
+        f"{a.micro_batch_size} x {a.seq_len} per DP rank = {tokens_per_iter:,} tokens/iteration | "
+        f"{len(run.train_set):,} train / {len(run.eval_set):,} eval blocks | device {run.device.type} | "
+        f"save {run.save_dir}"
+    )
 
 
 def evaluate(run: Run) -> Optional[float]:
@@ -455,9 +575,15 @@ def evaluate(run: Run) -> Optional[float]:
     a, model = run.args, run.model
     model.eval()
     with torch.no_grad():
-        out = run.fwd_bwd(forward_step_func=run.forward_step, data_iterator=iter(run.eval_list), model=[model],
-                          num_microbatches=len(run.eval_list), seq_length=a.seq_len,
-                          micro_batch_size=a.micro_batch_size, forward_only=True)
+        out = run.fwd_bwd(
+            forward_step_func=run.forward_step,
+            data_iterator=iter(run.eval_list),
+            model=[model],
+            num_microbatches=len(run.eval_list),
+            seq_length=a.seq_len,
+            micro_batch_size=a.micro_batch_size,
+            forward_only=True,
+        )
     model.train()
     total = torch.zeros(2)
     for rep in out or []:
@@ -508,8 +634,17 @@ def train_loop(run: Run) -> LoopEnd:
         t0 = time.perf_counter()
         lr = opt.param_groups[0]["lr"]
         loss_reduced, skipped, _, _, _, grad_norm, _, _ = fsam_train_step(
-            run.forward_step, run.train_iter, [run.model], opt, run.sched, run.cfg, run.fwd_bwd, iteration=end.it,
-            sam=sam, **schedule)
+            run.forward_step,
+            run.train_iter,
+            [run.model],
+            opt,
+            run.sched,
+            run.cfg,
+            run.fwd_bwd,
+            iteration=end.it,
+            sam=sam,
+            **schedule,
+        )
         end.it += 1
         run.micro_step += run.num_micro
         m = opt._fsam_runner.last_metrics
@@ -517,15 +652,28 @@ def train_loop(run: Run) -> LoopEnd:
         if run.reporter:
             loss = float(loss_reduced["lm loss"]) if loss_reduced else None
             norm = m.get("grad_norm") if sam.is_sam else grad_norm
-            run.metrics.write({"step": end.it, "loss": loss, "grad_norm": norm,
-                               "eps_norm": m.get("eps_norm", 0.0), "rho": m.get("rho", 0.0), "lr": lr,
-                               "tokens_per_s": tokens_per_iter / dt, "method": sam.method, "skipped": bool(skipped),
-                               "step_time": dt})
+            run.metrics.write(
+                {
+                    "step": end.it,
+                    "loss": loss,
+                    "grad_norm": norm,
+                    "eps_norm": m.get("eps_norm", 0.0),
+                    "rho": m.get("rho", 0.0),
+                    "lr": lr,
+                    "tokens_per_s": tokens_per_iter / dt,
+                    "method": sam.method,
+                    "skipped": bool(skipped),
+                    "step_time": dt,
+                }
+            )
             if end.it % a.log_interval == 0 or end.it == a.train_iters:
-                print(f"iteration {end.it}/{a.train_iters} | {sam.method} | loss {fmt(loss, '.4f')} | "
-                      f"||g|| {fmt(norm, '.4f')} | "
-                      f"||eps|| {m.get('eps_norm', 0.0):.4f} | lr {lr:.3e} | {tokens_per_iter / dt:,.0f} tok/s"
-                      + (" | skipped" if skipped else ""), flush=True)
+                print(
+                    f"iteration {end.it}/{a.train_iters} | {sam.method} | loss {fmt(loss, '.4f')} | "
+                    f"||g|| {fmt(norm, '.4f')} | "
+                    f"||eps|| {m.get('eps_norm', 0.0):.4f} | lr {lr:.3e} | {tokens_per_iter / dt:,.0f} tok/s"
+                    + (" | skipped" if skipped else ""),
+                    flush=True,
+                )
         if a.eval_interval and end.it % a.eval_interval == 0:
             end.last_eval, end.last_eval_it = evaluate(run), end.it
             run.metrics.write({"step": end.it, EVAL_LOSS: end.last_eval})
@@ -556,8 +704,14 @@ def main(argv: Optional[List[str]] = None) -> int:
     one line ``fsam-megatron-train: error: ...``)."""
     from fsam_ds.config import FSAMConfigError
 
-    return run_phases(PROG, argv, parse, (set_up, load_data, build, resume, open_data),
-                      lambda run: finish(run, train_loop(run)), refused=(UsageError, FSAMConfigError, ValueError))
+    return run_phases(
+        PROG,
+        argv,
+        parse,
+        (set_up, load_data, build, resume, open_data),
+        lambda run: finish(run, train_loop(run)),
+        refused=(UsageError, FSAMConfigError, ValueError),
+    )
 
 
 def cli() -> None:

@@ -7,6 +7,7 @@ Used in-process by ``test_bf16_checks.py`` (one rank, ZeRO 0-3) and by ``zero_ex
 parameter in ``module.parameters()`` order (the whole parameter at ZeRO 0-2 on one rank, the
 ``ds_tensor`` partition at ZeRO 3), flattened and concatenated.
 """
+
 from __future__ import annotations
 
 from typing import Dict, List, Optional
@@ -50,7 +51,7 @@ def engine_layout_to_canonical(engine, tensors: List[torch.Tensor]) -> torch.Ten
         for flat, group in zip(tensors, opt.bit16_groups):
             off = 0
             for p in group:
-                by_param[id(p)] = flat[off:off + p.numel()]
+                by_param[id(p)] = flat[off : off + p.numel()]
                 off += p.numel()
             assert flat[off:].abs().max().item() == 0 if off < flat.numel() else True  # padding
     else:  # one ds_tensor partition per parameter
@@ -65,8 +66,14 @@ def inputs(engine, moments: bool = True) -> dict:
     ZeRO 0, DeepSpeed's accumulation dtype at 1-3), ``exp_avg_sq`` and the inner optimizer's step
     count (``moments``; before the first update ZeRO 1-3 hold none), the fp32 master and the
     low-precision weights the forward reads."""
-    from deepspeed.utils import (safe_get_full_fp32_param, safe_get_full_grad, safe_get_full_optimizer_state,
-                                 safe_get_local_fp32_param, safe_get_local_grad, safe_get_local_optimizer_state)
+    from deepspeed.utils import (
+        safe_get_full_fp32_param,
+        safe_get_full_grad,
+        safe_get_full_optimizer_state,
+        safe_get_local_fp32_param,
+        safe_get_local_grad,
+        safe_get_local_optimizer_state,
+    )
 
     opt = engine.optimizer
     stage = _stage(engine)
@@ -76,8 +83,11 @@ def inputs(engine, moments: bool = True) -> dict:
         flats = opt.fp32_groups_flat
         masters, vs = {}, {}
         for flat, group in zip(flats, opt.fp16_groups):
-            for p, m, v in zip(group, _unflatten_dense_tensors(flat, group),
-                               _unflatten_dense_tensors(inner.state[flat]["exp_avg_sq"], group)):
+            for p, m, v in zip(
+                group,
+                _unflatten_dense_tensors(flat, group),
+                _unflatten_dense_tensors(inner.state[flat]["exp_avg_sq"], group),
+            ):
                 masters[id(p)], vs[id(p)] = m, v
         g = [p.grad for p in params]
         v = [vs[id(p)] for p in params] if moments else None
@@ -99,9 +109,16 @@ def inputs(engine, moments: bool = True) -> dict:
     steps = {int(s) for s in steps}
     assert len(steps) <= 1, steps
     group = inner.param_groups[0]
-    return {"g": _flat(g), "v": _flat(v) if v is not None else None, "master": [m.detach().float().clone() for m in master],
-            "low": low, "t": steps.pop() if steps else 0, "beta2": group["betas"][1], "adam_eps": group["eps"],
-            "g_dtype": g[0].dtype}
+    return {
+        "g": _flat(g),
+        "v": _flat(v) if v is not None else None,
+        "master": [m.detach().float().clone() for m in master],
+        "low": low,
+        "t": steps.pop() if steps else 0,
+        "beta2": group["betas"][1],
+        "adam_eps": group["eps"],
+        "g_dtype": g[0].dtype,
+    }
 
 
 def _allsum(x: torch.Tensor) -> torch.Tensor:
@@ -111,15 +128,22 @@ def _allsum(x: torch.Tensor) -> torch.Tensor:
     return x
 
 
-def formula(g: torch.Tensor, v: Optional[torch.Tensor], t: int, rho: float, beta2: float, adam_eps: float,
-            norm: str = "perturbation") -> torch.Tensor:
+def formula(
+    g: torch.Tensor,
+    v: Optional[torch.Tensor],
+    t: int,
+    rho: float,
+    beta2: float,
+    adam_eps: float,
+    norm: str = "perturbation",
+) -> torch.Tensor:
     """The method's perturbation in float64 (v None: unpreconditioned, ``rho g / ||g||``); the
     norms are summed over the ranks (each holds distinct elements)."""
     g = g.double()
     g_norm = _allsum((g * g).sum()).sqrt()
     if v is None:
         return rho * g / g_norm
-    d = g / ((v.double() / (1 - beta2 ** t)).sqrt() + adam_eps)
+    d = g / ((v.double() / (1 - beta2**t)).sqrt() + adam_eps)
     d_norm = _allsum((d * d).sum()).sqrt()
     return rho * d / (d_norm if norm == "perturbation" else g_norm)
 
@@ -161,13 +185,23 @@ def capture_ascent(engine, rho: float, norm: str, hidden_step: bool) -> List[dic
         real(ascent)
         # the weights the forward reads now: (master + eps) in their dtype, bit for bit
         eps_c = torch.split(got, [m.numel() for m in master])
-        applied = all(torch.equal(lo.reshape(-1)[:m.numel()], (m.reshape(-1) + e.float()).to(lo.dtype))
-                      for lo, m, e in zip(x["low"], master, eps_c))
-        records.append({"step": updates, "t": x["t"], "preconditioned": pre, "g_dtype": str(x["g_dtype"]),
-                        "rel": rel(got, want), "cos": cosine(got, want),
-                        "wrong_rel": {k: rel(w, want) for k, w in wrong.items()},
-                        "wrong_cos": {k: cosine(w, want) for k, w in wrong.items()},
-                        "applied": applied})
+        applied = all(
+            torch.equal(lo.reshape(-1)[: m.numel()], (m.reshape(-1) + e.float()).to(lo.dtype))
+            for lo, m, e in zip(x["low"], master, eps_c)
+        )
+        records.append(
+            {
+                "step": updates,
+                "t": x["t"],
+                "preconditioned": pre,
+                "g_dtype": str(x["g_dtype"]),
+                "rel": rel(got, want),
+                "cos": cosine(got, want),
+                "wrong_rel": {k: rel(w, want) for k, w in wrong.items()},
+                "wrong_cos": {k: cosine(w, want) for k, w in wrong.items()},
+                "applied": applied,
+            }
+        )
 
     view.perturb = perturb
     return records
@@ -195,6 +229,7 @@ def capture_logit_grads(engine, gas: int) -> List[dict]:
         ids = kwargs.get("input_ids", args[0] if args else None)
         logits = out.logits if hasattr(out, "logits") else out
         forwards.append((logits.detach().clone(), ids.detach().clone()))
+
     engine.module.register_forward_hook(hook, with_kwargs=True)
     cache = engine.logit_grads
     real = cache.put
@@ -202,6 +237,7 @@ def capture_logit_grads(engine, gas: int) -> List[dict]:
     def put(i, g_f):
         kept.append({"i": i, "g_f": g_f.detach().clone(), "forward": len(forwards) - 1})
         return real(i, g_f)
+
     cache.put = put
     kept_meta = {"forwards": forwards, "kept": kept, "gas": gas}
     return kept_meta
@@ -218,7 +254,15 @@ def finish_logit_grads(meta: dict) -> List[dict]:
         assert torch.equal(ids, ids2)
         want = _ce_grad(logits, ids).double()
         got = k["g_f"].double()
-        out.append({"dtype": str(k["g_f"].dtype), "logits_dtype": str(logits.dtype), "rel": rel(got, want),
-                    "wrong_rel": {"perturbed_logits": rel(_ce_grad(logits2, ids).double(), want),
-                                  "times_1/gas": rel(got / gas, want)}})
+        out.append(
+            {
+                "dtype": str(k["g_f"].dtype),
+                "logits_dtype": str(logits.dtype),
+                "rel": rel(got, want),
+                "wrong_rel": {
+                    "perturbed_logits": rel(_ce_grad(logits2, ids).double(), want),
+                    "times_1/gas": rel(got / gas, want),
+                },
+            }
+        )
     return out

@@ -1,11 +1,10 @@
 """Helpers shared by the in-process tests and the multi-rank worker."""
+
 from __future__ import annotations
 
-import copy
 from typing import Dict, Optional
 
 import torch
-
 from reference import micro_batch, tiny_llama
 
 LR = 1e-2
@@ -28,14 +27,25 @@ BF16_WRONG_T_MIN = 1e-2
 BF16_UNPRECONDITIONED_MIN = 0.5
 
 
-def ds_config(method: str, rho: float = RHO, gas: int = GAS, mbs: int = 2, clip: float = 1.0,
-              precondition_norm: str = "perturbation", **extra) -> dict:
+def ds_config(
+    method: str,
+    rho: float = RHO,
+    gas: int = GAS,
+    mbs: int = 2,
+    clip: float = 1.0,
+    precondition_norm: str = "perturbation",
+    **extra,
+) -> dict:
     params = {"lr": LR, "betas": [0.9, 0.999], "eps": 1e-8, "weight_decay": 0.0}
     if method != "AdamW":
         params.update(rho=rho, precondition_norm=precondition_norm)
-    cfg = {"train_micro_batch_size_per_gpu": mbs, "gradient_accumulation_steps": gas,
-           "gradient_clipping": clip, "steps_per_print": 10 ** 9,
-           "optimizer": {"type": method, "params": params}}
+    cfg = {
+        "train_micro_batch_size_per_gpu": mbs,
+        "gradient_accumulation_steps": gas,
+        "gradient_clipping": clip,
+        "steps_per_print": 10**9,
+        "optimizer": {"type": method, "params": params},
+    }
     cfg.update(extra)
     return cfg
 
@@ -69,6 +79,7 @@ def inject_inf(engine, rank: int, faults, gas: int) -> None:
             bad.view(-1)[0] = float("inf")
             return (args[0] + bad,) + tuple(args[1:])
         return None
+
     engine.module.lm_head.register_forward_pre_hook(hook)
 
 
@@ -90,13 +101,28 @@ def inf_loss(holder: list, rank: int, faults, gas: int):
         if n % gas == 0 and (step, n // gas + 1, rank) in faults:
             loss = loss + float("inf")
         return loss
+
     return loss_fn
 
 
-def engine_run(method: str, rho: float = RHO, steps: int = STEPS, gas: int = GAS, world: int = 1, rank: int = 0,
-               config: Optional[dict] = None, dtype=torch.float32, before_step=None, force_pass2: bool = False,
-               check_restore: bool = False, data_steps=None, faults=(), loss_fn=None, loop: Optional[str] = None,
-               loss_faults=()):
+def engine_run(
+    method: str,
+    rho: float = RHO,
+    steps: int = STEPS,
+    gas: int = GAS,
+    world: int = 1,
+    rank: int = 0,
+    config: Optional[dict] = None,
+    dtype=torch.float32,
+    before_step=None,
+    force_pass2: bool = False,
+    check_restore: bool = False,
+    data_steps=None,
+    faults=(),
+    loss_fn=None,
+    loop: Optional[str] = None,
+    loss_faults=(),
+):
     """Train the tiny model with fsam_ds on this rank's share of the reference data.
 
     Returns (fp32 state dict, per-step losses, per-step metrics). ``before_step(engine)`` is
@@ -119,6 +145,7 @@ def engine_run(method: str, rho: float = RHO, steps: int = STEPS, gas: int = GAS
 
         def before_step(engine):  # noqa: F811
             verdicts.append(all(torch.equal(a, b) for a, b in zip(local_weights(engine), snapshots[-1])))
+
     model = tiny_llama(0)
     cfg = config or ds_config(method, rho, gas)
     if loop == "logits" and loss_fn is None and method in ("SAM", "PreconditionedSAM"):
@@ -139,6 +166,7 @@ def engine_run(method: str, rho: float = RHO, steps: int = STEPS, gas: int = GAS
         def wrapped(*a, **k):
             before_step(engine)
             return real(*a, **k)
+
         ds._take_model_step = wrapped
     data_steps = list(range(steps)) if data_steps is None else list(data_steps)
     data = iter([micro_batch(s, rank, i, world, gas) for s in data_steps for i in range(gas)])
@@ -178,6 +206,7 @@ def full_state(engine) -> Dict[str, torch.Tensor]:
     """The full fp32 weights on every rank (gathered under ZeRO-3)."""
     if engine.zero_optimization_stage() == 3:
         import deepspeed
+
         with deepspeed.zero.GatheredParameters(list(engine.module.parameters())):
             return {k: v.detach().float().cpu().clone() for k, v in engine.module.named_parameters()}
     return {k: v.detach().float().cpu().clone() for k, v in engine.module.state_dict().items()}
@@ -194,14 +223,14 @@ def load_case(out, case, world: int = 2):
 _REFERENCES: dict = {}
 
 
-def reference_state(method: str, rho: float = RHO, steps: int = STEPS, gas: int = GAS, world: int = 1,
-                    **kw) -> (Dict[str, torch.Tensor], list):
+def reference_state(
+    method: str, rho: float = RHO, steps: int = STEPS, gas: int = GAS, world: int = 1, **kw
+) -> (Dict[str, torch.Tensor], list):
     """The reference's final weights and losses (memoised: the reference is deterministic)."""
     return _reference(method, rho, steps, gas, world, **kw)[:2]
 
 
-def reference_trace(method: str, rho: float = RHO, steps: int = STEPS, gas: int = GAS, world: int = 1,
-                    **kw) -> list:
+def reference_trace(method: str, rho: float = RHO, steps: int = STEPS, gas: int = GAS, world: int = 1, **kw) -> list:
     """The reference's per-step shares of ``||eps||^2`` (``eps_share_embed``, ``eps_share_output``)
     of the run :func:`reference_state` returns."""
     return _reference(method, rho, steps, gas, world, **kw)[2]
@@ -235,6 +264,7 @@ def assert_shares(metrics, trace, rel: float = 1e-3, abs_tol: float = 1e-5) -> N
 
 
 # ---- fsam-train runs (test_train.py, test_reliability.py, test_perf_modes.py) -------------------
+
 
 def write_config(path, micro: int = 4, **optimizer_changes):
     """The shipped preconditioned FunctionalSAM DeepSpeed config with ``micro`` sequences per

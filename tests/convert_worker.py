@@ -9,6 +9,7 @@ gathering the weights) and the full weights gathered with ``deepspeed.zero.Gathe
 ``AutoModelForCausalLM`` / ``AutoTokenizer`` and reports, as JSON on stdout, how they compare
 with what ``train`` wrote, and what ``generate()`` returns.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -55,7 +56,7 @@ def train(out: Path, train_argv) -> None:
     tokenizer = fdata.get_tokenizer(train_texts, vocab_size=512)
     text = held_out_text()
     ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-    held = torch.tensor(ids[:HELD_OUT_ROWS * HELD_OUT_LEN]).reshape(HELD_OUT_ROWS, HELD_OUT_LEN)
+    held = torch.tensor(ids[: HELD_OUT_ROWS * HELD_OUT_LEN]).reshape(HELD_OUT_ROWS, HELD_OUT_LEN)
 
     module = engine.module
     module.eval()
@@ -66,8 +67,9 @@ def train(out: Path, train_argv) -> None:
     with deepspeed.zero.GatheredParameters(list(module.parameters())):
         weights = {k: v.detach().float().cpu().clone() for k, v in module.named_parameters()}
     if rank == 0:
-        torch.save({"text": text, "ids": ids, "held": held, "logits": logits, "weights": weights},
-                   out / "training_side.pt")
+        torch.save(
+            {"text": text, "ids": ids, "held": held, "logits": logits, "weights": weights}, out / "training_side.pt"
+        )
     dist.barrier()
 
 
@@ -84,13 +86,17 @@ def check(folders, reference: Path) -> dict:
         model = AutoModelForCausalLM.from_pretrained(folder)
         model.eval()
         tok = AutoTokenizer.from_pretrained(folder)
-        r = {"dtype": str(model.dtype).replace("torch.", ""), "class": type(model).__name__,
-             "tokenizer_ids_equal": tok(ref["text"], add_special_tokens=False)["input_ids"] == ref["ids"],
-             "tokenizer_size": len(tok)}
+        r = {
+            "dtype": str(model.dtype).replace("torch.", ""),
+            "class": type(model).__name__,
+            "tokenizer_ids_equal": tok(ref["text"], add_special_tokens=False)["input_ids"] == ref["ids"],
+            "tokenizer_size": len(tok),
+        }
         state = model.state_dict()
         r["weights_max_diff"] = max(float((state[k].float() - v).abs().max()) for k, v in ref["weights"].items())
-        r["weights_max_diff_cast"] = max(float((state[k] - v.to(state[k].dtype)).float().abs().max())
-                                         for k, v in ref["weights"].items())
+        r["weights_max_diff_cast"] = max(
+            float((state[k] - v.to(state[k].dtype)).float().abs().max()) for k, v in ref["weights"].items()
+        )
         with torch.no_grad():
             got = model.float()(input_ids=held).logits
         r["logits_max_diff"] = float((got - logits).abs().max())
@@ -99,10 +105,10 @@ def check(folders, reference: Path) -> dict:
         model.to(torch.float32)
         out = model.generate(held[:1], max_new_tokens=6, do_sample=False)
         r["generated_shape"] = list(out.shape)
-        r["generated_prefix_kept"] = bool(torch.equal(out[0, :held.shape[1]], held[0]))
+        r["generated_prefix_kept"] = bool(torch.equal(out[0, : held.shape[1]], held[0]))
         r["first_new_token"] = int(out[0, held.shape[1]])
         r["training_argmax"] = int(logits[0, -1].argmax())
-        r["generated_text"] = tok.decode(out[0, held.shape[1]:])
+        r["generated_text"] = tok.decode(out[0, held.shape[1] :])
         report[str(folder)] = r
     return report
 

@@ -6,6 +6,7 @@ FSAM_TEST_FAULT="saving:RANK:TAG"           SIGKILL rank RANK while DeepSpeed wr
                                             files of checkpoint TAG.
 Just before the kill the rank writes the time to $FSAM_TEST_FAULT_MARK.
 """
+
 import os
 import signal
 import sys
@@ -55,4 +56,5 @@ if __name__ == "__main__":
     if os.environ.get("FSAM_TEST_FAULT"):
         install(os.environ["FSAM_TEST_FAULT"])
     from fsam_ds.train import main
+
     sys.exit(main())

@@ -1,6 +1,7 @@
 """Multi-rank worker for tests/test_hf.py, started once by the deepspeed launcher: the real
 transformers Trainer (FSAMTrainer) and a user's own Accelerate loop (FSAMAccelerator) on the tiny
 Llama, with the reference's data order. Saves each case's rank-0 weights and every rank's logs."""
+
 from __future__ import annotations
 
 import os
@@ -10,7 +11,6 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
-
 from common import GAS, LR, RHO, STEPS, full_state  # noqa: E402
 from launch import save_rank_result, worker_parser  # noqa: E402
 from reference import micro_batch, tiny_llama  # noqa: E402
@@ -41,17 +41,26 @@ def ds_json(method: str, stage: int) -> dict:
     params = {"lr": "auto", "betas": "auto", "eps": "auto", "weight_decay": "auto"}
     if method != "AdamW":
         params["rho"] = RHO
-    return {"train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": "auto",
-            "gradient_clipping": "auto", "zero_optimization": {"stage": stage}, "steps_per_print": 10 ** 9,
-            "optimizer": {"type": method, "params": params}}
+    return {
+        "train_micro_batch_size_per_gpu": "auto",
+        "gradient_accumulation_steps": "auto",
+        "gradient_clipping": "auto",
+        "zero_optimization": {"stage": stage},
+        "steps_per_print": 10**9,
+        "optimizer": {"type": method, "params": params},
+    }
 
 
 def lora_model():
     from peft import LoraConfig, get_peft_model
 
     torch.manual_seed(1)
-    return get_peft_model(tiny_llama(0), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
-                                                    lora_dropout=0.0, init_lora_weights="gaussian"))
+    return get_peft_model(
+        tiny_llama(0),
+        LoraConfig(
+            r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], lora_dropout=0.0, init_lora_weights="gaussian"
+        ),
+    )
 
 
 def cpu_state():
@@ -71,8 +80,9 @@ def reset_accelerate():
     GradientState._reset_state()
 
 
-def trainer_case(out: Path, name: str, method: str, stage: int, world: int, steps: int = STEPS, lora=False,
-                 save_steps=0, resume=None):
+def trainer_case(
+    out: Path, name: str, method: str, stage: int, world: int, steps: int = STEPS, lora=False, save_steps=0, resume=None
+):
     from transformers import TrainingArguments
 
     from fsam_ds.hf import FSAMTrainer
@@ -80,13 +90,30 @@ def trainer_case(out: Path, name: str, method: str, stage: int, world: int, step
     reset_accelerate()
     model = lora_model() if lora else tiny_llama(0)
     args = TrainingArguments(
-        output_dir=str(out / name), max_steps=steps, per_device_train_batch_size=MBS,
-        gradient_accumulation_steps=GAS, learning_rate=LR, adam_beta1=0.9, adam_beta2=0.999, adam_epsilon=1e-8,
-        weight_decay=0.0, max_grad_norm=1.0, lr_scheduler_type="constant", warmup_steps=0,
-        train_sampling_strategy="sequential", logging_steps=1, report_to="none", disable_tqdm=True,
-        save_strategy="steps" if save_steps else "no", save_steps=save_steps or 500, save_only_model=False,
-        deepspeed=ds_json(method, stage), seed=7, dataloader_num_workers=0,
-        accelerator_config={"use_configured_state": True})
+        output_dir=str(out / name),
+        max_steps=steps,
+        per_device_train_batch_size=MBS,
+        gradient_accumulation_steps=GAS,
+        learning_rate=LR,
+        adam_beta1=0.9,
+        adam_beta2=0.999,
+        adam_epsilon=1e-8,
+        weight_decay=0.0,
+        max_grad_norm=1.0,
+        lr_scheduler_type="constant",
+        warmup_steps=0,
+        train_sampling_strategy="sequential",
+        logging_steps=1,
+        report_to="none",
+        disable_tqdm=True,
+        save_strategy="steps" if save_steps else "no",
+        save_steps=save_steps or 500,
+        save_only_model=False,
+        deepspeed=ds_json(method, stage),
+        seed=7,
+        dataloader_num_workers=0,
+        accelerator_config={"use_configured_state": True},
+    )
     trainer = FSAMTrainer(model=model, args=args, train_dataset=ReferenceOrder(world, steps=STEPS))
     trainer.train(resume_from_checkpoint=resume)
     logs = [e for e in trainer.state.log_history if "loss" in e]
@@ -116,14 +143,33 @@ def trl_case(out: Path, name: str, method: str, stage: int, world: int, loss_fun
     data = ReferenceOrder(world)
     rows = Dataset.from_dict({"input_ids": [data[n]["input_ids"].tolist() for n in range(len(data))]})
     args = SFTConfig(
-        output_dir=str(out / name), max_steps=STEPS, per_device_train_batch_size=MBS, gradient_accumulation_steps=GAS,
-        learning_rate=LR, adam_beta2=0.999, weight_decay=0.0, max_grad_norm=1.0, lr_scheduler_type="constant",
-        train_sampling_strategy="sequential", logging_steps=1, report_to="none", disable_tqdm=True,
-        save_strategy="no", deepspeed=ds_json(method, stage), bf16=False, dataloader_num_workers=0,
-        accelerator_config={"use_configured_state": True})
+        output_dir=str(out / name),
+        max_steps=STEPS,
+        per_device_train_batch_size=MBS,
+        gradient_accumulation_steps=GAS,
+        learning_rate=LR,
+        adam_beta2=0.999,
+        weight_decay=0.0,
+        max_grad_norm=1.0,
+        lr_scheduler_type="constant",
+        train_sampling_strategy="sequential",
+        logging_steps=1,
+        report_to="none",
+        disable_tqdm=True,
+        save_strategy="no",
+        deepspeed=ds_json(method, stage),
+        bf16=False,
+        dataloader_num_workers=0,
+        accelerator_config={"use_configured_state": True},
+    )
     tokenizer = get_tokenizer(load_texts("default")[0][:200], vocab_size=300)  # SFTTrainer wants one; ids given
-    trainer = FSAMSFTTrainer(model=tiny_llama(0), args=args, train_dataset=rows, processing_class=tokenizer,
-                             **({"compute_loss_func": causal_lm_loss_func} if loss_func else {}))
+    trainer = FSAMSFTTrainer(
+        model=tiny_llama(0),
+        args=args,
+        train_dataset=rows,
+        processing_class=tokenizer,
+        **({"compute_loss_func": causal_lm_loss_func} if loss_func else {}),
+    )
     trainer.train()
     state = full_state(trainer.model_wrapped)
     rank = torch.distributed.get_rank()
@@ -141,8 +187,9 @@ def accelerate_case(out: Path, name: str, method: str, stage: int, world: int):
     cfg = ds_json(method, stage)
     cfg.update(train_micro_batch_size_per_gpu=MBS, gradient_accumulation_steps=GAS, gradient_clipping=1.0)
     cfg["optimizer"]["params"].update(lr=LR, betas=[0.9, 0.999], eps=1e-8, weight_decay=0.0)
-    accelerator = FSAMAccelerator(deepspeed_plugin=DeepSpeedPlugin(hf_ds_config=cfg),
-                                  kwargs_handlers=[InitProcessGroupKwargs(backend="gloo")])
+    accelerator = FSAMAccelerator(
+        deepspeed_plugin=DeepSpeedPlugin(hf_ds_config=cfg), kwargs_handlers=[InitProcessGroupKwargs(backend="gloo")]
+    )
     model = tiny_llama(0)
     loader = torch.utils.data.DataLoader(ReferenceOrder(world), batch_size=MBS, shuffle=False)
     model, optimizer, loader = accelerator.prepare(model, DummyOptim(model.parameters()), loader)
@@ -166,8 +213,14 @@ def main():
     world = int(os.environ["WORLD_SIZE"])
     cpu_state()
     trainer_case(out, "trainer-pfsam-z2", "PreconditionedFunctionalSAM", 2, world, save_steps=2)
-    trainer_case(out, "trainer-pfsam-z2-resumed", "PreconditionedFunctionalSAM", 2, world,
-                 resume=str(out / "trainer-pfsam-z2" / "checkpoint-2"))
+    trainer_case(
+        out,
+        "trainer-pfsam-z2-resumed",
+        "PreconditionedFunctionalSAM",
+        2,
+        world,
+        resume=str(out / "trainer-pfsam-z2" / "checkpoint-2"),
+    )
     trainer_case(out, "trainer-sam-z3", "SAM", 3, world)
     trainer_case(out, "trainer-lora-pfsam-z2", "PreconditionedFunctionalSAM", 2, world, lora=True)
     accelerate_case(out, "accelerate-pfsam-z2", "PreconditionedFunctionalSAM", 2, world)

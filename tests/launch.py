@@ -9,6 +9,7 @@ command; a non-zero exit fails the test with the output's tail) and :func:`load_
 Worker side (a script started under the launcher imports this module too): :func:`worker_parser`
 (``--out`` and the launcher's ``--local_rank``), :func:`save_rank_result` writes ``<name>.<kind><rank>.json`` and, when given, rank 0's ``<name>.pt``.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -26,10 +27,26 @@ ROOT = HERE.parent
 
 #: set by torch.distributed / the launchers (or an in-process engine of an earlier test in this
 #: pytest process); a child started by a test must never inherit them
-DIST_ENV = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "GROUP_RANK", "GROUP_WORLD_SIZE",
-            "ROLE_RANK", "ROLE_WORLD_SIZE", "ROLE_NAME", "MASTER_ADDR", "MASTER_PORT", "CROSS_RANK",
-            "CROSS_SIZE", "NODE_RANK", "TORCHELASTIC_RUN_ID", "TORCHELASTIC_RESTART_COUNT",
-            "TORCHELASTIC_MAX_RESTARTS", "TORCHELASTIC_USE_AGENT_STORE")
+DIST_ENV = (
+    "RANK",
+    "LOCAL_RANK",
+    "WORLD_SIZE",
+    "LOCAL_WORLD_SIZE",
+    "GROUP_RANK",
+    "GROUP_WORLD_SIZE",
+    "ROLE_RANK",
+    "ROLE_WORLD_SIZE",
+    "ROLE_NAME",
+    "MASTER_ADDR",
+    "MASTER_PORT",
+    "CROSS_RANK",
+    "CROSS_SIZE",
+    "NODE_RANK",
+    "TORCHELASTIC_RUN_ID",
+    "TORCHELASTIC_RESTART_COUNT",
+    "TORCHELASTIC_MAX_RESTARTS",
+    "TORCHELASTIC_USE_AGENT_STORE",
+)
 
 
 def child_env(cache: Optional[Path] = None, tmp: Optional[Path] = None, **extra: str) -> dict:
@@ -37,8 +54,9 @@ def child_env(cache: Optional[Path] = None, tmp: Optional[Path] = None, **extra:
     first on ``PYTHONPATH``, unbuffered output, no tokenizer threads; ``FSAM_DS_CACHE`` set to
     ``cache`` and ``TMPDIR`` to ``tmp`` (created) when given; ``extra`` on top."""
     env = {k: v for k, v in os.environ.items() if k not in DIST_ENV}
-    env["PYTHONPATH"] = os.pathsep.join([str(ROOT)] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep)
-                                                       if p and Path(p).resolve() != ROOT])
+    env["PYTHONPATH"] = os.pathsep.join(
+        [str(ROOT)] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p and Path(p).resolve() != ROOT]
+    )
     env.update(PYTHONUNBUFFERED="1", TOKENIZERS_PARALLELISM="false")
     if cache is not None:
         env["FSAM_DS_CACHE"] = str(cache)
@@ -53,17 +71,34 @@ def _failure(cmd, proc: subprocess.CompletedProcess, tail: int) -> str:
     err = proc.stderr or ""
     first = err.find("Traceback")  # the failing rank's own traceback, before the launcher's summary
     head = f"{' '.join(map(str, cmd[:8]))} ... exited {proc.returncode}:\n"
-    return (head + (proc.stdout or "")[-tail:] + "\n" + (err[first:first + tail] + "\n...\n" if first >= 0 else "")
-            + err[-tail:])
+    return (
+        head
+        + (proc.stdout or "")[-tail:]
+        + "\n"
+        + (err[first : first + tail] + "\n...\n" if first >= 0 else "")
+        + err[-tail:]
+    )
 
 
-def run(cmd: Iterable, env: Optional[dict] = None, cwd: Optional[Path] = None, timeout: int = 600,
-        check: bool = True, tail: int = 4000) -> subprocess.CompletedProcess:
+def run(
+    cmd: Iterable,
+    env: Optional[dict] = None,
+    cwd: Optional[Path] = None,
+    timeout: int = 600,
+    check: bool = True,
+    tail: int = 4000,
+) -> subprocess.CompletedProcess:
     """Run ``cmd`` (captured, text) in ``cwd`` (the repository) with ``env`` (:func:`child_env`);
     with ``check`` a non-zero exit fails the calling test with the output's tail."""
     cmd = [str(c) for c in cmd]
-    proc = subprocess.run(cmd, cwd=str(cwd or ROOT), env=child_env() if env is None else env, capture_output=True,
-                          text=True, timeout=timeout)
+    proc = subprocess.run(
+        cmd,
+        cwd=str(cwd or ROOT),
+        env=child_env() if env is None else env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
     if check and proc.returncode != 0:
         import pytest
 
@@ -73,25 +108,55 @@ def run(cmd: Iterable, env: Optional[dict] = None, cwd: Optional[Path] = None, t
 
 def deepspeed_cmd(script, *args, ranks: int = 2, port: Optional[int] = None) -> List[str]:
     """The deepspeed launcher starting ``ranks`` copies of ``script`` on this machine."""
-    return ["deepspeed", "--num_gpus", str(ranks), "--master_port", str(port or free_port()), str(script),
-            *map(str, args)]
+    return [
+        "deepspeed",
+        "--num_gpus",
+        str(ranks),
+        "--master_port",
+        str(port or free_port()),
+        str(script),
+        *map(str, args),
+    ]
 
 
 def torchrun_cmd(ranks: int, *args, port: Optional[int] = None) -> List[str]:
     """torchrun (``python -m torch.distributed.run``) starting ``ranks`` processes of ``args``
     (a script and its arguments, or ``-m module ...``)."""
-    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(ranks), "--master_port",
-            str(port or free_port()), *map(str, args)]
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        str(ranks),
+        "--master_port",
+        str(port or free_port()),
+        *map(str, args),
+    ]
 
 
-def deepspeed(script, *args, ranks: int = 2, env: Optional[dict] = None, cwd: Optional[Path] = None,
-              timeout: int = 900, check: bool = True, tail: int = 4000) -> subprocess.CompletedProcess:
+def deepspeed(
+    script,
+    *args,
+    ranks: int = 2,
+    env: Optional[dict] = None,
+    cwd: Optional[Path] = None,
+    timeout: int = 900,
+    check: bool = True,
+    tail: int = 4000,
+) -> subprocess.CompletedProcess:
     """Launch ``script`` on ``ranks`` ranks with the real deepspeed launcher (see :func:`run`)."""
     return run(deepspeed_cmd(script, *args, ranks=ranks), env=env, cwd=cwd, timeout=timeout, check=check, tail=tail)
 
 
-def torchrun(ranks: int, *args, env: Optional[dict] = None, cwd: Optional[Path] = None, timeout: int = 600,
-             check: bool = True, tail: int = 4000) -> subprocess.CompletedProcess:
+def torchrun(
+    ranks: int,
+    *args,
+    env: Optional[dict] = None,
+    cwd: Optional[Path] = None,
+    timeout: int = 600,
+    check: bool = True,
+    tail: int = 4000,
+) -> subprocess.CompletedProcess:
     """Launch ``args`` on ``ranks`` processes with torchrun (see :func:`run`)."""
     return run(torchrun_cmd(ranks, *args), env=env, cwd=cwd, timeout=timeout, check=check, tail=tail)
 
@@ -102,6 +167,7 @@ def launch_suite(suite: str, out: Path, ranks: int = 2, timeout: int = 900) -> s
 
 
 # ---- what the ranks write ---------------------------------------------------------------------
+
 
 def worker_parser() -> argparse.ArgumentParser:
     """Worker side: the options every worker takes, ``--out`` (the folder for its results) and the

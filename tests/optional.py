@@ -7,6 +7,7 @@ into a failure naming the part, so that a CI run reporting green has run every t
 Test texts: :func:`data_file` returns the excerpt shipped in ``tests/data`` (see
 tests/data/README.md); no test reads anything outside the repository.
 """
+
 from __future__ import annotations
 
 import importlib
@@ -32,8 +33,9 @@ def optional_required() -> bool:
 def missing(reason: str) -> None:
     """Skip (or, in CI, fail) the calling test or module for a missing optional part."""
     if optional_required():
-        pytest.fail(f"{reason} (CI=true / FSAM_REQUIRE_OPTIONAL=1: optional parts are required, not skipped)",
-                    pytrace=False)
+        pytest.fail(
+            f"{reason} (CI=true / FSAM_REQUIRE_OPTIONAL=1: optional parts are required, not skipped)", pytrace=False
+        )
     pytest.skip(reason, allow_module_level=True)
 
 

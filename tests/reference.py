@@ -5,6 +5,7 @@ The global batch of a step is the list of all micro-batches of all data-parallel
 gradient is the average over micro-batches of each micro-batch's mean token loss, which is what
 DeepSpeed computes (loss / gradient_accumulation_steps, then the average over ranks).
 """
+
 from __future__ import annotations
 
 import functools
@@ -14,6 +15,7 @@ from typing import Callable, Dict, List, Optional
 
 import torch
 from torch.func import functional_call, vjp
+
 
 @functools.lru_cache(maxsize=1)
 def text_bytes() -> torch.Tensor:
@@ -31,7 +33,7 @@ def micro_batch(step: int, rank: int, i: int, world: int, gas: int, mbs: int = 2
     """The deterministic micro-batch ``i`` of data-parallel rank ``rank`` at optimizer step ``step``."""
     data = text_bytes()
     k = (step * world + rank) * gas + i
-    rows = [data[(k * mbs + j) * 97 % (len(data) - seq - 1):][:seq] for j in range(mbs)]
+    rows = [data[(k * mbs + j) * 97 % (len(data) - seq - 1) :][:seq] for j in range(mbs)]
     return {"input_ids": torch.stack(rows)}
 
 
@@ -39,13 +41,29 @@ def global_batch(step: int, world: int, gas: int, **kw) -> List[Dict]:
     return [micro_batch(step, r, i, world, gas, **kw) for r in range(world) for i in range(gas)]
 
 
-def tiny_llama(seed: int = 0, dtype=torch.float32, vocab: int = 256, attn: str = "sdpa", layers: int = 2,
-               tied: bool = False, attention_dropout: float = 0.0):
+def tiny_llama(
+    seed: int = 0,
+    dtype=torch.float32,
+    vocab: int = 256,
+    attn: str = "sdpa",
+    layers: int = 2,
+    tied: bool = False,
+    attention_dropout: float = 0.0,
+):
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    cfg = LlamaConfig(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-                      tie_word_embeddings=tied, attention_dropout=attention_dropout, attn_implementation=attn)
+    cfg = LlamaConfig(
+        vocab_size=vocab,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        tie_word_embeddings=tied,
+        attention_dropout=attention_dropout,
+        attn_implementation=attn,
+    )
     torch.manual_seed(seed)
     model = LlamaForCausalLM(cfg)
     return model.to(dtype)
@@ -57,13 +75,29 @@ def _ce(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
     return -(logp.gather(-1, tgt.unsqueeze(-1)).squeeze(-1)).mean()
 
 
-def reference_train(model, steps: int, world: int, gas: int, method: str, rho: float, lr: float = 1e-2,
-                    betas=(0.9, 0.999), eps: float = 1e-8, weight_decay: float = 0.0, clip: float = 1.0,
-                    precondition_norm: str = "perturbation", rho_warmup_steps: int = 0,
-                    lr_at: Optional[Callable[[int], float]] = None, batch_kw: Optional[dict] = None,
-                    ascent_every: int = 1, loss: Optional[Callable] = None, hidden_adam_step: bool = False,
-                    dropout_seed: Optional[int] = None, ascent_direction: str = "gradient",
-                    trace: Optional[list] = None):
+def reference_train(
+    model,
+    steps: int,
+    world: int,
+    gas: int,
+    method: str,
+    rho: float,
+    lr: float = 1e-2,
+    betas=(0.9, 0.999),
+    eps: float = 1e-8,
+    weight_decay: float = 0.0,
+    clip: float = 1.0,
+    precondition_norm: str = "perturbation",
+    rho_warmup_steps: int = 0,
+    lr_at: Optional[Callable[[int], float]] = None,
+    batch_kw: Optional[dict] = None,
+    ascent_every: int = 1,
+    loss: Optional[Callable] = None,
+    hidden_adam_step: bool = False,
+    dropout_seed: Optional[int] = None,
+    ascent_direction: str = "gradient",
+    trace: Optional[list] = None,
+):
     """Train ``model`` in place; returns the per-step mean pass-1 losses.
 
     ``ascent_every = k > 1``: the ascent direction (at rho = 1) is computed at steps 0, k, 2k, ...
@@ -165,8 +199,12 @@ def reference_train(model, steps: int, world: int, gas: int, method: str, rho: f
         if method != "AdamW" and trace is not None:
             total = sum(float((e.double() ** 2).sum()) for e in pert)
             part = {k: float((e.double() ** 2).sum()) for k, e in zip(names, pert)}
-            trace.append({"eps_share_embed": sum(part[k] for k in embed_names) / total if total > 0 else None,
-                          "eps_share_output": sum(part[k] for k in out_names) / total if total > 0 else None})
+            trace.append(
+                {
+                    "eps_share_embed": sum(part[k] for k in embed_names) / total if total > 0 else None,
+                    "eps_share_output": sum(part[k] for k in out_names) / total if total > 0 else None,
+                }
+            )
         if method != "AdamW":
             theta = {k: params[k].detach().clone() for k in names}
             perturbed = {k: theta[k] + e for k, e in zip(names, pert)}
@@ -176,16 +214,19 @@ def reference_train(model, steps: int, world: int, gas: int, method: str, rho: f
                     torch.random.set_rng_state(rng[j])
                 if functional:
                     g_f = gfs[j]
+
                     # J(theta+eps)^T g_F(theta) with torch.func
                     def f(p):
                         return functional_call(model, p, (), {"input_ids": mb["input_ids"]}).logits
+
                     _, pullback = vjp(f, perturbed)
                     (ct,) = pullback(g_f / n)
                     gs = [ct[k] for k in names]
                 else:
+
                     def lf(p):
-                        return ce(functional_call(model, p, (), {"input_ids": mb["input_ids"]}).logits,
-                                  mb["input_ids"])
+                        return ce(functional_call(model, p, (), {"input_ids": mb["input_ids"]}).logits, mb["input_ids"])
+
                     pp = {k: v.detach().requires_grad_(True) for k, v in perturbed.items()}
                     value = lf(pp)
                     step_losses.append(value.item())
@@ -207,7 +248,7 @@ def reference_train(model, steps: int, world: int, gas: int, method: str, rho: f
 
 def weight_distance(a: Dict[str, torch.Tensor], b: Dict[str, torch.Tensor]) -> float:
     """Largest absolute difference over all weights."""
-    assert set(a) == set(b), (set(a) ^ set(b))
+    assert set(a) == set(b), set(a) ^ set(b)
     return max(float((a[k].double() - b[k].double()).abs().max()) for k in a)
 
 

@@ -7,11 +7,11 @@ Before the fix the ZeRO-3 view used ``param_groups[0]``'s beta2 and eps for ever
 two-group case fails there), and every view returned None (no preconditioner, silently) when the
 optimizer held no ``exp_avg_sq`` after updates.
 """
+
 from __future__ import annotations
 
 import pytest
 import torch
-
 from common import ds_config
 from reference import micro_batch, tiny_llama
 
@@ -58,7 +58,7 @@ def _expected(engine):
 
     def den(v, group, t):
         beta2 = group["betas"][1]
-        return (v.float() / (1 - beta2 ** t)).sqrt() + group["eps"]
+        return (v.float() / (1 - beta2**t)).sqrt() + group["eps"]
 
     if stage == 3:
         from deepspeed.utils import safe_get_local_optimizer_state
@@ -106,8 +106,10 @@ def test_denominators_use_each_groups_hparams_and_the_optimizers_step(stage, tor
     # second group's denominators are off by ~1e-3 (what the ZeRO-3 view computed before the fix)
     if stage in (0, 3):
         first = GROUPS[0]
-        wrong = [((b - GROUPS[1]["eps"]) ** 2 * (1 - 0.95 ** 3) / (1 - first["betas"][1] ** 3)).sqrt() + first["eps"]
-                 for b in want]
+        wrong = [
+            ((b - GROUPS[1]["eps"]) ** 2 * (1 - 0.95**3) / (1 - first["betas"][1] ** 3)).sqrt() + first["eps"]
+            for b in want
+        ]
         assert max(float((w - b).abs().max()) for w, b in zip(wrong, want)) > 5e-4
 
 

@@ -8,14 +8,15 @@ Why not losses: PFSAM's loss trajectory differs from AdamW's by 1.1e-2 and from 
 in bf16, so a loss tolerance at bf16 precision passes for the wrong method. The perturbation
 itself is computed in fp32 from the bf16 gradients and is compared to fp32 round-off.
 """
+
 from __future__ import annotations
 
 import pytest
-import torch
-
 from bf16_worker import capture_ascent, capture_logit_grads, finish_logit_grads
-from common import BF16_TOL as TOL, BF16_UNPRECONDITIONED_MIN as UNPRECONDITIONED_MIN
-from common import BF16_WRONG_T_MIN as WRONG_T_MIN, ds_config
+from common import BF16_TOL as TOL
+from common import BF16_UNPRECONDITIONED_MIN as UNPRECONDITIONED_MIN
+from common import BF16_WRONG_T_MIN as WRONG_T_MIN
+from common import ds_config
 from reference import micro_batch, tiny_llama
 
 STEPS, GAS, RHO = 4, 2, 0.2
@@ -26,15 +27,15 @@ STEPS, GAS, RHO = 4, 2, 0.2
 GF_TOL = 1e-5
 GF_WRONG_MIN = 1e-3
 
-CASES = ([(st, "PreconditionedFunctionalSAM", "perturbation", 1e-8) for st in (0, 1, 2, 3)]
-         + [(st, "PreconditionedSAM", "gradient", 1e-3) for st in (0, 1, 2, 3)])
+CASES = [(st, "PreconditionedFunctionalSAM", "perturbation", 1e-8) for st in (0, 1, 2, 3)] + [
+    (st, "PreconditionedSAM", "gradient", 1e-3) for st in (0, 1, 2, 3)
+]
 
 
 def _run(stage, method, norm, adam_eps):
     import fsam_ds
 
-    cfg = ds_config(method, rho=RHO, precondition_norm=norm, bf16={"enabled": True},
-                    zero_optimization={"stage": stage})
+    cfg = ds_config(method, rho=RHO, precondition_norm=norm, bf16={"enabled": True}, zero_optimization={"stage": stage})
     cfg["optimizer"]["params"]["eps"] = adam_eps
     engine, *_ = fsam_ds.initialize(model=tiny_llama(0), config=cfg)
     # ZeRO 0 bf16 is DeepSpeed's FP16_Optimizer, whose inner AdamW took one hidden step at
@@ -49,8 +50,7 @@ def _run(stage, method, norm, adam_eps):
     return records, (finish_logit_grads(grads) if grads is not None else None)
 
 
-@pytest.mark.parametrize("stage,method,norm,adam_eps", CASES,
-                         ids=[f"zero{c[0]}-{c[1]}-{c[2]}" for c in CASES])
+@pytest.mark.parametrize("stage,method,norm,adam_eps", CASES, ids=[f"zero{c[0]}-{c[1]}-{c[2]}" for c in CASES])
 def test_bf16_perturbation_matches_fp32_formula(stage, method, norm, adam_eps):
     records, logit_grads = _run(stage, method, norm, adam_eps)
     assert [r["preconditioned"] for r in records] == [False] + [True] * (STEPS - 1)

@@ -1,16 +1,18 @@
 """Config parsing: what DeepSpeed receives, and one clear error per bad input."""
+
 from __future__ import annotations
 
 import json
 
 import pytest
 import torch
-from hypothesis import given, settings, strategies as st
+from common import cfg_with, ds_config
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from reference import tiny_llama
 
 import fsam_ds
-from common import cfg_with, ds_config
-from fsam_ds.config import FSAMConfigError, METHODS, SAM_KEYS, parse_config
-from reference import tiny_llama
+from fsam_ds.config import METHODS, SAM_KEYS, FSAMConfigError, parse_config
 
 
 def base(method="PreconditionedFunctionalSAM", **params):
@@ -18,8 +20,7 @@ def base(method="PreconditionedFunctionalSAM", **params):
     if method != "AdamW":
         p["rho"] = 0.1
     p.update(params)
-    return {"train_micro_batch_size_per_gpu": 2, "gradient_clipping": 1.0,
-            "optimizer": {"type": method, "params": p}}
+    return {"train_micro_batch_size_per_gpu": 2, "gradient_clipping": 1.0, "optimizer": {"type": method, "params": p}}
 
 
 @pytest.mark.parametrize("method", METHODS)
@@ -41,8 +42,12 @@ def test_defaults_and_case_insensitive_type(tmp_path):
     path.write_text(json.dumps(cfg))
     _, sam = parse_config(path)
     assert sam.method == "PreconditionedFunctionalSAM"
-    assert (sam.rho, sam.precondition_norm, sam.rho_warmup_steps, sam.logit_grad_cache) == \
-        (0.05, "perturbation", 0, "device")
+    assert (sam.rho, sam.precondition_norm, sam.rho_warmup_steps, sam.logit_grad_cache) == (
+        0.05,
+        "perturbation",
+        0,
+        "device",
+    )
 
 
 BAD = [
@@ -54,8 +59,10 @@ BAD = [
     (lambda c: c["optimizer"]["params"].update(rho=-0.1), "optimizer.params.rho must be a number >= 0"),
     (lambda c: c["optimizer"]["params"].update(rho="0.1"), "optimizer.params.rho must be a number >= 0"),
     (lambda c: c["optimizer"]["params"].update(rho=float("nan")), "optimizer.params.rho must be a number >= 0"),
-    (lambda c: c["optimizer"]["params"].update(precondition_norm="both"),
-     "precondition_norm 'both' is not supported; accepted: perturbation, gradient"),
+    (
+        lambda c: c["optimizer"]["params"].update(precondition_norm="both"),
+        "precondition_norm 'both' is not supported; accepted: perturbation, gradient",
+    ),
     (lambda c: c["optimizer"]["params"].update(rho_warmup_steps=1.5), "rho_warmup_steps must be an integer >= 0"),
     (lambda c: c["optimizer"]["params"].update(logit_grad_cache="disk"), "logit_grad_cache 'disk' is not supported"),
     (lambda c: c["optimizer"]["params"].update(lr=-1), "optimizer.params.lr must be a number >= 0"),
@@ -64,10 +71,14 @@ BAD = [
     (lambda c: c["optimizer"]["params"].update(weight_decay=True), "optimizer.params.weight_decay"),
     (lambda c: c["optimizer"]["params"].update(adam_w_mode=False), "adam_w_mode: false is not accepted"),
     (lambda c: c["optimizer"]["params"].update(max_grad_norm=1.0), "optimizer.params.max_grad_norm is not accepted"),
-    (lambda c: c.update(zero_optimization={"stage": 3, "offload_optimizer": {"device": "cpu"}}),
-     "zero_optimization.offload_optimizer.device 'cpu' is not supported with the SAM types"),
-    (lambda c: c.update(zero_optimization={"stage": 3, "offload_param": {"device": "nvme"}}),
-     "zero_optimization.offload_param.device 'nvme' is not supported"),
+    (
+        lambda c: c.update(zero_optimization={"stage": 3, "offload_optimizer": {"device": "cpu"}}),
+        "zero_optimization.offload_optimizer.device 'cpu' is not supported with the SAM types",
+    ),
+    (
+        lambda c: c.update(zero_optimization={"stage": 3, "offload_param": {"device": "nvme"}}),
+        "zero_optimization.offload_param.device 'nvme' is not supported",
+    ),
     (lambda c: c.update(zero_optimization={"stage": 5}), "zero_optimization.stage must be one of 0, 1, 2, 3"),
     (lambda c: c.update(fp16={"enabled": True}, bf16={"enabled": True}), "fp16.enabled and bf16.enabled"),
     (lambda c: c.update(gradient_accumulation_steps=0), "gradient_accumulation_steps must be an integer >= 1"),
@@ -110,6 +121,7 @@ def test_bad_files(tmp_path):
 
 def test_functional_method_needs_logits():
     import torch
+
     import fsam_ds
 
     class LossOnly(torch.nn.Module):
@@ -129,10 +141,30 @@ def test_functional_method_needs_logits():
     assert torch.equal(engine.module.w, before)
 
 
-values = st.one_of(st.none(), st.booleans(), st.integers(-3, 3), st.floats(allow_nan=True), st.text(max_size=5),
-                   st.lists(st.floats(0, 1), max_size=3))
-keys = st.sampled_from(["lr", "betas", "eps", "weight_decay", "rho", "precondition_norm", "rho_warmup_steps",
-                        "logit_grad_cache", "bias_correction", "torch_adam", "momentum", "Rho"])
+values = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(-3, 3),
+    st.floats(allow_nan=True),
+    st.text(max_size=5),
+    st.lists(st.floats(0, 1), max_size=3),
+)
+keys = st.sampled_from(
+    [
+        "lr",
+        "betas",
+        "eps",
+        "weight_decay",
+        "rho",
+        "precondition_norm",
+        "rho_warmup_steps",
+        "logit_grad_cache",
+        "bias_correction",
+        "torch_adam",
+        "momentum",
+        "Rho",
+    ]
+)
 
 
 @settings(max_examples=300, deadline=None)
@@ -153,6 +185,7 @@ def test_parser_property(method, params):
 
 def test_shipped_configs_parse():
     from pathlib import Path
+
     files = sorted((Path(__file__).resolve().parents[1] / "ds_configs").rglob("*.json"))
     assert len(files) == 20
     for f in files:
@@ -164,6 +197,7 @@ def test_shipped_configs_parse():
 
 # ---- settings refused before training (one process) ------------------------------------------
 # multi-rank refusals stay in their launches
+
 
 def test_recompute_refuses_a_model_without_linear_output():
     import fsam_ds
@@ -177,8 +211,9 @@ def test_recompute_refuses_a_model_without_linear_output():
         def forward(self, input_ids):
             return self.w[input_ids]
 
-    with pytest.raises(FSAMConfigError, match='logit_grad_cache "recompute" needs .*accepted for this model: '
-                                              'device, host'):
+    with pytest.raises(
+        FSAMConfigError, match='logit_grad_cache "recompute" needs .*accepted for this model: device, host'
+    ):
         fsam_ds.initialize(model=Bare(), config=cfg_with("FunctionalSAM", logit_grad_cache="recompute"))
 
 
@@ -232,10 +267,13 @@ def test_ascent_direction_is_a_sam_key():
         parse_config(cfg_with("SAM", ascent_direction="momentum", ascent_every=2))
 
 
-@pytest.mark.parametrize("section,match", [
-    ({"managed_gradient_accumulation": False}, "managed_gradient_accumulation"),
-    ({"tensor_parallel": {"autotp_size": 2}}, "autotp_size"),
-])
+@pytest.mark.parametrize(
+    "section,match",
+    [
+        ({"managed_gradient_accumulation": False}, "managed_gradient_accumulation"),
+        ({"tensor_parallel": {"autotp_size": 2}}, "autotp_size"),
+    ],
+)
 def test_parallel_settings_the_norms_do_not_know_are_refused(section, match):
     with pytest.raises(FSAMConfigError, match=match):
         fsam_ds.parse_config(ds_config("SAM", **section))
@@ -260,6 +298,7 @@ def test_deepspeed_moe_layers_are_refused_for_the_sam_types():
 
         def forward(self, x):
             return self.out(self.moe(x)[0])
+
     with pytest.raises(FSAMConfigError, match="MoE"):
         fsam_ds.initialize(model=Experts(), config=ds_config("SAM"))
     assert fsam_ds.initialize(model=Experts(), config=ds_config("AdamW"))[0].has_moe_layers

@@ -8,6 +8,7 @@ exported folder starts a one-step fsam-train run whose converted result equals a
 single-process step (tests/reference.py); ZeRO stages 0 and 2, tied embeddings and bf16 masters on
 one in-process rank; and every bad input's one-line error.
 """
+
 from __future__ import annotations
 
 import json
@@ -18,12 +19,11 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from launch import HERE, ROOT, child_env, deepspeed, run
 
 WORKER = HERE / "convert_worker.py"
 TINY_PARAMS = 53_408  # the tiny preset at vocabulary 512 (README table)
-SHARD = 100_000       # bytes: the tiny model's 214 kB of fp32 weights go into three files
+SHARD = 100_000  # bytes: the tiny model's 214 kB of fp32 weights go into three files
 
 
 def zero3_fp32_config(path: Path) -> Path:
@@ -44,10 +44,32 @@ def work(tmp_path_factory):
 @pytest.fixture(scope="module")
 def zero3_run(work):
     """fsam-train, 2 ranks, ZeRO-3 fp32, preconditioned FSAM, 3 steps; checkpoints step2 and step3."""
-    deepspeed(WORKER, "--mode", "train", "--out", work, "--deepspeed_config", zero3_fp32_config(work / "z3.json"),
-              "--model", "tiny", "--seq-len", "32", "--steps", "3", "--save-every", "2", "--eval-every", "0",
-              "--eval-batches", "1", "--save-dir", work / "run", "--no-progress", env=child_env(work / "cache"),
-              timeout=600)
+    deepspeed(
+        WORKER,
+        "--mode",
+        "train",
+        "--out",
+        work,
+        "--deepspeed_config",
+        zero3_fp32_config(work / "z3.json"),
+        "--model",
+        "tiny",
+        "--seq-len",
+        "32",
+        "--steps",
+        "3",
+        "--save-every",
+        "2",
+        "--eval-every",
+        "0",
+        "--eval-batches",
+        "1",
+        "--save-dir",
+        work / "run",
+        "--no-progress",
+        env=child_env(work / "cache"),
+        timeout=600,
+    )
     return work / "run"
 
 
@@ -56,10 +78,16 @@ def exports(work, zero3_run):
     """fp32 (sharded) and step2 in this process; bf16 through the command line."""
     from fsam_ds.convert import convert
 
-    reports = {"fp32": convert(zero3_run, work / "hf_fp32", max_shard_size=SHARD),
-               "step2": convert(zero3_run, work / "hf_step2", tag="step2")}
-    proc = run([sys.executable, "-m", "fsam_ds.convert", str(zero3_run), str(work / "hf_bf16"), "--dtype", "bf16",
-                "--json"], env=child_env(work / "cache"), cwd=ROOT, timeout=300)
+    reports = {
+        "fp32": convert(zero3_run, work / "hf_fp32", max_shard_size=SHARD),
+        "step2": convert(zero3_run, work / "hf_step2", tag="step2"),
+    }
+    proc = run(
+        [sys.executable, "-m", "fsam_ds.convert", str(zero3_run), str(work / "hf_bf16"), "--dtype", "bf16", "--json"],
+        env=child_env(work / "cache"),
+        cwd=ROOT,
+        timeout=300,
+    )
     reports["bf16"] = json.loads(proc.stdout.strip().splitlines()[-1])
     return reports
 
@@ -67,10 +95,23 @@ def exports(work, zero3_run):
 @pytest.fixture(scope="module")
 def fresh(work, exports):
     folders = [work / "hf_fp32", work / "hf_bf16", work / "hf_step2"]
-    proc = run([sys.executable, str(WORKER), "--mode", "check", "--reference", str(work / "training_side.pt"),
-                "--folders", *map(str, folders)], env=child_env(work / "cache"), cwd=ROOT, timeout=300)
+    proc = run(
+        [
+            sys.executable,
+            str(WORKER),
+            "--mode",
+            "check",
+            "--reference",
+            str(work / "training_side.pt"),
+            "--folders",
+            *map(str, folders),
+        ],
+        env=child_env(work / "cache"),
+        cwd=ROOT,
+        timeout=300,
+    )
     line = [x for x in proc.stdout.splitlines() if x.startswith("CHECK ")][-1]
-    got = json.loads(line[len("CHECK "):])
+    got = json.loads(line[len("CHECK ") :])
     return {name: got[str(work / f"hf_{name}")] for name in ("fp32", "bf16", "step2")}
 
 
@@ -132,9 +173,10 @@ LR_B, RHO_B, WD_B = 1e-3, 0.1, 0.1
 @pytest.mark.slow
 def test_hf_folder_trains_one_step_and_converts_back(work, exports, monkeypatch):
     import reference
+    from transformers import AutoModelForCausalLM
+
     from fsam_ds import data as fdata
     from fsam_ds.convert import convert
-    from transformers import AutoModelForCausalLM
 
     start = work / "hf_fp32"
     cfg = json.loads((ROOT / "ds_configs" / "preconditioned_functional_sam.json").read_text())
@@ -143,9 +185,31 @@ def test_hf_folder_trains_one_step_and_converts_back(work, exports, monkeypatch)
     cfg["optimizer"]["params"].update(lr=LR_B, rho=RHO_B, weight_decay=WD_B, betas=[0.9, 0.95], eps=1e-8)
     (work / "ds0.json").write_text(json.dumps(cfg))
     cache = work / "cache_b"
-    run([sys.executable, "-m", "fsam_ds.train", "--deepspeed_config", str(work / "ds0.json"), "--model", str(start),
-         "--seq-len", "32", "--steps", "1", "--eval-every", "0", "--eval-batches", "1", "--save-dir",
-         str(work / "run_b"), "--no-progress"], env=child_env(cache), cwd=work, timeout=300)
+    run(
+        [
+            sys.executable,
+            "-m",
+            "fsam_ds.train",
+            "--deepspeed_config",
+            str(work / "ds0.json"),
+            "--model",
+            str(start),
+            "--seq-len",
+            "32",
+            "--steps",
+            "1",
+            "--eval-every",
+            "0",
+            "--eval-batches",
+            "1",
+            "--save-dir",
+            str(work / "run_b"),
+            "--no-progress",
+        ],
+        env=child_env(cache),
+        cwd=work,
+        timeout=300,
+    )
     report = convert(work / "run_b", work / "hf_b")
     assert report["zero_stage"] == 0 and report["world_size"] == 1 and report["tag"] == "step1"
     assert report["weights_from"].startswith("module") and report["tokenizer"]["size"] == 512
@@ -161,8 +225,9 @@ def test_hf_folder_trains_one_step_and_converts_back(work, exports, monkeypatch)
 
     def reference_step(method):
         model = AutoModelForCausalLM.from_pretrained(start, attn_implementation="sdpa").train()
-        losses = reference.reference_train(model, 1, 1, 1, method, RHO_B, lr=LR_B, betas=(0.9, 0.95), eps=1e-8,
-                                           weight_decay=WD_B, clip=1.0)
+        losses = reference.reference_train(
+            model, 1, 1, 1, method, RHO_B, lr=LR_B, betas=(0.9, 0.95), eps=1e-8, weight_decay=WD_B, clip=1.0
+        )
         return {k: v.detach().clone() for k, v in model.state_dict().items()}, losses
 
     expected, ref_losses = reference_step("PreconditionedFunctionalSAM")
@@ -185,19 +250,26 @@ def test_hf_folder_trains_one_step_and_converts_back(work, exports, monkeypatch)
 
 @pytest.mark.parametrize("stage,bf16,tied", [(0, False, True), (2, True, False)])
 def test_one_rank_stages_tied_and_bf16(tmp_path, stage, bf16, tied):
-    import deepspeed
+    from common import ds_config
     from deepspeed.utils import safe_get_full_fp32_param
+    from reference import micro_batch
     from safetensors import safe_open
     from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
     import fsam_ds
-    from common import ds_config
-    from reference import micro_batch
     from fsam_ds.convert import convert
 
-    cfg = LlamaConfig(vocab_size=256, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-                      tie_word_embeddings=tied, attn_implementation="sdpa")
+    cfg = LlamaConfig(
+        vocab_size=256,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        tie_word_embeddings=tied,
+        attn_implementation="sdpa",
+    )
     torch.manual_seed(0)
     model = LlamaForCausalLM(cfg)
     extra = {"zero_optimization": {"stage": stage}}
@@ -263,12 +335,18 @@ def bad_inputs(work, zero3_run, exports):
         "a file": ([str(bad / "a_file"), str(bad / "o2")], ["a_file", "not a checkpoint folder"]),
         "missing": ([str(bad / "nope"), str(bad / "o3")], ["nope", "no such folder"]),
         "tag": ([run_, str(bad / "o4"), "--tag", "step9"], ["'step9'", "not found", "step2, step3"]),
-        "shard": ([str(broken), str(bad / "o5")], ["missing shard", "zero_pp_rank_1_mp_rank_00_optim_states.pt",
-                                                   "2 data-parallel rank"]),
-        "tokenizer vocab": ([run_, str(bad / "o6"), "--tokenizer", str(bad / "big_tok")],
-                            ["vocabulary mismatch", "tokenizer has 522", "only 512"]),
-        "config vocab": ([run_, str(bad / "o7"), "--config", str(bad / "cfg600")],
-                         ["vocabulary mismatch", "512 token embeddings", "vocab_size is 600"]),
+        "shard": (
+            [str(broken), str(bad / "o5")],
+            ["missing shard", "zero_pp_rank_1_mp_rank_00_optim_states.pt", "2 data-parallel rank"],
+        ),
+        "tokenizer vocab": (
+            [run_, str(bad / "o6"), "--tokenizer", str(bad / "big_tok")],
+            ["vocabulary mismatch", "tokenizer has 522", "only 512"],
+        ),
+        "config vocab": (
+            [run_, str(bad / "o7"), "--config", str(bad / "cfg600")],
+            ["vocabulary mismatch", "512 token embeddings", "vocab_size is 600"],
+        ),
         "output": ([run_, str(bad / "full")], ["full", "not empty", "--overwrite"]),
         "dtype": ([run_, str(bad / "o8"), "--dtype", "fp16"], ["--dtype", "fp16"]),
     }
@@ -295,9 +373,17 @@ def test_bad_inputs_raise_one_line(bad_inputs, work):
 
 @pytest.mark.slow
 def test_cli_errors_exit_2_without_traceback(bad_inputs, work):
-    procs = {name: subprocess.Popen([sys.executable, "-m", "fsam_ds.convert", *bad_inputs[name][0]], cwd=ROOT,
-                                    env=child_env(work / "cache"), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                    text=True) for name in CLI_CASES}
+    procs = {
+        name: subprocess.Popen(
+            [sys.executable, "-m", "fsam_ds.convert", *bad_inputs[name][0]],
+            cwd=ROOT,
+            env=child_env(work / "cache"),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for name in CLI_CASES
+    }
     for name, proc in procs.items():
         out, err = proc.communicate(timeout=180)
         lines = [x for x in err.splitlines() if x.strip()]

@@ -8,6 +8,7 @@ converted folder, loaded by transformers in a fresh process, reproduces them and
 three layouts convert to the same weights, which are not the initial ones. Then every bad input's
 one-line error.
 """
+
 from __future__ import annotations
 
 import json
@@ -17,20 +18,37 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
-
 from optional import require_module  # noqa: E402
 
 require_module("megatron.core", "megatron-core is an optional extra: pip install -e .[megatron]")
 
-from launch import HERE, ROOT, child_env as _child_env, run as _run, torchrun_cmd  # noqa: E402
+from launch import HERE, ROOT, torchrun_cmd  # noqa: E402
+from launch import child_env as _child_env
+from launch import run as _run
 
 WORKER = HERE / "megatron_logits_worker.py"
 TINY_PARAMS = 53_408  # the tiny preset at vocabulary 512 (README table)
 ITERS, SEED = 3, 1234
-TRAIN_ARGS = ["--model", "tiny", "--sam-type", "PreconditionedFunctionalSAM", "--train-iters", str(ITERS),
-              "--seq-len", "32", "--micro-batch-size", "2", "--global-batch-size", "8", "--seed", str(SEED),
-              "--eval-interval", "0", "--eval-iters", "1"]
+TRAIN_ARGS = [
+    "--model",
+    "tiny",
+    "--sam-type",
+    "PreconditionedFunctionalSAM",
+    "--train-iters",
+    str(ITERS),
+    "--seq-len",
+    "32",
+    "--micro-batch-size",
+    "2",
+    "--global-batch-size",
+    "8",
+    "--seed",
+    str(SEED),
+    "--eval-interval",
+    "0",
+    "--eval-iters",
+    "1",
+]
 
 
 def child_env(work: Path) -> dict:
@@ -53,8 +71,11 @@ def work(tmp_path_factory):
 def runs(work):
     """fsam-megatron-train at TP=1 (checkpoints at iterations 2 and 3), TP=2, and TP=2 x PP=2."""
     env = child_env(work)
-    layouts = {"tp1": (1, ["--save-interval", "2"]), "tp2": (2, ["--tensor-model-parallel-size", "2"]),
-               "tp2pp2": (4, ["--tensor-model-parallel-size", "2", "--pipeline-model-parallel-size", "2"])}
+    layouts = {
+        "tp1": (1, ["--save-interval", "2"]),
+        "tp2": (2, ["--tensor-model-parallel-size", "2"]),
+        "tp2pp2": (4, ["--tensor-model-parallel-size", "2", "--pipeline-model-parallel-size", "2"]),
+    }
     for name, (ranks, extra) in layouts.items():
         (work / name).mkdir()  # the last pipeline stage opens metrics.jsonl there, maybe before rank 0 creates it
         run(torchrun(ranks, "-m", "megatron_patches.trainer", *TRAIN_ARGS, *extra, "--save", str(work / name)), env)
@@ -65,8 +86,23 @@ def runs(work):
 def megatron_logits(work, runs):
     """The TP=2 x PP=2 checkpoint's logits on held-out text, from megatron-core at TP=2 x PP=2."""
     out = work / "megatron_logits.pt"
-    run(torchrun(4, str(WORKER), "--mode", "megatron", "--ckpt", str(runs["tp2pp2"] / f"iter_{ITERS:07d}"),
-                 "--tp", "2", "--pp", "2", "--out", str(out)), child_env(work))
+    run(
+        torchrun(
+            4,
+            str(WORKER),
+            "--mode",
+            "megatron",
+            "--ckpt",
+            str(runs["tp2pp2"] / f"iter_{ITERS:07d}"),
+            "--tp",
+            "2",
+            "--pp",
+            "2",
+            "--out",
+            str(out),
+        ),
+        child_env(work),
+    )
     return out
 
 
@@ -98,9 +134,20 @@ def _max_diff(a: dict, b: dict) -> float:
 @pytest.mark.slow
 def test_tp2_pp2_export_reproduces_megatron_logits_in_fresh_process(work, exports, megatron_logits):
     folders = [work / "hf_tp2pp2", work / "hf_tp1_iter2"]
-    proc = run([sys.executable, str(WORKER), "--mode", "check", "--folders", *map(str, folders),
-                "--reference", str(megatron_logits)], child_env(work))
-    got = json.loads([x for x in proc.stdout.splitlines() if x.startswith("CHECK ")][-1][len("CHECK "):])
+    proc = run(
+        [
+            sys.executable,
+            str(WORKER),
+            "--mode",
+            "check",
+            "--folders",
+            *map(str, folders),
+            "--reference",
+            str(megatron_logits),
+        ],
+        child_env(work),
+    )
+    got = json.loads([x for x in proc.stdout.splitlines() if x.startswith("CHECK ")][-1][len("CHECK ") :])
     r, earlier = got[str(folders[0])], got[str(folders[1])]
     assert r["class"] == "LlamaForCausalLM" and r["dtype"] == "float32"
     assert r["logits_shape"] == [2, 32, 512]
@@ -181,18 +228,26 @@ def bad_inputs(work, runs, exports):
     (bad / "cfg3layers" / "config.json").write_text(json.dumps(dict(cfg, num_hidden_layers=3)))
     run_ = str(runs["tp2pp2"])
     return {  # name: (arguments, words the message must contain)
-        "not a checkpoint": ([str(bad / "empty"), str(bad / "o1")],
-                             ["not a checkpoint folder", "latest_checkpointed_iteration.txt", "iter_NNNNNNN"]),
-        "shard": ([str(shard), str(bad / "o2")], ["missing shard file", "__1_0.distcp", "TP 2 x PP 2 x DP 1",
-                                                  "every rank"]),
+        "not a checkpoint": (
+            [str(bad / "empty"), str(bad / "o1")],
+            ["not a checkpoint folder", "latest_checkpointed_iteration.txt", "iter_NNNNNNN"],
+        ),
+        "shard": (
+            [str(shard), str(bad / "o2")],
+            ["missing shard file", "__1_0.distcp", "TP 2 x PP 2 x DP 1", "every rank"],
+        ),
         "no hf": ([str(no_hf), str(bad / "o3")], ["no hf/config.json", "--config"]),
         "tag": ([run_, str(bad / "o4"), "--tag", "9"], ["'iter_0000009' not found", "iter_0000003"]),
         "tag name": ([run_, str(bad / "o5"), "--tag", "iter_0000002"], ["'iter_0000002' not found"]),
         "legacy": ([str(bad / "legacy"), str(bad / "o6")], ["per-rank torch-format", "dist_checkpointing"]),
-        "config vocab": ([run_, str(bad / "o7"), "--config", str(bad / "cfg600")],
-                         ["vocabulary mismatch", "512 token embeddings", "vocab_size is 600"]),
-        "config layers": ([run_, str(bad / "o8"), "--config", str(bad / "cfg3layers")],
-                          ["do not match the config", "decoder.layers", "(2,", "(3,"]),
+        "config vocab": (
+            [run_, str(bad / "o7"), "--config", str(bad / "cfg600")],
+            ["vocabulary mismatch", "512 token embeddings", "vocab_size is 600"],
+        ),
+        "config layers": (
+            [run_, str(bad / "o8"), "--config", str(bad / "cfg3layers")],
+            ["do not match the config", "decoder.layers", "(2,", "(3,"],
+        ),
     }
 
 
@@ -218,8 +273,14 @@ def test_bad_inputs_raise_one_line(bad_inputs, work):
 @pytest.mark.slow
 def test_cli_error_exits_2_without_traceback(bad_inputs, work):
     argv, words = bad_inputs["shard"]
-    proc = subprocess.run([sys.executable, "-m", "fsam_ds.convert", *argv, "--source", "megatron"], cwd=ROOT,
-                          env=child_env(work), capture_output=True, text=True, timeout=180)
+    proc = subprocess.run(
+        [sys.executable, "-m", "fsam_ds.convert", *argv, "--source", "megatron"],
+        cwd=ROOT,
+        env=child_env(work),
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
     lines = [x for x in proc.stderr.splitlines() if x.strip()]
     assert proc.returncode == 2 and "Traceback" not in proc.stderr and len(lines) == 1, proc.stderr
     assert lines[0].startswith("fsam-convert: error: ") and all(w in lines[0] for w in words), lines[0]

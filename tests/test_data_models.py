@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from optional import BUNDLED_DATA, data_file  # noqa: E402
 
 from fsam_ds import data, models
 from fsam_ds.data import (
@@ -25,8 +26,6 @@ from fsam_ds.data import (
     split_wikitext_articles,
 )
 from fsam_ds.models import PRESETS, build_model, count_parameters, llama_config
-
-from optional import BUNDLED_DATA, data_file  # noqa: E402
 
 # WikiText layout: every line padded with spaces, headings between blank lines.
 SYNTHETIC_WIKITEXT = "".join(
@@ -300,9 +299,7 @@ def test_hub_dataset_rows_and_unreachable(monkeypatch: pytest.MonkeyPatch):
 # ------------------------------------------------------------------------------------ tokenizer
 
 
-def test_tokenizer_round_trip_and_cache(
-    tmp_path: Path, small_texts: list[str], monkeypatch: pytest.MonkeyPatch
-):
+def test_tokenizer_round_trip_and_cache(tmp_path: Path, small_texts: list[str], monkeypatch: pytest.MonkeyPatch):
     tok = get_tokenizer(small_texts, vocab_size=400, cache_dir=tmp_path)
     assert len(tok) == 400
     assert tok.eos_token == tok.bos_token == tok.pad_token == EOS_TOKEN
@@ -327,9 +324,7 @@ def test_tokenizer_round_trip_and_cache(
 # ------------------------------------------------------------------------------------ blocks
 
 
-def test_token_blocks_layout_and_cache(
-    tmp_path: Path, small_texts: list[str], monkeypatch: pytest.MonkeyPatch
-):
+def test_token_blocks_layout_and_cache(tmp_path: Path, small_texts: list[str], monkeypatch: pytest.MonkeyPatch):
     tok = get_tokenizer(small_texts, vocab_size=400, cache_dir=tmp_path / "tok")
     texts = small_texts[:50]
     blocks = TokenBlocks(texts, tok, seq_len=16, cache_dir=tmp_path / "ids")
@@ -377,9 +372,7 @@ def _ids(batch: dict[str, torch.Tensor]) -> list[int]:
 
 def test_data_parallel_union_equals_single_rank_double_batch():
     ds, b, w, steps = _Items(37), 3, 2, 20  # 6 global micro-steps per epoch: 3+ epochs
-    ranks = [
-        list(islice(micro_batches(ds, b, rank=r, world_size=w, seed=5), steps)) for r in range(w)
-    ]
+    ranks = [list(islice(micro_batches(ds, b, rank=r, world_size=w, seed=5), steps)) for r in range(w)]
     single = list(islice(micro_batches(ds, b * w, seed=5), steps))
     for k in range(steps):
         assert ranks[0][k]["input_ids"].shape == (b, 4)
@@ -399,9 +392,7 @@ def test_start_micro_step_skips_exactly():
     ds = _Items(37)
     full = list(islice(micro_batches(ds, 3, rank=1, world_size=2, seed=2), 30))
     for start in (0, 1, 5, 6, 13):
-        resumed = list(
-            islice(micro_batches(ds, 3, 1, 2, seed=2, start_micro_step=start), 30 - start)
-        )
+        resumed = list(islice(micro_batches(ds, 3, 1, 2, seed=2, start_micro_step=start), 30 - start))
         assert [_ids(x) for x in resumed] == [_ids(x) for x in full[start:]]
     ds.reads = 0
     next(micro_batches(ds, 3, 1, 2, seed=2, start_micro_step=10**9))

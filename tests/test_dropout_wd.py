@@ -21,11 +21,11 @@ exactly as DeepSpeed's own update does. ZeRO 1-3 take no such step. The referenc
 step itself and the bf16 trajectories check that the reference needs it at ZeRO 0 and must not
 have it at ZeRO 1-3.
 """
+
 from __future__ import annotations
 
 import pytest
 import torch
-
 from common import GAS, LR, RHO, STEPS, ds_config
 from reference import micro_batch, reference_train, tiny_llama, weight_distance
 
@@ -82,6 +82,7 @@ def update_distance(state, ref, w0) -> float:
 
 
 # ---- dropout ---------------------------------------------------------------------------------
+
 
 def _no_replay(monkeypatch):
     """Switch the replay off: pass 2 then draws fresh masks from wherever the state is."""

@@ -1,9 +1,9 @@
 """The engine against the independent single-process reference (one rank, in this process)."""
+
 from __future__ import annotations
 
 import pytest
 import torch
-
 from common import LR, STEPS, assert_shares, ds_config, engine_run, reference_state, reference_trace
 from reference import weight_distance
 
@@ -12,6 +12,7 @@ SAM_TYPES = ["SAM", "PreconditionedSAM", "FunctionalSAM", "PreconditionedFunctio
 # ~1e-5..1e-3 of that unit; two different methods differ by 1e-1..1.
 TOL = 2e-3
 UNIT = LR * STEPS
+
 
 def ref(method, **kw):
     return reference_state(method, **kw)
@@ -68,13 +69,20 @@ def test_rho_warmup_matches_reference():
 
 def test_lr_scheduler_from_config():
     method = "FunctionalSAM"
-    cfg = ds_config(method, scheduler={"type": "WarmupLR", "params": {
-        "warmup_min_lr": 0.0, "warmup_max_lr": LR, "warmup_num_steps": 4, "warmup_type": "linear"}})
+    cfg = ds_config(
+        method,
+        scheduler={
+            "type": "WarmupLR",
+            "params": {"warmup_min_lr": 0.0, "warmup_max_lr": LR, "warmup_num_steps": 4, "warmup_type": "linear"},
+        },
+    )
     state, _, metrics = engine_run(method, config=cfg, steps=STEPS)
+
     # DeepSpeed's WarmupLR sets iteration 0 at construction and again at its first step(), so the
     # learning rates used are 0, 0, lr/4, lr/2, ... exactly as in a plain DeepSpeed job
     def lr_at(s):
         return LR * max(s - 1, 0) / 4
+
     assert [m["lr"] for m in metrics] == pytest.approx([lr_at(s) for s in range(STEPS)])
     ref_state, _ = reference_state(method, lr_at=lr_at)
     assert weight_distance(state, ref_state) / UNIT < TOL
@@ -105,8 +113,9 @@ def test_weights_restored_bit_exactly_before_step(method, dtype):
         now = [p.detach().clone() for p in engine.module.parameters()]  # same device as snapshots
         checked.append(all(torch.equal(a, b) for a, b in zip(now, snapshots[-1])))
 
-    import fsam_ds
     from reference import micro_batch, tiny_llama
+
+    import fsam_ds
 
     cfg = ds_config(method, rho=0.2)
     if dtype == "bf16":

@@ -2,6 +2,7 @@
 step with its budget and runs nothing; the plan runner gives each command its own timeout, keeps going
 after a failure or a timeout and writes one report; the CPU smoke of the fp16 step (the same injection
 in bf16 at ZeRO 0) ends with every injected step skipped and the weights unchanged."""
+
 from __future__ import annotations
 
 import json
@@ -25,8 +26,14 @@ def _run(*args, timeout=120):
     from launch import child_env
 
     env = child_env()
-    return subprocess.run([sys.executable, "-m", "tools.gpu_check", *args], cwd=REPO, capture_output=True, text=True,
-                          timeout=timeout, env=env)
+    return subprocess.run(
+        [sys.executable, "-m", "tools.gpu_check", *args],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=env,
+    )
 
 
 def test_dry_run_prints_the_plan_and_runs_nothing(tmp_path):
@@ -37,9 +44,16 @@ def test_dry_run_prints_the_plan_and_runs_nothing(tmp_path):
     for sid in STEP_IDS:
         assert f"\n{sid} " in text and f"[{sid}]" in text or sid == "bench_1.2b" and "[bench_1.2b]" in text, sid
     assert "deadline 570 s" in text and "dry run: nothing was run" in text
-    for needle in ("fsam_ds.bench --gpu --preset 118m", "fsam_ds.bench --gpu --preset 1.2b", "--json",
-                   "tests/test_adam_step_layouts.py", "worker fp16 --stages 0,2", "worker loop-hf --stage 3 --dtype bf16",
-                   "worker megatron", "worker seeds"):
+    for needle in (
+        "fsam_ds.bench --gpu --preset 118m",
+        "fsam_ds.bench --gpu --preset 1.2b",
+        "--json",
+        "tests/test_adam_step_layouts.py",
+        "worker fp16 --stages 0,2",
+        "worker loop-hf --stage 3 --dtype bf16",
+        "worker megatron",
+        "worker seeds",
+    ):
         assert needle in text, needle
     assert not out.exists()
 
@@ -72,32 +86,55 @@ def test_runner_keeps_going_after_a_failure_and_a_timeout(tmp_path):
     ok_json = tmp_path / "ok.json"
     steps = [
         _fake("fails", gpu_check.Cmd("exit 3", [py, "-c", "print('boom'); raise SystemExit(3)"], 20)),
-        _fake("hangs", gpu_check.Cmd("sleep", [py, "-c", "import time; print('start', flush=True); time.sleep(60)"], 2)),
-        _fake("passes", gpu_check.Cmd("writes", [py, "-c", f"import json; json.dump({{'ok': True, 'lines': ['42']}}, "
-                                                          f"open({str(ok_json)!r}, 'w'))"], 20, "ok.json")),
-        _fake("check_fails", gpu_check.Cmd("ok=false", [py, "-c", f"import json; json.dump({{'ok': False}}, "
-                                                                   f"open({str(tmp_path / 'bad.json')!r}, 'w'))"],
-                                           20, "bad.json")),
+        _fake(
+            "hangs", gpu_check.Cmd("sleep", [py, "-c", "import time; print('start', flush=True); time.sleep(60)"], 2)
+        ),
+        _fake(
+            "passes",
+            gpu_check.Cmd(
+                "writes",
+                [py, "-c", f"import json; json.dump({{'ok': True, 'lines': ['42']}}, open({str(ok_json)!r}, 'w'))"],
+                20,
+                "ok.json",
+            ),
+        ),
+        _fake(
+            "check_fails",
+            gpu_check.Cmd(
+                "ok=false",
+                [py, "-c", f"import json; json.dump({{'ok': False}}, open({str(tmp_path / 'bad.json')!r}, 'w'))"],
+                20,
+                "bad.json",
+            ),
+        ),
         gpu_check.Step("skipped", "skipped", "0", 10, 1, 1, [], skip="GPU only"),
     ]
     t0 = time.time()
     res = gpu_check.run_plan(steps, tmp_path, deadline=100, say=lambda s: None)
     assert time.time() - t0 < 30  # the hanging command was killed at its 2 s cap
     status = {r["id"]: r["status"] for r in res}
-    assert status == {"fails": "failed", "hangs": "timed out", "passes": "passed", "check_fails": "failed",
-                      "skipped": "skipped"}
+    assert status == {
+        "fails": "failed",
+        "hangs": "timed out",
+        "passes": "passed",
+        "check_fails": "failed",
+        "skipped": "skipped",
+    }
     assert res[0]["commands"][0]["rc"] == 3 and "boom" in (tmp_path / "fails.0.log").read_text()
     assert res[1]["commands"][0]["timed_out"] and "start" in (tmp_path / "hangs.0.log").read_text()
-    report = gpu_check.render_report(res, {"date": "d", "commit": "abc123", "dirty": False, "mode": "", "wall_s": 5,
-                                           "deadline_s": 100})
+    report = gpu_check.render_report(
+        res, {"date": "d", "commit": "abc123", "dirty": False, "mode": "", "wall_s": 5, "deadline_s": 100}
+    )
     assert "Commit `abc123`" in report and "| fails: fake fails | 0 | failed |" in report
     assert "\n42\n" in report and "boom" in report and "GPU only" in report
 
 
 def test_deadline_cuts_a_step_and_leaves_the_later_ones_their_minimum(tmp_path):
     py = sys.executable
-    steps = [_fake("long", gpu_check.Cmd("sleep", [py, "-c", "import time; time.sleep(30)"], 30), budget=30, min_s=1),
-             _fake("later", gpu_check.Cmd("quick", [py, "-c", "pass"], 10), budget=10, min_s=2)]
+    steps = [
+        _fake("long", gpu_check.Cmd("sleep", [py, "-c", "import time; time.sleep(30)"], 30), budget=30, min_s=1),
+        _fake("later", gpu_check.Cmd("quick", [py, "-c", "pass"], 10), budget=10, min_s=2),
+    ]
     t0 = time.time()
     res = gpu_check.run_plan(steps, tmp_path, deadline=6, say=lambda s: None)
     assert time.time() - t0 < 15

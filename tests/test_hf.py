@@ -2,13 +2,14 @@
 gradient accumulation 2), TRL's SFTTrainer (FSAMTrainerMixin) and a user's own Accelerate loop
 (FSAMAccelerator) against the independent reference; Trainer resume; a PEFT LoRA model. One launch
 (tests/hf_worker.py) for all of them."""
+
 from __future__ import annotations
 
 import pytest
 import torch
-
 from common import LR, STEPS, reference_state
-from launch import HERE, deepspeed, load_case as _load, load_rank_results
+from launch import HERE, deepspeed, load_rank_results
+from launch import load_case as _load
 from reference import weight_distance
 
 TOL = 2e-3  # fp32 round-off in units of lr * steps (as test_engine); other methods are >= 0.2 away
@@ -22,8 +23,9 @@ def hf_run(module_dir):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name,method", [("trainer-pfsam-z2", "PreconditionedFunctionalSAM"),
-                                         ("trainer-sam-z3", "SAM")])
+@pytest.mark.parametrize(
+    "name,method", [("trainer-pfsam-z2", "PreconditionedFunctionalSAM"), ("trainer-sam-z3", "SAM")]
+)
 def test_trainer_matches_reference(hf_run, name, method):
     state, ranks = _load(hf_run, name)
     ref_state, ref_losses = reference_state(method, world=2)
@@ -71,8 +73,9 @@ def test_trainer_lora_perturbs_only_the_adapters(hf_run):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name,method", [("trl-psam-z2", "PreconditionedSAM"),
-                                         ("trl-pfsam-z3", "PreconditionedFunctionalSAM")])
+@pytest.mark.parametrize(
+    "name,method", [("trl-psam-z2", "PreconditionedSAM"), ("trl-pfsam-z3", "PreconditionedFunctionalSAM")]
+)
 def test_trl_sft_trainer_matches_reference(hf_run, name, method):
     """TRL's SFTTrainer with FSAMTrainerMixin: PreconditionedSAM recomputes TRL's own loss (its fused
     LM head) at theta + eps; the functional type takes the logits through compute_loss_func."""
@@ -98,11 +101,16 @@ def test_accelerate_loop_matches_reference(hf_run):
 def test_plain_trainer_with_a_sam_type_is_never_adamw():
     """Without FSAMTrainer a SAM type in the JSON cannot train silently: DeepSpeed refuses the
     unknown optimizer; FSAMTrainer takes it out before DeepSpeed sees it."""
-    from fsam_ds.hf import sam_config_of
     from transformers.integrations.deepspeed import HfTrainerDeepSpeedConfig
 
-    cfg = HfTrainerDeepSpeedConfig({"train_micro_batch_size_per_gpu": 1, "optimizer": {
-        "type": "PreconditionedFunctionalSAM", "params": {"lr": "auto", "rho": 0.1}}})
+    from fsam_ds.hf import sam_config_of
+
+    cfg = HfTrainerDeepSpeedConfig(
+        {
+            "train_micro_batch_size_per_gpu": 1,
+            "optimizer": {"type": "PreconditionedFunctionalSAM", "params": {"lr": "auto", "rho": 0.1}},
+        }
+    )
     sam = sam_config_of(cfg)
     assert sam.method == "PreconditionedFunctionalSAM" and sam.rho == 0.1
     assert cfg.config["optimizer"] == {"type": "AdamW", "params": {"lr": "auto"}}
@@ -127,14 +135,25 @@ def test_lightning_deepspeed_strategy_is_refused_off_cuda():
         def configure_optimizers(self):
             return None  # the DeepSpeed config's optimizer section
 
-    strategy = FSAMDeepSpeedStrategy(config={"train_micro_batch_size_per_gpu": 1, "optimizer": {
-        "type": "FunctionalSAM", "params": {"lr": 1e-3, "rho": 0.1}}})
+    strategy = FSAMDeepSpeedStrategy(
+        config={
+            "train_micro_batch_size_per_gpu": 1,
+            "optimizer": {"type": "FunctionalSAM", "params": {"lr": 1e-3, "rho": 0.1}},
+        }
+    )
     assert strategy.fsam_sam.method == "FunctionalSAM"
     assert strategy.config["optimizer"] == {"type": "AdamW", "params": {"lr": 1e-3}}
     module = Tiny()
     before = module.model.weight.detach().clone()
-    trainer = pl.Trainer(accelerator="cpu", devices=1, strategy=strategy, max_steps=1, logger=False,
-                         enable_checkpointing=False, enable_progress_bar=False)
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        devices=1,
+        strategy=strategy,
+        max_steps=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+    )
     with pytest.raises(RuntimeError, match="only supported on CUDA"):
         trainer.fit(module, torch.utils.data.DataLoader(torch.randn(4, 4), batch_size=1))
     assert torch.equal(module.model.weight, before)

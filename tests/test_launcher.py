@@ -1,6 +1,7 @@
 """The real deepspeed launcher beyond one node of two ranks: two launcher "nodes" on this machine
 (--no_ssh, one rank each, a hostfile of two loopback names), and four ranks on one node. Each
 run is compared with the independent single-process reference with the same global batch."""
+
 from __future__ import annotations
 
 import os
@@ -10,7 +11,6 @@ import time
 from pathlib import Path
 
 import pytest
-
 from common import LR, STEPS, load_case, reference_state
 from dist_worker import CASES
 from launch import HERE, ROOT, child_env, free_port
@@ -41,8 +41,16 @@ def _run_launchers(cmds, out: Path, timeout: int = TIMEOUT):
     procs = []
     for cmd, log in zip(cmds, logs):
         with open(log, "w") as fh:
-            procs.append(subprocess.Popen([str(c) for c in cmd], cwd=ROOT, env=env, stdout=fh,
-                                          stderr=subprocess.STDOUT, start_new_session=True))
+            procs.append(
+                subprocess.Popen(
+                    [str(c) for c in cmd],
+                    cwd=ROOT,
+                    env=env,
+                    stdout=fh,
+                    stderr=subprocess.STDOUT,
+                    start_new_session=True,
+                )
+            )
     deadline = time.monotonic() + timeout
     failed_at = None
     try:
@@ -74,8 +82,9 @@ def _check_case(run: Path, case, world: int, smaller_world: int):
     assert ranks[0]["losses"] == pytest.approx(ref_losses, rel=1e-5)
     if method != "AdamW":
         assert all(m["restored"] is True for r in ranks for m in r["metrics"])
-        assert all([m["grad_norm"] for m in r["metrics"]] == [m["grad_norm"] for m in ranks[0]["metrics"]]
-                   for r in ranks)
+        assert all(
+            [m["grad_norm"] for m in r["metrics"]] == [m["grad_norm"] for m in ranks[0]["metrics"]] for r in ranks
+        )
 
 
 @pytest.fixture(scope="module")
@@ -84,9 +93,30 @@ def twonode_run(tmp_path_factory):
     hostfile = out / "hostfile"
     hostfile.write_text(HOSTFILE)
     port = free_port()
-    cmds = [["deepspeed", "--hostfile", hostfile, "--no_ssh", "--num_nodes", 2, "--node_rank", node,
-             "--num_gpus", 1, "--master_addr", "127.0.0.1", "--master_port", port,
-             WORKER, "--out", out, "--suite", "twonode"] for node in (0, 1)]
+    cmds = [
+        [
+            "deepspeed",
+            "--hostfile",
+            hostfile,
+            "--no_ssh",
+            "--num_nodes",
+            2,
+            "--node_rank",
+            node,
+            "--num_gpus",
+            1,
+            "--master_addr",
+            "127.0.0.1",
+            "--master_port",
+            port,
+            WORKER,
+            "--out",
+            out,
+            "--suite",
+            "twonode",
+        ]
+        for node in (0, 1)
+    ]
     t0 = time.monotonic()
     rcs, logs = _run_launchers(cmds, out)
     print(f"two launcher nodes: {time.monotonic() - t0:.0f} s")
@@ -109,8 +139,7 @@ def test_two_launcher_nodes_match_reference(twonode_run, case):
 @pytest.fixture(scope="module")
 def fourrank_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("fourrank")
-    cmd = ["deepspeed", "--num_gpus", 4, "--master_port", free_port(),
-           WORKER, "--out", out, "--suite", "fourrank"]
+    cmd = ["deepspeed", "--num_gpus", 4, "--master_port", free_port(), WORKER, "--out", out, "--suite", "fourrank"]
     t0 = time.monotonic()
     rcs, logs = _run_launchers([cmd], out)
     print(f"four ranks: {time.monotonic() - t0:.0f} s")

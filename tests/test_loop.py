@@ -1,6 +1,7 @@
 """Loop mode on one rank, in this process: a plain DeepSpeed loop (engine(...), engine.backward(loss),
 engine.step() per micro-batch) runs the configured method exactly, refuses what it cannot follow,
 and keeps nothing past the step. Two ranks at ZeRO 0, 2 and 3: tests/test_multirank.py."""
+
 from __future__ import annotations
 
 import gc
@@ -8,15 +9,15 @@ import weakref
 
 import pytest
 import torch
-
-import fsam_ds
 from common import GAS, LR, STEPS, assert_shares, ds_config, engine_run, full_state, reference_state, reference_trace
-from fsam_ds.config import FSAMConfigError
-from fsam_ds.loop import LoopModeError
 from reference import micro_batch, tiny_llama, weight_distance, weighted_ce
 
+import fsam_ds
+from fsam_ds.config import FSAMConfigError
+from fsam_ds.loop import LoopModeError
+
 SAM_TYPES = ["SAM", "PreconditionedSAM", "FunctionalSAM", "PreconditionedFunctionalSAM"]
-TOL = 2e-3   # as in test_engine: fp32 round-off in units of lr * steps; other methods are >= 0.2 away
+TOL = 2e-3  # as in test_engine: fp32 round-off in units of lr * steps; other methods are >= 0.2 away
 UNIT = LR * STEPS
 
 
@@ -137,6 +138,7 @@ def test_eval_and_no_grad_forwards_change_nothing():
             engine.backward(out.loss)
             engine.step()
         return full_state(engine), engine
+
     plain, _ = run(False)
     mixed, engine = run(True)
     assert all(torch.equal(plain[k], mixed[k]) for k in plain)
@@ -237,12 +239,18 @@ def test_an_infinite_loss_of_the_loops_own_skips_the_step():
 def test_an_aux_loss_train_batch_would_drop_is_refused():
     from transformers import MixtralConfig, MixtralForCausalLM
 
-    cfg = MixtralConfig(vocab_size=256, hidden_size=32, intermediate_size=32, num_hidden_layers=1,
-                        num_attention_heads=4, num_key_value_heads=2, num_local_experts=2, num_experts_per_tok=1,
-                        output_router_logits=True)
+    cfg = MixtralConfig(
+        vocab_size=256,
+        hidden_size=32,
+        intermediate_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        num_local_experts=2,
+        num_experts_per_tok=1,
+        output_router_logits=True,
+    )
     torch.manual_seed(0)
     engine, *_ = fsam_ds.initialize(model=MixtralForCausalLM(cfg), config=ds_config("SAM"))
     with pytest.raises(FSAMConfigError, match="aux_loss"):
         engine.train_batch(data())
-
-

@@ -1,17 +1,14 @@
 """The pure method functions against independent float64 computations (torch.func, explicit
 formulas), on a real tiny Llama and real text."""
-from __future__ import annotations
 
-import math
-import os
+from __future__ import annotations
 
 import pytest
 import torch
-from torch.func import functional_call, jvp, vjp, grad
-
-from fsam_ds.method import (adam_denominator, ascent_direction, causal_lm_loss, functional_surrogate, global_norm,
-                            rho_at)
 from reference import micro_batch, tiny_llama
+from torch.func import functional_call, grad, jvp, vjp
+
+from fsam_ds.method import adam_denominator, ascent_direction, causal_lm_loss, functional_surrogate, global_norm, rho_at
 
 
 @pytest.fixture(scope="module")
@@ -81,8 +78,7 @@ def test_sam_and_fsam_gradients(toy):
     for k, o in zip(names, ours):
         assert torch.allclose(o, expected[k], atol=1e-12, rtol=1e-10), k
     # and it is not the SAM gradient
-    assert not torch.allclose(flat(ours), flat([grad(lambda p: ce(logits_fn(p)))(pert)[k] for k in names]),
-                              atol=1e-8)
+    assert not torch.allclose(flat(ours), flat([grad(lambda p: ce(logits_fn(p)))(pert)[k] for k in names]), atol=1e-8)
 
 
 def test_sam_minus_fsam_over_rho_tends_to_gauss_newton_product(toy):
@@ -112,7 +108,7 @@ def test_sam_minus_fsam_over_rho_tends_to_gauss_newton_product(toy):
 
 def _explicit(gs, vs, rho, beta2, eps, step, mode):
     g = flat(gs).double()
-    m = torch.sqrt(flat(vs).double() / (1 - beta2 ** step)) + eps
+    m = torch.sqrt(flat(vs).double() / (1 - beta2**step)) + eps
     if mode == "perturbation":
         e = rho * (g / m) / (g / m).norm()
     else:
@@ -164,6 +160,7 @@ def test_rho_warmup_ramp():
 
 def _norm_worker(rank, world, init_file, out_file):
     import torch.distributed as dist
+
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     gen = torch.Generator().manual_seed(0)
     full = [torch.randn(10, generator=gen), torch.randn(6, generator=gen)]
@@ -178,6 +175,7 @@ def _norm_worker(rank, world, init_file, out_file):
 
 def test_global_norm_over_a_process_group(tmp_path):
     import torch.multiprocessing as mp
+
     out = tmp_path / "out.pt"
     mp.spawn(_norm_worker, args=(2, str(tmp_path / "init"), str(out)), nprocs=2)
     r = torch.load(out)

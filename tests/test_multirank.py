@@ -1,10 +1,10 @@
 """Two ranks, launched once per suite with the real deepspeed launcher: every method at ZeRO
 stages 0-3 against the independent single-process reference with the same global batch."""
+
 from __future__ import annotations
 
 import pytest
 import torch
-
 from common import LR, STEPS, assert_shares, load_case, reference_state, reference_trace
 from dist_worker import CASES, Case
 from launch import launch_suite
@@ -69,7 +69,9 @@ def test_zero_stages_match_reference(zero_run, case):
         assert all(m["eps_norm"] == pytest.approx(0.05, rel=1e-5) for m in ranks[0]["metrics"])
         # the shares of ||eps||^2 (each rank's partitions, one all-reduce) against the reference
         assert_shares(ranks[0]["metrics"], reference_trace(method, world=2))
-        assert [m["eps_share_embed"] for m in ranks[0]["metrics"]] == [m["eps_share_embed"] for m in ranks[1]["metrics"]]
+        assert [m["eps_share_embed"] for m in ranks[0]["metrics"]] == [
+            m["eps_share_embed"] for m in ranks[1]["metrics"]
+        ]
 
 
 @pytest.mark.slow
@@ -101,10 +103,13 @@ def test_zero3_bf16_matches_zero0_bf16(zero_run):
 
     for state, hidden in ((z3, False), (z0, True)):
         right = dist(state, reference_state(method, world=2, hidden_adam_step=hidden)[0])
-        wrong = {other: dist(state, reference_state(other, world=2, hidden_adam_step=hidden)[0])
-                 for other in ("AdamW", "FunctionalSAM")}
+        wrong = {
+            other: dist(state, reference_state(other, world=2, hidden_adam_step=hidden)[0])
+            for other in ("AdamW", "FunctionalSAM")
+        }
         wrong["hidden step" if not hidden else "no hidden step"] = dist(
-            state, reference_state(method, world=2, hidden_adam_step=not hidden)[0])
+            state, reference_state(method, world=2, hidden_adam_step=not hidden)[0]
+        )
         assert right < 0.15, right
         assert all(w > 2 * right for w in wrong.values()), (right, wrong)
 

@@ -8,11 +8,11 @@ those two steps' data (so AdamW's state, its step count, the LR schedule and the
 all held). A rho of 1e30 blows up every pass 2: every step is skipped and the weights stay at their
 initial values. ZeRO 0 in fp32, where DeepSpeed has no overflow check, is the engine's own skip.
 """
+
 from __future__ import annotations
 
 import pytest
 import torch
-
 from common import load_case
 from dist_worker import CASES, FAULTS
 from launch import launch_suite

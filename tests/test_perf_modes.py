@@ -1,13 +1,13 @@
 """The memory-light logit-gradient caches and the sub-2x modes (``ascent_every``, ``ascent_direction:
 "momentum"``), one rank in this process; the two-rank ZeRO-0/3 checks run under the deepspeed
 launcher (suite "perf")."""
+
 from __future__ import annotations
 
 import json
 
 import pytest
 import torch
-
 from common import LR, STEPS, assert_shares, cfg_with, engine_run, reference_state, reference_trace
 from reference import micro_batch, tiny_llama, weight_distance
 
@@ -30,6 +30,7 @@ def _steps(engine, batches, steps):
 
 
 # ---- logit_grad_cache ------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("method", FUNCTIONAL)
 @pytest.mark.parametrize("dtype", ["fp32", "bf16"])
@@ -60,6 +61,7 @@ def test_recompute_keeps_hidden_states_not_logit_grads():
         seen["kept"] = [tuple(t.shape) for t in cache._items.values()]
         seen["weights"] = cache._weights is not None
         return real(passes, ascent, replay)
+
     engine.sam_step._perturbed_pass = spy
     engine.train_batch(iter([micro_batch(0, 0, i, 1, 2) for i in range(2)]))
     # two micro-batches of 2 x 16 tokens, hidden size 32 (not the 256-wide vocabulary)
@@ -68,6 +70,7 @@ def test_recompute_keeps_hidden_states_not_logit_grads():
 
 
 # ---- ascent_every ----------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("every", [2, 3])
 @pytest.mark.parametrize("method", SAM_TYPES)
@@ -89,8 +92,10 @@ def test_ascent_every_matches_reference(method, every):
 
 def test_ascent_every_with_rho_warmup_and_cache_modes():
     method = "PreconditionedFunctionalSAM"
-    runs = {c: engine_run(method, steps=5, config=cfg_with(method, ascent_every=2, rho_warmup_steps=3,
-                                                          logit_grad_cache=c)) for c in ("device", "recompute")}
+    runs = {
+        c: engine_run(method, steps=5, config=cfg_with(method, ascent_every=2, rho_warmup_steps=3, logit_grad_cache=c))
+        for c in ("device", "recompute")
+    }
     assert exact_equal(runs["device"][0], runs["recompute"][0])
     assert [m["rho"] for m in runs["device"][2]] == pytest.approx([0.0, 0.05 / 3, 0.1 / 3, 0.05, 0.05])
     ref_state, _ = reference_state(method, steps=5, ascent_every=2, rho_warmup_steps=3)
@@ -109,8 +114,9 @@ def test_ascent_state_dict_resumes_exactly(tmp_path):
     """Checkpoint after step 3 (a reused direction from step 2 is live), load into a new engine
     with DeepSpeed's load_checkpoint plus FSAMEngine.load_state_dict: steps 4-6 equal the
     uninterrupted run; without the stored direction they do not."""
-    import fsam_ds
     from common import full_state
+
+    import fsam_ds
 
     method, every = "PreconditionedFunctionalSAM", 4
     data = [micro_batch(s, 0, i, 1, 2) for s in range(6) for i in range(2)]
@@ -118,6 +124,7 @@ def test_ascent_state_dict_resumes_exactly(tmp_path):
     def fresh():
         engine, *_ = fsam_ds.initialize(model=tiny_llama(0), config=cfg_with(method, ascent_every=every))
         return engine
+
     whole = _steps(fresh(), data, 6)
     first = _steps(fresh(), data, 3)
     first.save_checkpoint(str(tmp_path), tag="s3", client_state={"fsam": first.state_dict()})
@@ -130,12 +137,14 @@ def test_ascent_state_dict_resumes_exactly(tmp_path):
         if with_state:
             engine.load_state_dict(client["fsam"])
         return _steps(engine, data[6:], 3)
+
     assert exact_equal(full_state(resumed(True)), full_state(whole))
     assert not exact_equal(full_state(resumed(False)), full_state(whole))
     json.dumps({k: v for k, v in state.items() if k != "eps_unit"})  # the scalars are plain JSON
 
 
 # ---- ascent_direction: "momentum" ------------------------------------------------------------
+
 
 def _momentum_checks(state, losses, metrics, method, steps, world=1):
     unit = LR * steps
@@ -157,8 +166,9 @@ def _momentum_checks(state, losses, metrics, method, steps, world=1):
 @pytest.mark.parametrize("method", SAM_TYPES)
 def test_momentum_matches_reference(method):
     steps = 5
-    state, losses, metrics = engine_run(method, steps=steps, config=cfg_with(method, ascent_direction="momentum"),
-                                        check_restore=True)
+    state, losses, metrics = engine_run(
+        method, steps=steps, config=cfg_with(method, ascent_direction="momentum"), check_restore=True
+    )
     _momentum_checks(state, losses, metrics, method, steps)
     assert all(m["restored"] is True for m in metrics)
 
@@ -187,6 +197,7 @@ def test_momentum_runs_no_pass1_backward():
         def backward(loss, **kw):
             seen["bwd"] += 1
             return real(loss, **kw)
+
         engine._ds_backward = backward
         it = iter([micro_batch(s, 0, i, 1, 2) for s in range(2) for i in range(2)])
         per_step = []
@@ -203,8 +214,9 @@ def test_momentum_runs_no_pass1_backward():
 def test_momentum_resumes_exactly(tmp_path):
     """The first moment is DeepSpeed's optimizer state, so DeepSpeed's checkpoint alone resumes
     the mode exactly (FSAMEngine.state_dict holds nothing for it)."""
-    import fsam_ds
     from common import full_state
+
+    import fsam_ds
 
     method = "PreconditionedFunctionalSAM"
     data = [micro_batch(s, 0, i, 1, 2) for s in range(6) for i in range(2)]
@@ -212,6 +224,7 @@ def test_momentum_resumes_exactly(tmp_path):
     def fresh():
         engine, *_ = fsam_ds.initialize(model=tiny_llama(0), config=cfg_with(method, ascent_direction="momentum"))
         return engine
+
     whole = _steps(fresh(), data, 6)
     first = _steps(fresh(), data, 3)
     assert first.state_dict()["eps_unit"] is None
@@ -244,6 +257,7 @@ def test_momentum_is_refused_in_loop_mode():
     engine.train_batch(iter([micro_batch(0, 0, i, 1, 2) for i in range(2)]))  # train_batch runs it
     # attach (the Trainer's, Accelerate's and Lightning's door) refuses it before installing anything
     import deepspeed
+
     from fsam_ds import parse_config
 
     ds_cfg, sam = parse_config(cfg_with("SAM", ascent_direction="momentum"))
@@ -254,6 +268,7 @@ def test_momentum_is_refused_in_loop_mode():
 
 
 # ---- the host cache's CUDA path, with recording fakes -----------------------------------------
+
 
 class _FakeOps:
     """CudaCopyOps with recording fakes: CPU tensors stand in for device ones, every stream
@@ -310,6 +325,7 @@ class _FakeOps:
                 yield
             finally:
                 ops.active = before
+
         return ctx()
 
     def pinned_empty(self, like):
@@ -323,6 +339,7 @@ class _FakeOps:
             def to(self, device, non_blocking=False):
                 ops.log.append((ops.active, "copy_to_device", int(self.flatten()[0])))
                 return self.as_subclass(torch.Tensor).clone()
+
         return torch.empty(like.shape, dtype=like.dtype).as_subclass(Host)
 
     def record_stream(self, t, stream):
@@ -338,17 +355,28 @@ def test_host_cache_waits_on_the_copy_it_needs():
     cache = HostLogitGradCache(ops=ops)
     for i in range(3):
         cache.put(i, torch.full((2, 3), float(i)))
-    assert ops.log == [e for i in range(3) for e in [("side", "wait_stream", "compute"), ("side", "copy_to_host", i),
-                                                     ("side", "record_stream", i)]]
+    assert ops.log == [
+        e
+        for i in range(3)
+        for e in [("side", "wait_stream", "compute"), ("side", "copy_to_host", i), ("side", "record_stream", i)]
+    ]
     ops.log.clear()
     got = [cache.get(i, None) for i in range(3)]
     assert all(torch.equal(g, torch.full((2, 3), float(i))) for i, g in enumerate(got))
-    assert ops.log == [("side", "copy_to_device", 0), ("side", "record", "ev1"),
-                       ("side", "copy_to_device", 1), ("side", "record", "ev2"),
-                       ("compute", "wait_event", "ev1"), ("compute", "record_stream", 0),
-                       ("side", "copy_to_device", 2), ("side", "record", "ev3"),
-                       ("compute", "wait_event", "ev2"), ("compute", "record_stream", 1),
-                       ("compute", "wait_event", "ev3"), ("compute", "record_stream", 2)]
+    assert ops.log == [
+        ("side", "copy_to_device", 0),
+        ("side", "record", "ev1"),
+        ("side", "copy_to_device", 1),
+        ("side", "record", "ev2"),
+        ("compute", "wait_event", "ev1"),
+        ("compute", "record_stream", 0),
+        ("side", "copy_to_device", 2),
+        ("side", "record", "ev3"),
+        ("compute", "wait_event", "ev2"),
+        ("compute", "record_stream", 1),
+        ("compute", "wait_event", "ev3"),
+        ("compute", "record_stream", 2),
+    ]
     assert not any(op == "wait_stream" and who == "compute" for who, op, _ in ops.log)
     assert cache._items == {} and cache._on_device == {}
 
@@ -363,6 +391,7 @@ def test_host_cache_on_cpu_keeps_the_tensors():
 
 
 # ---- two ranks, ZeRO-3 -----------------------------------------------------------------------
+
 
 @pytest.fixture(scope="module")
 def perf_run(tmp_path_factory):
@@ -406,9 +435,14 @@ def test_two_ranks_zero3_ascent_every(perf_run, method):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("method,opts", [("PreconditionedFunctionalSAM", {"stage": 0, "momentum": True}),
-                                         ("PreconditionedFunctionalSAM", {"stage": 3, "persist": 0, "momentum": True}),
-                                         ("SAM", {"stage": 3, "persist": 0, "momentum": True})])
+@pytest.mark.parametrize(
+    "method,opts",
+    [
+        ("PreconditionedFunctionalSAM", {"stage": 0, "momentum": True}),
+        ("PreconditionedFunctionalSAM", {"stage": 3, "persist": 0, "momentum": True}),
+        ("SAM", {"stage": 3, "persist": 0, "momentum": True}),
+    ],
+)
 def test_two_ranks_momentum(perf_run, method, opts):
     state, ranks = _two_rank(perf_run, method, opts)
     _momentum_checks(state, ranks[0]["losses"], ranks[0]["metrics"], method, STEPS, world=2)
@@ -428,15 +462,23 @@ def test_two_ranks_zero3_eps_shares(perf_run):
     _, every = _two_rank(perf_run, method, {**base, "every": 2})
     assert_shares(every[0]["metrics"], reference_trace(method, world=2, ascent_every=2))
     for r in (ranks, every):
-        assert [(m["eps_share_embed"], m["eps_share_output"]) for m in r[0]["metrics"]] == \
-            [(m["eps_share_embed"], m["eps_share_output"]) for m in r[1]["metrics"]]
+        assert [(m["eps_share_embed"], m["eps_share_output"]) for m in r[0]["metrics"]] == [
+            (m["eps_share_embed"], m["eps_share_output"]) for m in r[1]["metrics"]
+        ]
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("method,opts", [
-    ("PreconditionedFunctionalSAM", {"cache": "device"}), ("PreconditionedFunctionalSAM", {"cache": "host"}),
-    ("PreconditionedFunctionalSAM", {"cache": "recompute"}), ("PreconditionedFunctionalSAM", {"every": 2}),
-    ("SAM", {"every": 2})], ids=lambda x: x if isinstance(x, str) else "-".join(f"{k}={v}" for k, v in x.items()))
+@pytest.mark.parametrize(
+    "method,opts",
+    [
+        ("PreconditionedFunctionalSAM", {"cache": "device"}),
+        ("PreconditionedFunctionalSAM", {"cache": "host"}),
+        ("PreconditionedFunctionalSAM", {"cache": "recompute"}),
+        ("PreconditionedFunctionalSAM", {"every": 2}),
+        ("SAM", {"every": 2}),
+    ],
+    ids=lambda x: x if isinstance(x, str) else "-".join(f"{k}={v}" for k, v in x.items()),
+)
 def test_two_ranks_zero3_loop_mode_is_train_batch(perf_run, method, opts):
     """Loop mode (a plain DeepSpeed loop) with every cache mode and ascent_every, two ranks at
     ZeRO-3 with every parameter partitioned: the same weights, bit for bit, as train_batch."""
@@ -445,8 +487,11 @@ def test_two_ranks_zero3_loop_mode_is_train_batch(perf_run, method, opts):
     batch_state, batch_ranks = _two_rank(perf_run, method, base)
     assert exact_equal(loop_state, batch_state)
     for a, b in zip(loop_ranks[0]["metrics"], batch_ranks[0]["metrics"]):
-        assert (a["grad_norm"], a["eps_norm"], a.get("ascent_reused")) == (b["grad_norm"], b["eps_norm"],
-                                                                           b.get("ascent_reused"))
+        assert (a["grad_norm"], a["eps_norm"], a.get("ascent_reused")) == (
+            b["grad_norm"],
+            b["eps_norm"],
+            b.get("ascent_reused"),
+        )
     assert all(m["restored"] is True for r in loop_ranks for m in r["metrics"])
 
 
@@ -460,8 +505,23 @@ def test_reproduce_extra_runs_ascent_every(tmp_path):
     from tools.reproduce import main
 
     out, docs = tmp_path / "out", tmp_path / "docs" / "results.md"
-    argv = ["--smoke", "--methods", "AdamW,PreconditionedFunctionalSAM", "--seeds", "1", "--out", str(out),
-            "--docs", str(docs), "--data", str(DATA), "--extra-runs", "ascent_every", "--every", "2"]
+    argv = [
+        "--smoke",
+        "--methods",
+        "AdamW,PreconditionedFunctionalSAM",
+        "--seeds",
+        "1",
+        "--out",
+        str(out),
+        "--docs",
+        str(docs),
+        "--data",
+        str(DATA),
+        "--extra-runs",
+        "ascent_every",
+        "--every",
+        "2",
+    ]
     assert main(argv) == 0
     text = docs.read_text()
     assert "## Sub-2x mode: ascent_every" in text and "| PreconditionedFunctionalSAM ascent_every 2 |" in text
@@ -496,8 +556,20 @@ def test_bench_quick_runs(tmp_path):
     from fsam_ds.bench import main
 
     out = tmp_path / "b.json"
-    assert main(["--quick", "--preset", "tiny", "--variants", "AdamW,PreconditionedFunctionalSAM+recompute,"
-                 "SAM+every2", "--json", str(out)]) == 0
+    assert (
+        main(
+            [
+                "--quick",
+                "--preset",
+                "tiny",
+                "--variants",
+                "AdamW,PreconditionedFunctionalSAM+recompute,SAM+every2",
+                "--json",
+                str(out),
+            ]
+        )
+        == 0
+    )
     res = json.loads(out.read_text())
     names = [r["variant"] for r in res["rows"]]
     assert names == ["AdamW", "PreconditionedFunctionalSAM+recompute", "SAM+every2"]
@@ -507,10 +579,17 @@ def test_bench_quick_runs(tmp_path):
     # the momentum mode is a variant too (parsed and configured; not timed here)
     from types import SimpleNamespace
 
-    from fsam_ds.bench import ds_config as bench_config, parse_variant
+    from fsam_ds.bench import ds_config as bench_config
+    from fsam_ds.bench import parse_variant
+
     v = parse_variant("PreconditionedFunctionalSAM+momentum")
-    assert v["momentum"] and bench_config(v, SimpleNamespace(micro_batch=1, gas=1, zero_stage=0, dtype="fp32"))[
-        "optimizer"]["params"]["ascent_direction"] == "momentum"
+    assert (
+        v["momentum"]
+        and bench_config(v, SimpleNamespace(micro_batch=1, gas=1, zero_stage=0, dtype="fp32"))["optimizer"]["params"][
+            "ascent_direction"
+        ]
+        == "momentum"
+    )
     assert main(["--variants", "AdamW,SAM+momentum+every2"]) == 2
 
 
@@ -529,10 +608,32 @@ def test_fsam_train_resumes_ascent_every(tmp_path, monkeypatch):
     config = write_config(tmp_path / "ds.json", micro=2, params=params)
 
     def run(folder, steps, *extra):
-        assert main(["--deepspeed_config", str(config), "--model", "tiny", "--seq-len", "32", "--steps", str(steps),
-                     "--eval-every", "0", "--eval-batches", "1", "--save-dir", str(tmp_path / folder),
-                     "--no-progress", "--local_rank=0", *extra]) == 0
+        assert (
+            main(
+                [
+                    "--deepspeed_config",
+                    str(config),
+                    "--model",
+                    "tiny",
+                    "--seq-len",
+                    "32",
+                    "--steps",
+                    str(steps),
+                    "--eval-every",
+                    "0",
+                    "--eval-batches",
+                    "1",
+                    "--save-dir",
+                    str(tmp_path / folder),
+                    "--no-progress",
+                    "--local_rank=0",
+                    *extra,
+                ]
+            )
+            == 0
+        )
         return read_metrics(tmp_path / folder)[0]
+
     whole = run("whole", 6)
     # metrics.jsonl carries the step's flags and the shares of ||eps||^2
     assert [r["ascent_reused"] for r in whole] == [False, True, True, False, True, True]

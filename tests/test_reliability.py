@@ -10,6 +10,7 @@ attention dropout (so the random state must carry over too):
   uninterrupted run's;
 * rank 1 SIGKILLed while writing its ZeRO files of step 4: ``latest`` still names step2.
 """
+
 from __future__ import annotations
 
 import json
@@ -18,7 +19,6 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from common import read_metrics
 from launch import HERE, ROOT, child_env, deepspeed
 
@@ -51,16 +51,38 @@ def work(tmp_path_factory):
 def run(work: Path, save: str, steps: int, fault: str = "", resume: bool = False, timeout: int = 400):
     mark = work / f"{save}.killed"
     env = child_env(work / "cache", FSAM_TEST_FAULT=fault, FSAM_TEST_FAULT_MARK=mark)
-    proc = deepspeed(WORKER, "--deepspeed_config", work / "ds.json", "--model", work / "model", "--seq-len", "32",
-                     "--steps", steps, "--eval-every", "0", "--eval-batches", "2", "--save-dir", work / save,
-                     "--save-every", "2", "--no-progress", *(["--resume"] if resume else []), env=env, cwd=work,
-                     timeout=timeout, check=False)
+    proc = deepspeed(
+        WORKER,
+        "--deepspeed_config",
+        work / "ds.json",
+        "--model",
+        work / "model",
+        "--seq-len",
+        "32",
+        "--steps",
+        steps,
+        "--eval-every",
+        "0",
+        "--eval-batches",
+        "2",
+        "--save-dir",
+        work / save,
+        "--save-every",
+        "2",
+        "--no-progress",
+        *(["--resume"] if resume else []),
+        env=env,
+        cwd=work,
+        timeout=timeout,
+        check=False,
+    )
     ended = time.time()
     return proc, (ended - float(mark.read_text())) if mark.is_file() else None
 
 
 def fp32_weights(folder: Path, tag: str):
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
     return get_fp32_state_dict_from_zero_checkpoint(str(folder), tag=tag)
 
 

@@ -1,11 +1,10 @@
 """The reproduction runner's smoke mode: a few steps of two methods give the table and the plots,
 and a second invocation reuses the finished runs."""
+
 from __future__ import annotations
 
 import json
 from pathlib import Path
-
-import pytest
 
 # the WikiText-2 excerpt shipped with the tests (the same text whether or not ../shared is present)
 DATA = Path(__file__).resolve().parent / "data" / "wikitext-2" / "valid-excerpt.txt"
@@ -56,14 +55,21 @@ def test_plot_runs_cli(tmp_path):
 
     run = tmp_path / "run"
     run.mkdir()
-    recs = [{"step": s, "loss": 5.0 - 0.1 * s, "grad_norm": 1.0, "eps_norm": 0.1, "rho": 0.1, "method": "SAM"}
-            for s in range(1, 5)]
+    recs = [
+        {"step": s, "loss": 5.0 - 0.1 * s, "grad_norm": 1.0, "eps_norm": 0.1, "rho": 0.1, "method": "SAM"}
+        for s in range(1, 5)
+    ]
     recs[1].update(tau_logit=2.0, tau_func=1.0, tau_cross=0.1, logit_fraction=2 / 3, lambda_max=3.0)
     recs.append({"step": 4, "eval_loss": 4.7})
     (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
     assert main([str(run), "--out", str(tmp_path / "plots")]) == 0
-    assert {p.name for p in (tmp_path / "plots").iterdir()} == {"loss.png", "norms.png", "tau.png",
-                                                                 "lambda_max.png", "eval_vs_rho.png"}
+    assert {p.name for p in (tmp_path / "plots").iterdir()} == {
+        "loss.png",
+        "norms.png",
+        "tau.png",
+        "lambda_max.png",
+        "eval_vs_rho.png",
+    }
     assert main([str(tmp_path / "nothing"), "--out", str(tmp_path / "p2")]) == 2
 
 
@@ -76,8 +82,18 @@ def test_momentum_run_is_named_marked_and_resumed(tmp_path):
     from tools import reproduce as R
     from tools import verdicts as V
 
-    a = argparse.Namespace(out=tmp_path / "out", steps=4, micro_batch=2, seq_len=32, preset="tiny", data=DATA,
-                           eval_every=2, eval_batches=2, in_process=True, every_methods=["PreconditionedFunctionalSAM"])
+    a = argparse.Namespace(
+        out=tmp_path / "out",
+        steps=4,
+        micro_batch=2,
+        seq_len=32,
+        preset="tiny",
+        data=DATA,
+        eval_every=2,
+        eval_batches=2,
+        in_process=True,
+        every_methods=["PreconditionedFunctionalSAM"],
+    )
     res = {"lr": 1e-3, "best_rho": {"PreconditionedFunctionalSAM": 0.05}, "report_seeds": [1235]}
     (rec,) = R.run_momentum(a, res)
     # existing kinds of run keep their names; the momentum runs get their own suffix

@@ -1,5 +1,6 @@
 """Sharpness diagnostics against independent float64 computations with materialised Jacobians
 and Hessians, calibration against a hand-computed case, the config key and in-training logging."""
+
 from __future__ import annotations
 
 import json
@@ -9,8 +10,7 @@ import pytest
 import torch
 from torch.autograd.functional import hessian, jacobian
 
-from fsam_ds.sharpness import (CalibrationStats, calibration, lambda_max, model_calibration,
-                               sharpness_terms)
+from fsam_ds.sharpness import CalibrationStats, calibration, lambda_max, model_calibration, sharpness_terms
 
 V, D, B, T = 5, 3, 2, 4  # vocabulary, width, batch, sequence length
 
@@ -26,7 +26,7 @@ def split(theta):
     out, i = {}, 0
     for name, shape in SHAPES:
         n = math.prod(shape)
-        out[name] = theta[i:i + n].reshape(shape)
+        out[name] = theta[i : i + n].reshape(shape)
         i += n
     return out
 
@@ -60,21 +60,24 @@ class TinyLM(torch.nn.Module):
 def problem():
     torch.manual_seed(0)
     n = sum(math.prod(s) for _, s in SHAPES)
-    theta = (torch.randn(n, dtype=torch.float64) * 0.8)
+    theta = torch.randn(n, dtype=torch.float64) * 0.8
     ids = torch.randint(0, V, (B, T))
     model = TinyLM(theta)
     # materialised: gradient, loss Hessian, Jacobian of the logits, logit-space loss Hessian
     loss = lambda th: ce_of_logits(logits_flat(th, ids), ids)  # noqa: E731
     g = jacobian(loss, theta)
     H_L = hessian(loss, theta)
-    J = jacobian(lambda th: logits_flat(th, ids).reshape(-1), theta)          # [B*T*V, n]
+    J = jacobian(lambda th: logits_flat(th, ids).reshape(-1), theta)  # [B*T*V, n]
     F = logits_flat(theta, ids)
     H_ell = hessian(lambda f: ce_of_logits(f.reshape(B, T, V), ids), F.reshape(-1))
     H_G = J.T @ H_ell @ J
     # the functional part built on its own: sum_k [g_F]_k * Hessian of logit k
     g_F = jacobian(lambda f: ce_of_logits(f.reshape(B, T, V), ids), F.reshape(-1))
-    second = jacobian(lambda th: jacobian(lambda t2: logits_flat(t2, ids).reshape(-1), th, create_graph=True,
-                                          vectorize=True), theta, vectorize=True)  # [B*T*V, n, n]
+    second = jacobian(
+        lambda th: jacobian(lambda t2: logits_flat(t2, ids).reshape(-1), th, create_graph=True, vectorize=True),
+        theta,
+        vectorize=True,
+    )  # [B*T*V, n, n]
     H_F = torch.einsum("k,kij->ij", g_F, second)
     return dict(theta=theta, ids=ids, model=model, g=g, H_L=H_L, H_G=H_G, H_F=H_F)
 
@@ -98,9 +101,15 @@ def test_tau_against_materialised_matrices(problem, given):
     d_func = problem["H_F"] @ e
     hv = problem["H_L"] @ e
     r = sharpness_terms(problem["model"], {"input_ids": problem["ids"]}, direction=direction)
-    expect = {"tau_logit": float(d_logit @ d_logit), "tau_func": float(d_func @ d_func),
-              "tau_cross": float(2 * d_logit @ d_func), "hvp_sq_norm": float(hv @ hv),
-              "curv_hessian": float(e @ hv), "curv_gn": float(e @ d_logit), "grad_norm": float(g.norm())}
+    expect = {
+        "tau_logit": float(d_logit @ d_logit),
+        "tau_func": float(d_func @ d_func),
+        "tau_cross": float(2 * d_logit @ d_func),
+        "hvp_sq_norm": float(hv @ hv),
+        "curv_hessian": float(e @ hv),
+        "curv_gn": float(e @ d_logit),
+        "grad_norm": float(g.norm()),
+    }
     for k, v in expect.items():
         assert r[k] == pytest.approx(v, rel=1e-9, abs=1e-12), k
     assert r["tau_logit"] + r["tau_func"] + r["tau_cross"] == pytest.approx(r["hvp_sq_norm"], rel=1e-10)
@@ -193,10 +202,10 @@ def test_model_calibration_shifts_and_matches(problem):
 
 
 def test_in_training_logging(tmp_path):
-    import fsam_ds
     from common import ds_config
     from reference import micro_batch, tiny_llama
 
+    import fsam_ds
     from fsam_ds.sharpness import TRAINING_KEYS
 
     cfg = ds_config("PreconditionedFunctionalSAM", gas=1)
@@ -230,8 +239,25 @@ def test_metrics_jsonl_from_fsam_train(tmp_path):
     cfg["optimizer"]["params"]["sharpness_every"] = 2
     path = tmp_path / "c.json"
     path.write_text(json.dumps(cfg))
-    rc = main(["--deepspeed_config", str(path), "--model", "tiny", "--steps", "3", "--seq-len", "32",
-               "--eval-every", "0", "--eval-batches", "1", "--save-dir", str(tmp_path / "run"), "--no-progress"])
+    rc = main(
+        [
+            "--deepspeed_config",
+            str(path),
+            "--model",
+            "tiny",
+            "--steps",
+            "3",
+            "--seq-len",
+            "32",
+            "--eval-every",
+            "0",
+            "--eval-batches",
+            "1",
+            "--save-dir",
+            str(tmp_path / "run"),
+            "--no-progress",
+        ]
+    )
     assert rc == 0
     recs = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     steps = {r["step"]: r for r in recs if "loss" in r}
@@ -241,9 +267,10 @@ def test_metrics_jsonl_from_fsam_train(tmp_path):
 
 @pytest.mark.parametrize("stage", [1, 3])
 def test_zero_engines_give_the_plain_values(stage):
-    import fsam_ds
     from common import ds_config
     from reference import micro_batch, tiny_llama
+
+    import fsam_ds
 
     batch = micro_batch(0, 0, 0, 1, 1)
     plain = sharpness_terms(tiny_llama(0), batch)

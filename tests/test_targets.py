@@ -1,4 +1,5 @@
 """The targets renderer (tools/targets.py) on synthetic fsam-bench / fsam-reproduce JSON: pure."""
+
 from __future__ import annotations
 
 import json
@@ -7,14 +8,18 @@ import pytest
 
 from tools import targets as T
 
-MIB = 2 ** 20
+MIB = 2**20
 
 
 def bench(rows, preset="2m", zero=0, world=1, sequential=False, resolution=15 * MIB, device="cpu"):
-    return {"schema": "fsam-bench/2", "setting": {"preset": preset, "zero_stage": zero, "world_size": world,
-                                                  "sequential": sequential},
-            "device": device, "memory_resolution_bytes": resolution, "_path": "b.json",
-            "rows": [{"variant": v, "times_s": t, "own_bytes": own} for v, t, own in rows]}
+    return {
+        "schema": "fsam-bench/2",
+        "setting": {"preset": preset, "zero_stage": zero, "world_size": world, "sequential": sequential},
+        "device": device,
+        "memory_resolution_bytes": resolution,
+        "_path": "b.json",
+        "rows": [{"variant": v, "times_s": t, "own_bytes": own} for v, t, own in rows],
+    }
 
 
 def target(kind="time", variant="PreconditionedFunctionalSAM", bound=2.05, setting=T.Z0_2M):
@@ -39,8 +44,9 @@ def test_time_target_not_met_when_the_worst_run_breaks_it():
 
 def test_time_target_worst_over_every_file():
     good = bench([("AdamW", [0.4] * 3, None), ("PreconditionedFunctionalSAM", [0.8] * 3, None)])
-    bad = dict(bench([("AdamW", [0.4] * 3, None), ("PreconditionedFunctionalSAM", [0.8, 0.9, 0.8], None)]),
-               _path="c.json")
+    bad = dict(
+        bench([("AdamW", [0.4] * 3, None), ("PreconditionedFunctionalSAM", [0.8, 0.9, 0.8], None)]), _path="c.json"
+    )
     assert T.time_result(target(), [good, bad])["result"] == T.NOT_MET
 
 
@@ -50,8 +56,7 @@ def test_only_the_named_method_counts_and_missing_data_is_not_measured():
     t = target(variant="PreconditionedFunctionalSAM+every4", bound=1.35)
     assert T.time_result(t, [doc])["result"] == T.NOT_MEASURED
     # another setting does not count either
-    doc = bench([("AdamW", [0.4] * 3, None), ("PreconditionedFunctionalSAM+every4", [0.42] * 3, None)], zero=3,
-                world=2)
+    doc = bench([("AdamW", [0.4] * 3, None), ("PreconditionedFunctionalSAM+every4", [0.42] * 3, None)], zero=3, world=2)
     assert T.time_result(t, [doc])["result"] == T.NOT_MEASURED
     assert T.time_result(t, [])["result"] == T.NOT_MEASURED
 
@@ -80,13 +85,31 @@ def test_retention_from_reproduce_json():
     off = dict(zip(seeds, (0.0, 0.01, -0.008, 0.004)))
     runs = []
     for s in seeds + [1234]:
-        for m, e, v in (("AdamW", 1, 5.19), ("PreconditionedFunctionalSAM", 1, 5.16),
-                        ("PreconditionedFunctionalSAM", 4, 5.165), ("PreconditionedSAM", 4, 5.10)):
-            runs.append({"method": m, "ascent_every": e, "seed": s, "steps": 400, "lr": 0.004,
-                         "rho": 0.0 if m == "AdamW" else 0.05, "eval_loss": v + off.get(s, -0.5) + 0.0002 * (s % 3)})
-    doc = {"schema": "fsam-reproduce/2", "_path": "r.json", "lr": 0.004,
-           "best_rho": {"AdamW": 0.0, "PreconditionedFunctionalSAM": 0.05, "PreconditionedSAM": 0.05},
-           "settings": {"fresh_seeds": seeds, "steps": 400, "preset": "2m", "dataset": "x"}, "runs": runs}
+        for m, e, v in (
+            ("AdamW", 1, 5.19),
+            ("PreconditionedFunctionalSAM", 1, 5.16),
+            ("PreconditionedFunctionalSAM", 4, 5.165),
+            ("PreconditionedSAM", 4, 5.10),
+        ):
+            runs.append(
+                {
+                    "method": m,
+                    "ascent_every": e,
+                    "seed": s,
+                    "steps": 400,
+                    "lr": 0.004,
+                    "rho": 0.0 if m == "AdamW" else 0.05,
+                    "eval_loss": v + off.get(s, -0.5) + 0.0002 * (s % 3),
+                }
+            )
+    doc = {
+        "schema": "fsam-reproduce/2",
+        "_path": "r.json",
+        "lr": 0.004,
+        "best_rho": {"AdamW": 0.0, "PreconditionedFunctionalSAM": 0.05, "PreconditionedSAM": 0.05},
+        "settings": {"fresh_seeds": seeds, "steps": 400, "preset": "2m", "dataset": "x"},
+        "runs": runs,
+    }
     t = next(x for x in T.TARGETS if x["kind"] == "retention")
     assert T.retention_result(t, [doc])["result"] == T.MET  # 0.025 of 0.03 kept: > 80%
     for r in runs:
@@ -105,17 +128,32 @@ def test_momentum_rows_never_stand_in_for_the_exact_method():
     for s in seeds:
         # exact gain 0.03; every4 keeps 0.025 (83%); momentum rows (ascent_every 1, same method, rho and
         # seed as the exact ones, listed after them) keep nothing
-        for m, e, d, v in (("AdamW", 1, "gradient", 5.19), ("PreconditionedFunctionalSAM", 1, "gradient", 5.16),
-                           ("PreconditionedFunctionalSAM", 4, "gradient", 5.165),
-                           ("PreconditionedFunctionalSAM", 1, "momentum", 5.19)):
-            row = {"method": m, "ascent_every": e, "seed": s, "steps": 400, "lr": 0.004,
-                   "rho": 0.0 if m == "AdamW" else 0.05, "eval_loss": v + off[s] + 0.0002 * (s % 3)}
+        for m, e, d, v in (
+            ("AdamW", 1, "gradient", 5.19),
+            ("PreconditionedFunctionalSAM", 1, "gradient", 5.16),
+            ("PreconditionedFunctionalSAM", 4, "gradient", 5.165),
+            ("PreconditionedFunctionalSAM", 1, "momentum", 5.19),
+        ):
+            row = {
+                "method": m,
+                "ascent_every": e,
+                "seed": s,
+                "steps": 400,
+                "lr": 0.004,
+                "rho": 0.0 if m == "AdamW" else 0.05,
+                "eval_loss": v + off[s] + 0.0002 * (s % 3),
+            }
             if d == "momentum":
                 row["ascent_direction"] = d
             runs.append(row)
-    doc = {"schema": "fsam-reproduce/2", "_path": "r.json", "lr": 0.004,
-           "best_rho": {"AdamW": 0.0, "PreconditionedFunctionalSAM": 0.05},
-           "settings": {"fresh_seeds": seeds, "steps": 400, "preset": "2m", "dataset": "x"}, "runs": runs}
+    doc = {
+        "schema": "fsam-reproduce/2",
+        "_path": "r.json",
+        "lr": 0.004,
+        "best_rho": {"AdamW": 0.0, "PreconditionedFunctionalSAM": 0.05},
+        "settings": {"fresh_seeds": seeds, "steps": 400, "preset": "2m", "dataset": "x"},
+        "runs": runs,
+    }
     every = next(x for x in T.TARGETS if x["kind"] == "retention" and x["every"] == 4)
     mom = next(x for x in T.TARGETS if x["kind"] == "retention" and x.get("direction") == "momentum")
     # read as the exact method, the momentum rows would make the exact gain 0: "not resolved"
@@ -131,8 +169,11 @@ def test_momentum_rows_never_stand_in_for_the_exact_method():
 
 
 def test_momentum_time_target_names_its_variant():
-    t = next(x for x in T.TARGETS if x["kind"] == "time" and x["variant"] == "PreconditionedFunctionalSAM+momentum"
-             and x["setting"] == T.Z0_2M)
+    t = next(
+        x
+        for x in T.TARGETS
+        if x["kind"] == "time" and x["variant"] == "PreconditionedFunctionalSAM+momentum" and x["setting"] == T.Z0_2M
+    )
     # an every4 row under the bound does not stand in for the momentum variant
     doc = bench([("AdamW", [0.4] * 3, None), ("PreconditionedFunctionalSAM+every4", [0.5] * 3, None)])
     assert T.time_result(t, [doc])["result"] == T.NOT_MEASURED
@@ -143,8 +184,13 @@ def test_momentum_time_target_names_its_variant():
 
 
 def test_main_writes_the_block(tmp_path):
-    b = bench([("AdamW", [0.4] * 3, 140 * MIB), ("FunctionalSAM", [0.8] * 3, 150 * MIB),
-               ("PreconditionedFunctionalSAM", [0.8, 0.9, 0.85], 150 * MIB)])
+    b = bench(
+        [
+            ("AdamW", [0.4] * 3, 140 * MIB),
+            ("FunctionalSAM", [0.8] * 3, 150 * MIB),
+            ("PreconditionedFunctionalSAM", [0.8, 0.9, 0.85], 150 * MIB),
+        ]
+    )
     b.pop("_path")
     (tmp_path / "b.json").write_text(json.dumps(b))
     md = tmp_path / "perf.md"
@@ -152,8 +198,7 @@ def test_main_writes_the_block(tmp_path):
     assert T.main(["--bench", str(tmp_path / "b.json"), "--reproduce", "--write", str(md)]) == 0
     text = md.read_text()
     assert "STALE-TABLE" not in text and text.endswith("after\n")
-    lines = {ln.split(" | ")[1]: ln for ln in text.splitlines() if ln.startswith("| exact ")
-             and "2m, ZeRO-0" in ln}
+    lines = {ln.split(" | ")[1]: ln for ln in text.splitlines() if ln.startswith("| exact ") and "2m, ZeRO-0" in ln}
     assert lines["`FunctionalSAM`"].endswith("**met** |")
     assert lines["`PreconditionedFunctionalSAM`"].endswith("**not met** |")
     assert "**not measured**" in text

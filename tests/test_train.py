@@ -1,5 +1,6 @@
 """fsam_ds.train end to end: a 2-rank run under the deepspeed launcher on CPU and its resume, one
 in-process run, and the one-line errors for bad input."""
+
 from __future__ import annotations
 
 import math
@@ -8,7 +9,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from common import read_metrics, write_config
 from launch import ROOT, child_env, deepspeed
 
@@ -17,10 +17,30 @@ STEP_KEYS = {"step", "loss", "grad_norm", "eps_norm", "rho", "lr", "tokens_per_s
 
 
 def launch(work: Path, steps: int, *extra: str) -> subprocess.CompletedProcess:
-    return deepspeed(TRAIN, "--deepspeed_config", work / "ds.json", "--model", "tiny", "--seq-len", "32",
-                     "--steps", steps, "--eval-every", "3", "--eval-batches", "2", "--save-dir", work / "run",
-                     "--save-every", "3", "--no-progress", *extra, cwd=work, env=child_env(work / "cache"),
-                     timeout=300)
+    return deepspeed(
+        TRAIN,
+        "--deepspeed_config",
+        work / "ds.json",
+        "--model",
+        "tiny",
+        "--seq-len",
+        "32",
+        "--steps",
+        steps,
+        "--eval-every",
+        "3",
+        "--eval-batches",
+        "2",
+        "--save-dir",
+        work / "run",
+        "--save-every",
+        "3",
+        "--no-progress",
+        *extra,
+        cwd=work,
+        env=child_env(work / "cache"),
+        timeout=300,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -92,9 +112,26 @@ def test_main_in_process_one_rank(work, tmp_path, monkeypatch, capsys, one_threa
 
     monkeypatch.setenv("FSAM_DS_CACHE", str(work / "cache"))  # reuses the 2-rank run's tokenizer
     config = write_config(tmp_path / "ds.json", micro=2)
-    rc = main(["--deepspeed_config", str(config), "--model", "tiny", "--seq-len", "32", "--steps", "3",
-               "--eval-every", "0", "--eval-batches", "1", "--save-dir", str(tmp_path / "run"), "--no-progress",
-               "--local_rank=0"])
+    rc = main(
+        [
+            "--deepspeed_config",
+            str(config),
+            "--model",
+            "tiny",
+            "--seq-len",
+            "32",
+            "--steps",
+            "3",
+            "--eval-every",
+            "0",
+            "--eval-batches",
+            "1",
+            "--save-dir",
+            str(tmp_path / "run"),
+            "--no-progress",
+            "--local_rank=0",
+        ]
+    )
     assert rc == 0
     steps, evals = read_metrics(tmp_path / "run")
     assert [r["step"] for r in steps] == [1, 2, 3]
@@ -120,8 +157,10 @@ def test_resume_micro_step_across_layouts():
 BAD_INPUTS = {
     "preset": (["--model", "huge"], ["--model", "'huge'", "tiny", "1.2b"]),
     "missing config": (["--deepspeed_config", "{tmp}/nope.json"], ["deepspeed config", "nope.json", "not found"]),
-    "optimizer type": (["--deepspeed_config", "{tmp}/lion.json"], ["optimizer.type", "'Lion'", "AdamW",
-                                                                     "PreconditionedFunctionalSAM"]),
+    "optimizer type": (
+        ["--deepspeed_config", "{tmp}/lion.json"],
+        ["optimizer.type", "'Lion'", "AdamW", "PreconditionedFunctionalSAM"],
+    ),
     "dataset path": (["--dataset", "{tmp}/no/such.txt"], ["--dataset", "such.txt", "no such file", "default"]),
     "resume empty": (["--resume", "--save-dir", "{tmp}/empty"], ["--resume", "empty", "latest"]),
 }
@@ -135,9 +174,14 @@ def test_bad_input_exits_2_with_one_line(tmp_path, clean_env):
     for name, (args, _) in BAD_INPUTS.items():
         argv = ["--deepspeed_config", str(tmp_path / "good.json"), "--save-dir", str(tmp_path / "run")]
         argv += [a.format(tmp=tmp_path) for a in args]
-        procs[name] = subprocess.Popen([sys.executable, "-m", "fsam_ds.train", *argv], cwd=tmp_path,
-                                       env=clean_env, stdout=subprocess.PIPE,
-                                       stderr=subprocess.PIPE, text=True)
+        procs[name] = subprocess.Popen(
+            [sys.executable, "-m", "fsam_ds.train", *argv],
+            cwd=tmp_path,
+            env=clean_env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
     for name, proc in procs.items():
         out, err = proc.communicate(timeout=120)
         lines = [line for line in err.splitlines() if line.strip()]
@@ -149,11 +193,14 @@ def test_bad_input_exits_2_with_one_line(tmp_path, clean_env):
     assert not (tmp_path / "run").exists()  # nothing was started
 
 
-@pytest.mark.parametrize("argv,words", [
-    (["--deepspeed_config", "x.json", "--steps", "-1"], ["--steps", ">= 0", "-1"]),
-    (["--deepspeed_config", "x.json", "--bogus"], ["--bogus"]),
-    (["--model", "tiny"], ["--deepspeed_config", "required"]),
-])
+@pytest.mark.parametrize(
+    "argv,words",
+    [
+        (["--deepspeed_config", "x.json", "--steps", "-1"], ["--steps", ">= 0", "-1"]),
+        (["--deepspeed_config", "x.json", "--bogus"], ["--bogus"]),
+        (["--model", "tiny"], ["--deepspeed_config", "required"]),
+    ],
+)
 def test_argument_errors_are_one_line(argv, words, capsys):
     from fsam_ds.train import main
 
@@ -165,11 +212,13 @@ def test_argument_errors_are_one_line(argv, words, capsys):
 
 # ---- refusals checked in this process, before any rank starts (issue 14 item 10) ---------------
 
+
 def _checkpoint(folder: Path, stage: int) -> Path:
     """A real one-rank DeepSpeed checkpoint of the tiny reference model at ``stage``, tag step1."""
-    import fsam_ds
     from common import ds_config
     from reference import micro_batch, tiny_llama
+
+    import fsam_ds
 
     cfg = ds_config("SAM", gas=1)
     if stage:
@@ -218,9 +267,12 @@ def test_resume_refuses_a_tag_folder_missing_a_rank_file(tmp_path, stage, capsys
         state = torch.load(header, weights_only=False)
         state["dp_world_size"] = 2
         torch.save(state, header)
-        shutil.copy(tag / "zero_pp_rank_0_mp_rank_00_optim_states.pt", tag / "zero_pp_rank_1_mp_rank_00_optim_states.pt")
-        _assert_refused(argv, ["missing shard file(s) zero_pp_rank_1_mp_rank_00_model_states.pt", "2 data-parallel"],
-                        capsys)
+        shutil.copy(
+            tag / "zero_pp_rank_0_mp_rank_00_optim_states.pt", tag / "zero_pp_rank_1_mp_rank_00_optim_states.pt"
+        )
+        _assert_refused(
+            argv, ["missing shard file(s) zero_pp_rank_1_mp_rank_00_model_states.pt", "2 data-parallel"], capsys
+        )
     else:
         (tag / "mp_rank_00_model_states.pt").unlink()
         _assert_refused(argv, ["step1: no *_model_states.pt"], capsys)
@@ -288,7 +340,10 @@ t._main = lambda argv: 0
 out.append((t.main(), dist.is_initialized()))
 print("RESULT", out)
 """
-    proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=clean_env, capture_output=True, text=True,
-                          timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-c", code], cwd=tmp_path, env=clean_env, capture_output=True, text=True, timeout=120
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "RESULT [(0, False), (2, False), (0, True), (0, False), (0, True)]" in proc.stdout, proc.stdout + proc.stderr[-2000:]
+    assert "RESULT [(0, False), (2, False), (0, True), (0, False), (0, True)]" in proc.stdout, (
+        proc.stdout + proc.stderr[-2000:]
+    )

@@ -1,4 +1,5 @@
 """The verdict rules of fsam-reproduce (tools/verdicts.py) on synthetic rows: pure, no training."""
+
 from __future__ import annotations
 
 import math
@@ -13,8 +14,22 @@ FRESH = [1235, 1236, 1237, 1238]
 
 # ---- Student t --------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("df,q", [(1, 12.7062), (2, 4.3027), (3, 3.1824), (4, 2.7764), (5, 2.5706), (9, 2.2622),
-                                  (15, 2.1314), (19, 2.0930), (30, 2.0423), (100, 1.9840)])
+
+@pytest.mark.parametrize(
+    "df,q",
+    [
+        (1, 12.7062),
+        (2, 4.3027),
+        (3, 3.1824),
+        (4, 2.7764),
+        (5, 2.5706),
+        (9, 2.2622),
+        (15, 2.1314),
+        (19, 2.0930),
+        (30, 2.0423),
+        (100, 1.9840),
+    ],
+)
 def test_t_quantile_975_matches_the_table(df, q):
     assert V.t_quantile(0.975, df) == pytest.approx(q, abs=1e-4)
 
@@ -25,7 +40,7 @@ def test_t_quantile_other_levels_and_symmetry():
     assert V.t_quantile(0.025, 4) == pytest.approx(-V.t_quantile(0.975, 4))
     assert V.t_quantile(0.5, 7) == 0.0
     assert V.z_quantile(0.975) == pytest.approx(1.95996, abs=1e-5)
-    assert V.t_quantile(0.975, 10 ** 6) == pytest.approx(V.z_quantile(0.975), abs=1e-4)
+    assert V.t_quantile(0.975, 10**6) == pytest.approx(V.z_quantile(0.975), abs=1e-4)
     for df in (1, 3, 8):
         for t in (-3.0, -0.5, 0.0, 1.2, 4.0):
             assert V.t_quantile(V.t_cdf(t, df), df) == pytest.approx(t, abs=1e-7)
@@ -50,6 +65,7 @@ def test_seed_count_of_issue_15():
 
 
 # ---- the decision -----------------------------------------------------------------------------
+
 
 def test_decide_from_the_interval_alone():
     assert V.decide(-0.3, -0.1, "less", 4) == V.REPRODUCED
@@ -100,8 +116,13 @@ def test_all_of():
 
 # ---- the claims on synthetic rows ------------------------------------------------------------
 
-BEST = {"AdamW": 0.0, "SAM": 0.02, "PreconditionedSAM": 0.05, "FunctionalSAM": 0.02,
-        "PreconditionedFunctionalSAM": 0.05}
+BEST = {
+    "AdamW": 0.0,
+    "SAM": 0.02,
+    "PreconditionedSAM": 0.05,
+    "FunctionalSAM": 0.02,
+    "PreconditionedFunctionalSAM": 0.05,
+}
 SEED_OFFSET = {1235: 0.000, 1236: 0.010, 1237: -0.008, 1238: 0.004}  # shared by every method: the pairing
 
 
@@ -111,8 +132,18 @@ def rows_for(loss, seeds=FRESH, noise=0.0005, **extra):
     out = []
     for m, v in loss.items():
         for s in seeds:
-            out.append({"method": m, "rho": BEST[m], "seed": s, "lr": 0.004, "steps": 400, "ascent_every": 1,
-                        "eval_loss": v + SEED_OFFSET.get(s, 0.0) + rng.uniform(-noise, noise), **extra})
+            out.append(
+                {
+                    "method": m,
+                    "rho": BEST[m],
+                    "seed": s,
+                    "lr": 0.004,
+                    "steps": 400,
+                    "ascent_every": 1,
+                    "eval_loss": v + SEED_OFFSET.get(s, 0.0) + rng.uniform(-noise, noise),
+                    **extra,
+                }
+            )
     return out
 
 
@@ -123,8 +154,10 @@ def by_claim(cl):
 def test_selection_seeds_never_enter_a_verdict():
     rows = rows_for({"AdamW": 5.19, "SAM": 5.19, "FunctionalSAM": 5.19})
     # the selection seed: FSAM far better there (a minimum over the sweep's noisy runs)
-    rows += [{"method": "FunctionalSAM", "rho": 0.02, "seed": 1234, "lr": 0.004, "steps": 400, "eval_loss": 4.0},
-             {"method": "SAM", "rho": 0.02, "seed": 1234, "lr": 0.004, "steps": 400, "eval_loss": 6.0}]
+    rows += [
+        {"method": "FunctionalSAM", "rho": 0.02, "seed": 1234, "lr": 0.004, "steps": 400, "eval_loss": 4.0},
+        {"method": "SAM", "rho": 0.02, "seed": 1234, "lr": 0.004, "steps": 400, "eval_loss": 6.0},
+    ]
     c = by_claim(V.claims(rows, BEST, FRESH))["FunctionalSAM improves on SAM"]
     assert c["verdict"] == V.INCONCLUSIVE and 1234 not in c["parts"][0]["seeds"]
 
@@ -157,18 +190,29 @@ def sweep_rows(deg, best):
     for m, f in deg.items():
         for rho in (0.01, 0.02, 0.05, 0.1, 0.2, 0.5):
             for s in FRESH:
-                out.append({"method": m, "rho": rho, "seed": s, "lr": 0.004, "steps": 400, "ascent_every": 1,
-                            "eval_loss": f(rho) + SEED_OFFSET[s] + 0.0003 * ((s * 7 + int(rho * 1000)) % 5 - 2)})
+                out.append(
+                    {
+                        "method": m,
+                        "rho": rho,
+                        "seed": s,
+                        "lr": 0.004,
+                        "steps": 400,
+                        "ascent_every": 1,
+                        "eval_loss": f(rho) + SEED_OFFSET[s] + 0.0003 * ((s * 7 + int(rho * 1000)) % 5 - 2),
+                    }
+                )
     return out
 
 
 def test_tolerance_compares_fsam_with_sam_and_pfsam_with_psam_at_equal_rho():
     best = dict(BEST)
-    deg = {"AdamW": lambda r: 5.19,
-           "SAM": lambda r: 5.21 + 0.4 * max(0, r - 0.02),           # degrades slowly
-           "FunctionalSAM": lambda r: 5.20 + 0.9 * max(0, r - 0.02),  # degrades faster: the sweep of N1
-           "PreconditionedSAM": lambda r: 5.18 + 0.2 * max(0, r - 0.05),
-           "PreconditionedFunctionalSAM": lambda r: 5.17 + 0.2 * max(0, r - 0.05)}
+    deg = {
+        "AdamW": lambda r: 5.19,
+        "SAM": lambda r: 5.21 + 0.4 * max(0, r - 0.02),  # degrades slowly
+        "FunctionalSAM": lambda r: 5.20 + 0.9 * max(0, r - 0.02),  # degrades faster: the sweep of N1
+        "PreconditionedSAM": lambda r: 5.18 + 0.2 * max(0, r - 0.05),
+        "PreconditionedFunctionalSAM": lambda r: 5.17 + 0.2 * max(0, r - 0.05),
+    }
     c = by_claim(V.claims(sweep_rows(deg, best), best, FRESH))
     f = c["FunctionalSAM tolerates larger rho than SAM"]
     assert f["verdict"] == V.CONTRADICTED and "0.1, 0.2, 0.5" in f["pairs"]
@@ -229,12 +273,35 @@ def test_report_renders_verdicts_from_json_alone(tmp_path):
     runs = rows_for({"AdamW": 5.19, "SAM": 5.21, "FunctionalSAM": 5.17}, lambda_h=3.5, lambda_h_res=0.01)
     for r in runs:
         r.update(name=f"{r['method']}-{r['seed']}", median_step_time=0.2, step_cost=0.2)
-    data = {"schema": SCHEMA, "written": "2026-12-01", "command": "python -m tools.reproduce",
-            "settings": {"dataset": "x", "data_files": [], "preset": "2m", "steps": 400, "micro_batch": 8,
-                         "seq_len": 128, "lrs": [0.004], "rhos": [0.02], "methods": ["AdamW", "SAM", "FunctionalSAM"],
-                         "select_seeds": [1234], "fresh_seeds": FRESH, "eval_batches": 20, "lambda_rows": 4,
-                         "lambda_iters": 12, "machine": "test", "grid_time_s": 0.0, "every": [], "horizon": 1},
-            "lr": 0.004, "best_rho": BEST, "plots": {}, "runs": runs}
+    data = {
+        "schema": SCHEMA,
+        "written": "2026-12-01",
+        "command": "python -m tools.reproduce",
+        "settings": {
+            "dataset": "x",
+            "data_files": [],
+            "preset": "2m",
+            "steps": 400,
+            "micro_batch": 8,
+            "seq_len": 128,
+            "lrs": [0.004],
+            "rhos": [0.02],
+            "methods": ["AdamW", "SAM", "FunctionalSAM"],
+            "select_seeds": [1234],
+            "fresh_seeds": FRESH,
+            "eval_batches": 20,
+            "lambda_rows": 4,
+            "lambda_iters": 12,
+            "machine": "test",
+            "grid_time_s": 0.0,
+            "every": [],
+            "horizon": 1,
+        },
+        "lr": 0.004,
+        "best_rho": BEST,
+        "plots": {},
+        "runs": runs,
+    }
     text = render(data, tmp_path / "results.md", tmp_path / "results" / "results.json")
     assert "| FunctionalSAM improves on SAM | FunctionalSAM vs SAM |" in text
     line = next(x for x in text.splitlines() if x.startswith("| FunctionalSAM improves on SAM"))
@@ -257,8 +324,11 @@ def momentum_rows(loss, noise=0.0005, seeds=FRESH):
 
 
 def test_momentum_rows_never_enter_an_exact_verdict():
-    exact = rows_for({"AdamW": 5.19, "SAM": 5.21, "FunctionalSAM": 5.21, "PreconditionedFunctionalSAM": 5.19},
-                     lambda_h=3.5, lambda_h_res=0.001)
+    exact = rows_for(
+        {"AdamW": 5.19, "SAM": 5.21, "FunctionalSAM": 5.21, "PreconditionedFunctionalSAM": 5.19},
+        lambda_h=3.5,
+        lambda_h_res=0.001,
+    )
     base = by_claim(V.claims(exact, BEST, FRESH))
     # momentum runs of FSAM and PFSAM far better than everything, with a tiny lambda_max: were they read
     # as the exact method (same method, rho and seed; a later row would overwrite the exact one) the FSAM
@@ -273,8 +343,9 @@ def test_momentum_rows_never_enter_an_exact_verdict():
         assert mixed[name]["verdict"] == c["verdict"], name
         assert [p.get("mean") for p in mixed[name]["parts"]] == [p.get("mean") for p in c["parts"]], name
     assert V.values(exact + mom, "FunctionalSAM", 0.02) == V.values(exact, "FunctionalSAM", 0.02)
-    assert V.values(exact + mom, "FunctionalSAM", 0.02, direction=V.MOMENTUM) == \
-        {int(r["seed"]): r["eval_loss"] for r in mom if r["method"] == "FunctionalSAM"}
+    assert V.values(exact + mom, "FunctionalSAM", 0.02, direction=V.MOMENTUM) == {
+        int(r["seed"]): r["eval_loss"] for r in mom if r["method"] == "FunctionalSAM"
+    }
 
 
 def sub2x_data(variant_loss, variant_noise=0.0005, cost=0.27):
@@ -287,14 +358,37 @@ def sub2x_data(variant_loss, variant_noise=0.0005, cost=0.27):
         r.update(name=f"{r['method']}-{r['seed']}-{i}", median_step_time=t, step_cost=t * (1 + 0.01 * (i % 3)))
     from tools.reproduce import SCHEMA
 
-    return {"schema": SCHEMA, "written": "2026-12-01", "command": "python -m tools.reproduce",
-            "settings": {"dataset": "x", "data_files": [], "preset": "2m", "steps": 400, "micro_batch": 8,
-                         "seq_len": 128, "lrs": [0.004], "rhos": [0.05],
-                         "methods": ["AdamW", "PreconditionedFunctionalSAM"], "select_seeds": [1234],
-                         "fresh_seeds": FRESH, "eval_batches": 20, "lambda_rows": 4, "lambda_iters": 12,
-                         "machine": "test", "grid_time_s": 0.0, "every": [], "every_methods": [],
-                         "momentum_methods": ["PreconditionedFunctionalSAM"], "horizon": 1},
-            "lr": 0.004, "best_rho": BEST, "plots": {}, "runs": runs}
+    return {
+        "schema": SCHEMA,
+        "written": "2026-12-01",
+        "command": "python -m tools.reproduce",
+        "settings": {
+            "dataset": "x",
+            "data_files": [],
+            "preset": "2m",
+            "steps": 400,
+            "micro_batch": 8,
+            "seq_len": 128,
+            "lrs": [0.004],
+            "rhos": [0.05],
+            "methods": ["AdamW", "PreconditionedFunctionalSAM"],
+            "select_seeds": [1234],
+            "fresh_seeds": FRESH,
+            "eval_batches": 20,
+            "lambda_rows": 4,
+            "lambda_iters": 12,
+            "machine": "test",
+            "grid_time_s": 0.0,
+            "every": [],
+            "every_methods": [],
+            "momentum_methods": ["PreconditionedFunctionalSAM"],
+            "horizon": 1,
+        },
+        "lr": 0.004,
+        "best_rho": BEST,
+        "plots": {},
+        "runs": runs,
+    }
 
 
 def test_momentum_row_of_the_sub2x_section_renders_with_its_intervals(tmp_path):
@@ -314,8 +408,14 @@ def test_momentum_row_of_the_sub2x_section_renders_with_its_intervals(tmp_path):
     assert "4/3 = 1.33x" in text and "(1 + 1/k)x" in text
     # the exact row of the table above is exact PFSAM's mean (5.16), not a mix with momentum (5.163)
     table = next(x for x in lines if x.startswith("| PreconditionedFunctionalSAM | 0.05 |"))
-    exact_mean = sum(r["eval_loss"] for r in sub2x_data(5.163)["runs"] if r["method"] == "PreconditionedFunctionalSAM"
-                     and "ascent_direction" not in r) / 4
+    exact_mean = (
+        sum(
+            r["eval_loss"]
+            for r in sub2x_data(5.163)["runs"]
+            if r["method"] == "PreconditionedFunctionalSAM" and "ascent_direction" not in r
+        )
+        / 4
+    )
     assert table.split(" | ")[2].startswith(f"{exact_mean:.4f} [")
     assert compute_model("SAM", 4)["ratio"] == pytest.approx(1.25)
     assert compute_model("PreconditionedFunctionalSAM", 4)["ratio"] == pytest.approx(1.5)
@@ -331,8 +431,11 @@ def test_momentum_variant_with_the_threshold_inside_its_interval_is_not_reproduc
     data = sub2x_data(5.1655, variant_noise=0.0)
     for i, r in enumerate(x for x in data["runs"] if x.get("ascent_direction") == "momentum"):
         r["eval_loss"] += 0.02 if i % 2 else -0.02
-    row = next(x for x in render(data, tmp_path / "r.md").splitlines()
-               if x.startswith("| PreconditionedFunctionalSAM ascent_direction momentum |"))
+    row = next(
+        x
+        for x in render(data, tmp_path / "r.md").splitlines()
+        if x.startswith("| PreconditionedFunctionalSAM ascent_direction momentum |")
+    )
     ret_cell = row.strip("|").split("|")[3]
     lo, hi = (float(x) for x in ret_cell.split("[")[1].split("]")[0].split(","))
     assert lo < 0 < hi and "**inconclusive**" in ret_cell and "reproduced" not in ret_cell

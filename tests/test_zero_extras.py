@@ -1,11 +1,12 @@
 """ZeRO-3 specifics with two ranks (one launcher start): building inside deepspeed.zero.Init,
 shard-wise loading of a Hugging Face folder, the per-rank exp_avg_sq partition, and bf16 against
 ZeRO-0 bf16 and against the fp32 formula of the perturbation at every step."""
+
 from __future__ import annotations
 
 import pytest
-
-from common import BF16_TOL as TOL, BF16_UNPRECONDITIONED_MIN as UNPRECONDITIONED_MIN
+from common import BF16_TOL as TOL
+from common import BF16_UNPRECONDITIONED_MIN as UNPRECONDITIONED_MIN
 from common import BF16_WRONG_T_MIN as WRONG_T_MIN
 from launch import HERE, deepspeed, load_rank_results
 

@@ -8,6 +8,7 @@
   fp32 formula on that rank's bf16-run gradient and ``exp_avg_sq`` partitions (norms over both
   ranks; ``bf16_worker``), in both normalisations.
 """
+
 from __future__ import annotations
 
 import os
@@ -18,7 +19,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
-
 from common import ds_config, engine_run  # noqa: E402
 from launch import save_rank_result, worker_parser  # noqa: E402
 from reference import micro_batch, tiny_llama  # noqa: E402
@@ -31,6 +31,7 @@ def zero3(method, **extra):
 
 def memory_and_folder(out: Path, rank: int, world: int, report: dict):
     import deepspeed
+
     import fsam_ds
     from fsam_ds import models
     from fsam_ds.config import parse_config
@@ -63,8 +64,9 @@ def memory_and_folder(out: Path, rank: int, world: int, report: dict):
 def exp_avg_sq_shard(rank: int, world: int, report: dict):
     """Change rank 1's exp_avg_sq partition of one parameter; with the "gradient" normalisation
     eps = rho M^-1 g / ||g||, so eps may change only in that partition."""
-    import fsam_ds
     from deepspeed.utils import safe_get_local_optimizer_state
+
+    import fsam_ds
 
     cfg = zero3("PreconditionedSAM", precondition_norm="gradient")
     cfg["optimizer"]["params"]["eps"] = 1e-3
@@ -90,6 +92,7 @@ def full_grad_vector(engine) -> torch.Tensor:
     """The full gradient AdamW is about to use (every rank calls this: a collective at ZeRO-3)."""
     if engine.zero_optimization_stage() == 3:
         from deepspeed.utils import safe_get_full_grad
+
         return torch.cat([safe_get_full_grad(p).float().cpu().reshape(-1) for p in engine.module.parameters()])
     return torch.cat([p.grad.float().cpu().reshape(-1) for p in engine.module.parameters()])
 
@@ -100,12 +103,21 @@ def bf16_gradients(rank: int, world: int, report: dict):
     for rho, stage in ((0.05, 0), (0.05, 3), (0.0, 0)):
         got = []
         cfg = ds_config(method, rho=rho, bf16={"enabled": True}, zero_optimization={"stage": stage})
-        engine_run(method, rho=rho, steps=1, world=world, rank=rank, config=cfg, force_pass2=True,
-                   before_step=lambda e: got.append(full_grad_vector(e)))
+        engine_run(
+            method,
+            rho=rho,
+            steps=1,
+            world=world,
+            rank=rank,
+            config=cfg,
+            force_pass2=True,
+            before_step=lambda e: got.append(full_grad_vector(e)),
+        )
         grads[(rho, stage)] = got[0]
 
     def rel(a, b):
         return float((a - b).norm() / b.norm())
+
     report["bf16_z3_vs_z0"] = rel(grads[(0.05, 3)], grads[(0.05, 0)])
     report["bf16_perturbed_vs_unperturbed"] = rel(grads[(0.05, 0)], grads[(0.0, 0)])
 
@@ -113,12 +125,15 @@ def bf16_gradients(rank: int, world: int, report: dict):
 def bf16_ascent(rank: int, world: int, report: dict):
     """ZeRO-3 bf16, every parameter partitioned, 4 steps: per step the engine's eps against the
     formula (see bf16_worker.capture_ascent) on this rank's partitions."""
-    import fsam_ds
     from bf16_worker import capture_ascent
 
+    import fsam_ds
+
     out = {}
-    for method, norm, eps in (("PreconditionedFunctionalSAM", "perturbation", 1e-8),
-                              ("PreconditionedSAM", "gradient", 1e-3)):
+    for method, norm, eps in (
+        ("PreconditionedFunctionalSAM", "perturbation", 1e-8),
+        ("PreconditionedSAM", "gradient", 1e-3),
+    ):
         cfg = zero3(method, rho=0.2, precondition_norm=norm, bf16={"enabled": True})
         cfg["optimizer"]["params"]["eps"] = eps
         engine, *_ = fsam_ds.initialize(model=tiny_llama(0), config=cfg)

@@ -7,6 +7,7 @@ statuses and the wall time; the exit status of this script is 0 only if every la
 
     python -m tools.exit_soak --launches 25 --report docs/reliability/exit_soak.json
 """
+
 from __future__ import annotations
 
 import argparse
@@ -21,8 +22,17 @@ from pathlib import Path
 from typing import Union
 
 REPO = Path(__file__).resolve().parents[1]
-PROCESS_GROUP_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
-                     "GROUP_RANK", "ROLE_RANK", "TORCHELASTIC_RUN_ID")
+PROCESS_GROUP_ENV = (
+    "RANK",
+    "WORLD_SIZE",
+    "LOCAL_RANK",
+    "LOCAL_WORLD_SIZE",
+    "MASTER_ADDR",
+    "MASTER_PORT",
+    "GROUP_RANK",
+    "ROLE_RANK",
+    "TORCHELASTIC_RUN_ID",
+)
 
 
 def launch(work: Path, i: int, steps: int, config: str, timeout: float) -> dict:
@@ -32,10 +42,31 @@ def launch(work: Path, i: int, steps: int, config: str, timeout: float) -> dict:
     save = work / f"run{i}"
     env = {k: v for k, v in os.environ.items() if k not in PROCESS_GROUP_ENV}
     env.setdefault("TORCH_EXTENSIONS_DIR", str(Path(sys.prefix) / "torch_extensions"))
-    cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port", str(free_port()),
-           str(REPO / "fsam_ds" / "train.py"), "--deepspeed_config", str(REPO / "ds_configs" / config),
-           "--model", "tiny", "--seq-len", "32", "--steps", str(steps), "--eval-every", str(steps),
-           "--eval-batches", "1", "--save-dir", str(save), "--no-progress"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "deepspeed.launcher.runner",
+        "--num_gpus",
+        "2",
+        "--master_port",
+        str(free_port()),
+        str(REPO / "fsam_ds" / "train.py"),
+        "--deepspeed_config",
+        str(REPO / "ds_configs" / config),
+        "--model",
+        "tiny",
+        "--seq-len",
+        "32",
+        "--steps",
+        str(steps),
+        "--eval-every",
+        str(steps),
+        "--eval-batches",
+        "1",
+        "--save-dir",
+        str(save),
+        "--no-progress",
+    ]
     t0 = time.perf_counter()
     try:
         proc = subprocess.run(cmd, cwd=str(REPO), env=env, capture_output=True, text=True, timeout=timeout)
@@ -43,8 +74,13 @@ def launch(work: Path, i: int, steps: int, config: str, timeout: float) -> dict:
         tail = (proc.stdout + proc.stderr).splitlines()[-3:]
     except subprocess.TimeoutExpired:
         rc, tail = "timeout", []
-    return {"launch": i, "exit": rc, "wall_s": round(time.perf_counter() - t0, 1),
-            "latest": (save / LATEST).is_file(), "tail": tail if rc != 0 else []}
+    return {
+        "launch": i,
+        "exit": rc,
+        "wall_s": round(time.perf_counter() - t0, 1),
+        "latest": (save / LATEST).is_file(),
+        "tail": tail if rc != 0 else [],
+    }
 
 
 def main(argv=None) -> int:
@@ -66,9 +102,16 @@ def main(argv=None) -> int:
             runs.append(r)
             print(f"launch {i + 1}/{a.launches}: exit {r['exit']} in {r['wall_s']} s", flush=True)
     counts = collections.Counter(str(r["exit"]) for r in runs)
-    report = {"launches": a.launches, "steps": a.steps, "config": a.config, "exit_counts": dict(counts),
-              "all_exit_0": counts.get("0", 0) == a.launches, "all_saved": all(r["latest"] for r in runs),
-              "wall_s": round(sum(r["wall_s"] for r in runs), 1), "failures": [r for r in runs if r["exit"] != 0]}
+    report = {
+        "launches": a.launches,
+        "steps": a.steps,
+        "config": a.config,
+        "exit_counts": dict(counts),
+        "all_exit_0": counts.get("0", 0) == a.launches,
+        "all_saved": all(r["latest"] for r in runs),
+        "wall_s": round(sum(r["wall_s"] for r in runs), 1),
+        "failures": [r for r in runs if r["exit"] != 0],
+    }
     print(json.dumps({k: v for k, v in report.items() if k != "failures"}))
     if a.report:
         Path(a.report).parent.mkdir(parents=True, exist_ok=True)

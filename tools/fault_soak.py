@@ -45,6 +45,7 @@ every fault was injected and survived, nothing was lost and everything equals th
 Several ranks share the CPU: run it alone, e.g. ``flock /tmp/fsam-multirank.lock python
 tools/fault_soak.py --short``.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -101,9 +102,17 @@ def _die(where: str) -> None:
     """Write the mark, then SIGKILL this rank."""
     st = _STATE
     st["fired"] = True
-    mark = {"attempt": st["attempt"], "kind": st["kind"], "rank": st["rank"], "where": where,
-            "phase": st.get("phase", "startup"), "steps_done": st.get("done"), "start_step": st.get("start"),
-            "target_step": st.get("target"), "time": time.time()}
+    mark = {
+        "attempt": st["attempt"],
+        "kind": st["kind"],
+        "rank": st["rank"],
+        "where": where,
+        "phase": st.get("phase", "startup"),
+        "steps_done": st.get("done"),
+        "start_step": st.get("start"),
+        "target_step": st.get("target"),
+        "time": time.time(),
+    }
     folder = Path(os.environ[MARKS_ENV])
     tmp = folder / f"fault{st['attempt']}.json.tmp"
     tmp.write_text(json.dumps(mark))
@@ -121,8 +130,18 @@ def _install(fault: Dict[str, Any], attempt: int, steps: int, save_every: int) -
     from fsam_ds import train as T
 
     st = _STATE
-    st.update(attempt=attempt, kind=fault["kind"], rank=int(fault["rank"]), armed=True, fired=False,
-              phase="startup", done=None, start=None, target=None, last_step_time=None)
+    st.update(
+        attempt=attempt,
+        kind=fault["kind"],
+        rank=int(fault["rank"]),
+        armed=True,
+        fired=False,
+        phase="startup",
+        done=None,
+        start=None,
+        target=None,
+        last_step_time=None,
+    )
     kind = fault["kind"]
     rng = random.Random(fault["delay_seed"])  # never the global generators: they drive dropout
 
@@ -184,8 +203,9 @@ def _install(fault: Dict[str, Any], attempt: int, steps: int, save_every: int) -
             st["phase"] = "pass 2"
             if st["kind"] == "pass2" and in_target():
                 _die(f"step {st['target']}: pass 2, weights at theta + eps")
-        out = original_backward_pass(self, batches, logit_grads=logit_grads, rng_states=rng_states,
-                                     keep_logit_grads=keep_logit_grads)
+        out = original_backward_pass(
+            self, batches, logit_grads=logit_grads, rng_states=rng_states, keep_logit_grads=keep_logit_grads
+        )
         if rng_states is not None:
             st["phase"] = "update"
         return out
@@ -261,19 +281,38 @@ def make_plan(faults: int, seed: int, steps: int, save_every: int) -> Dict[str, 
     plan = []
     for i in range(faults):
         cat = cats[i] if i < 2 else rng.choice(["step", "step", "save", "save", "loading"])
-        kind = {"step": lambda: rng.choice(STEP_KINDS), "save": lambda: rng.choice(SAVE_KINDS),
-                "loading": lambda: "loading"}[cat]()
-        plan.append({"rank": rng.randrange(2), "kind": kind, "u": round(rng.random(), 4),
-                     "delay_seed": rng.randrange(2 ** 31)})
+        kind = {
+            "step": lambda: rng.choice(STEP_KINDS),
+            "save": lambda: rng.choice(SAVE_KINDS),
+            "loading": lambda: "loading",
+        }[cat]()
+        plan.append(
+            {"rank": rng.randrange(2), "kind": kind, "u": round(rng.random(), 4), "delay_seed": rng.randrange(2**31)}
+        )
     return {"seed": seed, "steps": steps, "save_every": save_every, "faults": plan}
 
 
 def _child_env(work: Path, cache: Optional[Path] = None) -> Dict[str, str]:
-    drop = {"RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
-            "CROSS_RANK", "CROSS_SIZE", "GROUP_RANK", "ROLE_RANK", "TORCHELASTIC_RUN_ID"}
+    drop = {
+        "RANK",
+        "LOCAL_RANK",
+        "WORLD_SIZE",
+        "LOCAL_WORLD_SIZE",
+        "MASTER_ADDR",
+        "MASTER_PORT",
+        "CROSS_RANK",
+        "CROSS_SIZE",
+        "GROUP_RANK",
+        "ROLE_RANK",
+        "TORCHELASTIC_RUN_ID",
+    }
     env = {k: v for k, v in os.environ.items() if k not in drop}
-    env.update(FSAM_DS_CACHE=str(cache or work / "cache"), PYTHONUNBUFFERED="1", TOKENIZERS_PARALLELISM="false",
-               PYTHONPATH=os.pathsep.join([str(ROOT)] + [p for p in [env.get("PYTHONPATH")] if p]))
+    env.update(
+        FSAM_DS_CACHE=str(cache or work / "cache"),
+        PYTHONUNBUFFERED="1",
+        TOKENIZERS_PARALLELISM="false",
+        PYTHONPATH=os.pathsep.join([str(ROOT)] + [p for p in [env.get("PYTHONPATH")] if p]),
+    )
     env[ROLE_ENV] = "worker"
     env.pop(PLAN_ENV, None)
     env.pop("FSAM_SUPERVISE_ATTEMPT", None)
@@ -299,18 +338,40 @@ def prepare(work: Path, steps: int) -> None:
 
 
 def train_command(work: Path, save: str, steps: int, save_every: int, port: int) -> List[str]:
-    return ["deepspeed", "--num_gpus", "2", "--master_port", str(port), str(Path(__file__).resolve()),
-            "--deepspeed_config", str(work / "ds.json"), "--model", str(work / "model"), "--seq-len", "32",
-            "--steps", str(steps), "--eval-every", "0", "--eval-batches", "2", "--save-dir", str(work / save),
-            "--save-every", str(save_every), "--no-progress"]
+    return [
+        "deepspeed",
+        "--num_gpus",
+        "2",
+        "--master_port",
+        str(port),
+        str(Path(__file__).resolve()),
+        "--deepspeed_config",
+        str(work / "ds.json"),
+        "--model",
+        str(work / "model"),
+        "--seq-len",
+        "32",
+        "--steps",
+        str(steps),
+        "--eval-every",
+        "0",
+        "--eval-batches",
+        "2",
+        "--save-dir",
+        str(work / save),
+        "--save-every",
+        str(save_every),
+        "--no-progress",
+    ]
 
 
 def _run(cmd: List[str], cwd: Path, env: Dict[str, str], timeout: float) -> subprocess.CompletedProcess:
     """``cmd`` in its own session; past ``timeout``: SIGTERM to its group (the supervisor passes it
     on to the job), then SIGKILL. The result has rc 124 then."""
     with tempfile.TemporaryFile("w+") as out:
-        proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=out, stderr=subprocess.STDOUT, text=True,
-                                start_new_session=True)
+        proc = subprocess.Popen(
+            cmd, cwd=cwd, env=env, stdout=out, stderr=subprocess.STDOUT, text=True, start_new_session=True
+        )
         try:
             rc = proc.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
@@ -342,8 +403,9 @@ def read_records(save_dir: Path) -> Tuple[List[Dict[str, Any]], List[Dict[str, A
 def _client_state(save_dir: Path, tag: str) -> Dict[str, Any]:
     import torch
 
-    head = torch.load(save_dir / tag / "zero_pp_rank_0_mp_rank_00_model_states.pt", map_location="cpu",
-                      weights_only=False)
+    head = torch.load(
+        save_dir / tag / "zero_pp_rank_0_mp_rank_00_model_states.pt", map_location="cpu", weights_only=False
+    )
     return {k: head.get(k) for k in ("micro_step", "seed", "global_steps")}
 
 
@@ -361,8 +423,17 @@ def _rel(a, b) -> float:
     return abs(a - b) / max(abs(a), abs(b), 1e-30)
 
 
-def soak(work: Path, faults: int, seed: int, steps: int, save_every: int, tolerance: float,
-         timeout: float, cache: Optional[Path] = None, say=print) -> Dict[str, Any]:
+def soak(
+    work: Path,
+    faults: int,
+    seed: int,
+    steps: int,
+    save_every: int,
+    tolerance: float,
+    timeout: float,
+    cache: Optional[Path] = None,
+    say=print,
+) -> Dict[str, Any]:
     work.mkdir(parents=True, exist_ok=True)
     t_start = time.time()
     prepare(work, steps)
@@ -374,8 +445,10 @@ def soak(work: Path, faults: int, seed: int, steps: int, save_every: int, tolera
     ref = _run(train_command(work, "reference", steps, save_every, port), work, env, timeout)
     (work / "reference.log").write_text(ref.stdout + ref.stderr)
     if ref.returncode != 0:
-        raise RuntimeError(f"the uninterrupted run failed (exit {ref.returncode}); see {work / 'reference.log'}\n"
-                           + (ref.stdout + ref.stderr)[-3000:])
+        raise RuntimeError(
+            f"the uninterrupted run failed (exit {ref.returncode}); see {work / 'reference.log'}\n"
+            + (ref.stdout + ref.stderr)[-3000:]
+        )
     say(f"reference run: {steps} steps in {time.time() - t0:.1f} s")
 
     # the soak: under the supervisor, one planned fault per run
@@ -385,11 +458,22 @@ def soak(work: Path, faults: int, seed: int, steps: int, save_every: int, tolera
     marks.mkdir(exist_ok=True)
     attempts_log = work / "attempts.jsonl"
     senv = dict(env, **{PLAN_ENV: str(work / "plan.json"), MARKS_ENV: str(marks)})
-    sup = [sys.executable, "-m", "fsam_ds.supervise", "--max-restarts", str(faults), "--delay", "0.5",
-           "--checkpoint-dir", str(work / "soak"), "--log", str(attempts_log), "--"]
+    sup = [
+        sys.executable,
+        "-m",
+        "fsam_ds.supervise",
+        "--max-restarts",
+        str(faults),
+        "--delay",
+        "0.5",
+        "--checkpoint-dir",
+        str(work / "soak"),
+        "--log",
+        str(attempts_log),
+        "--",
+    ]
     t0 = time.time()
-    proc = _run(sup + train_command(work, "soak", steps, save_every, free_port()), work, senv,
-                timeout * (faults + 1))
+    proc = _run(sup + train_command(work, "soak", steps, save_every, free_port()), work, senv, timeout * (faults + 1))
     (work / "soak.log").write_text(proc.stdout + proc.stderr)
     soak_seconds = time.time() - t0
 
@@ -407,19 +491,25 @@ def soak(work: Path, faults: int, seed: int, steps: int, save_every: int, tolera
     expected_resumes = []
     for i, fault in enumerate(plan["faults"]):
         m = fired.get(i)
-        row: Dict[str, Any] = {"fault": i + 1, "planned": f"{fault['kind']} on rank {fault['rank']}", "injected": m is not None,
-               "survived": False}
+        row: Dict[str, Any] = {
+            "fault": i + 1,
+            "planned": f"{fault['kind']} on rank {fault['rank']}",
+            "injected": m is not None,
+            "survived": False,
+        }
         att = next((a for a in attempts if a["attempt"] == i), None)
         nxt = next((a for a in attempts if a["attempt"] == i + 1), None)
         if m is not None:
-            row.update(kind=m["kind"], rank=m["rank"], where=m["where"], phase=m["phase"],
-                       steps_done=m["steps_done"] or 0)
+            row.update(
+                kind=m["kind"], rank=m["rank"], where=m["where"], phase=m["phase"], steps_done=m["steps_done"] or 0
+            )
         if m is not None and att is not None:
             latest = att.get("latest")
             back_to = int(latest[4:]) if latest else 0
             done = row["steps_done"]
-            row.update(rc=att["rc"], latest_after=latest, resumed_from=back_to,
-                       steps_recomputed=max(0, done - back_to))  # finished before the kill, not in latest
+            row.update(
+                rc=att["rc"], latest_after=latest, resumed_from=back_to, steps_recomputed=max(0, done - back_to)
+            )  # finished before the kill, not in latest
             steps_lost += row["steps_recomputed"]
             if latest is not None:
                 expected_resumes.append(back_to)
@@ -427,27 +517,44 @@ def soak(work: Path, faults: int, seed: int, steps: int, save_every: int, tolera
             last_safe = (max(0, done - 1) // save_every) * save_every
             if back_to < last_safe:
                 progress_lost += last_safe - back_to
-                problems.append(f"fault {i + 1}: latest named step {back_to} after a kill at step {done}, "
-                                f"but step {last_safe} had been saved")
+                problems.append(
+                    f"fault {i + 1}: latest named step {back_to} after a kill at step {done}, "
+                    f"but step {last_safe} had been saved"
+                )
             # survived: the supervisor restarted the job and the restart got on to its own end
             # (the job's end, or the next planned fault)
-            row["survived"] = bool(att["rc"] != 0 and nxt is not None
-                                   and ((nxt["rc"] == 0 and finished) or (i + 1) in fired))
+            row["survived"] = bool(
+                att["rc"] != 0 and nxt is not None and ((nxt["rc"] == 0 and finished) or (i + 1) in fired)
+            )
         rows.append(row)
-    survived = sum(r["survived"] for r in rows) if finished else sum(
-        r["survived"] for r in rows if r["fault"] < len(attempts) - 1)
+    survived = (
+        sum(r["survived"] for r in rows)
+        if finished
+        else sum(r["survived"] for r in rows if r["fault"] < len(attempts) - 1)
+    )
     if resumed_at != expected_resumes:
         problems.append(f"the restarts resumed at steps {resumed_at}, latest named {expected_resumes}")
         progress_lost += sum(max(0, want - got) for want, got in zip(expected_resumes, resumed_at))
 
-    report: Dict[str, Any] = {"faults_requested": faults, "faults_injected": len(fired),
-                              "faults_survived": survived, "steps_lost": steps_lost,
-                              "runs": len(attempts), "supervisor_exit": proc.returncode, "finished": finished,
-                              "seed": seed, "steps": steps, "save_every": save_every, "faults": rows,
-                              "resumed_at_steps": resumed_at}
+    report: Dict[str, Any] = {
+        "faults_requested": faults,
+        "faults_injected": len(fired),
+        "faults_survived": survived,
+        "steps_lost": steps_lost,
+        "runs": len(attempts),
+        "supervisor_exit": proc.returncode,
+        "finished": finished,
+        "seed": seed,
+        "steps": steps,
+        "save_every": save_every,
+        "faults": rows,
+        "resumed_at_steps": resumed_at,
+    }
     data_lost = progress_lost
     if not finished:
-        problems.append(f"the supervised job did not finish (supervisor exit {proc.returncode}); see {work / 'soak.log'}")
+        problems.append(
+            f"the supervised job did not finish (supervisor exit {proc.returncode}); see {work / 'soak.log'}"
+        )
 
     # the records and the weights against the reference
     ref_steps, ref_evals = read_records(work / "reference")
@@ -501,7 +608,9 @@ def soak(work: Path, faults: int, seed: int, steps: int, save_every: int, tolera
             problems.append(f"final weights differ from the reference by up to {wdiff:.3g}")
         start = _weights(work / "reference", deepspeed_tag(save_every)) if save_every < steps else None
         if start is not None:  # the comparison can fail: training moved the weights
-            report["weights_moved"] = max(float((a[k].detach().float() - start[k].detach().float()).abs().max()) for k in a)
+            report["weights_moved"] = max(
+                float((a[k].detach().float() - start[k].detach().float()).abs().max()) for k in a
+            )
         cs_ref, cs_got = _client_state(work / "reference", tag), _client_state(work / "soak", tag)
         report["data_position"] = {"reference": cs_ref, "soak": cs_got}
         if cs_ref != cs_got:
@@ -530,41 +639,61 @@ def _resumed_steps(text: str) -> List[str]:
 
 
 def render(report: Dict[str, Any]) -> str:
-    lines = [f"fault soak: seed {report['seed']}, {report['steps']} steps, checkpoint every {report['save_every']}, "
-             f"{report['runs']} run(s) under fsam-supervise"]
+    lines = [
+        f"fault soak: seed {report['seed']}, {report['steps']} steps, checkpoint every {report['save_every']}, "
+        f"{report['runs']} run(s) under fsam-supervise"
+    ]
     for r in report["faults"]:
         if r["injected"]:
-            lines.append(f"  fault {r['fault']}: rank {r['rank']} SIGKILLed, {r['where']} [{r['phase']}], "
-                         f"{r['steps_done']} step(s) done; latest {r.get('latest_after')}, "
-                         f"{r.get('steps_recomputed', '?')} step(s) recomputed")
+            lines.append(
+                f"  fault {r['fault']}: rank {r['rank']} SIGKILLed, {r['where']} [{r['phase']}], "
+                f"{r['steps_done']} step(s) done; latest {r.get('latest_after')}, "
+                f"{r.get('steps_recomputed', '?')} step(s) recomputed"
+            )
         else:
             lines.append(f"  fault {r['fault']}: planned {r['planned']}, NOT injected")
-    lines.append(f"faults injected {report['faults_injected']}/{report['faults_requested']}, "
-                 f"survived {report['faults_survived']}, steps lost (recomputed) {report['steps_lost']}, "
-                 f"data lost {report['data_lost']}")
+    lines.append(
+        f"faults injected {report['faults_injected']}/{report['faults_requested']}, "
+        f"survived {report['faults_survived']}, steps lost (recomputed) {report['steps_lost']}, "
+        f"data lost {report['data_lost']}"
+    )
     if "max_abs_diff_weights" in report:
-        lines.append(f"against the uninterrupted run: per-step records max rel diff {report['max_rel_diff_records']:.3g}, "
-                     f"final weights max abs diff {report['max_abs_diff_weights']:.3g} "
-                     f"(training moved them by up to {report.get('weights_moved', float('nan')):.3g})")
+        lines.append(
+            f"against the uninterrupted run: per-step records max rel diff {report['max_rel_diff_records']:.3g}, "
+            f"final weights max abs diff {report['max_abs_diff_weights']:.3g} "
+            f"(training moved them by up to {report.get('weights_moved', float('nan')):.3g})"
+        )
     lines.append("OK" if report["ok"] else "FAILED: " + "; ".join(report["problems"]))
     lines.append(f"({report['total_seconds']} s in all, {report['soak_seconds']} s supervised)")
     return "\n".join(lines)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="fault_soak", description="SIGKILL a 2-rank ZeRO-3 PFSAM run with dropout "
-                                "again and again under fsam-supervise; it must end equal to an uninterrupted run.")
+    p = argparse.ArgumentParser(
+        prog="fault_soak",
+        description="SIGKILL a 2-rank ZeRO-3 PFSAM run with dropout "
+        "again and again under fsam-supervise; it must end equal to an uninterrupted run.",
+    )
     p.add_argument("--faults", type=int, default=4, help="SIGKILLs, one per run (default: 4)")
     p.add_argument("--seed", type=int, default=0, help="draws the ranks, kinds and moments (default: 0)")
     p.add_argument("--steps", type=int, default=16, help="optimizer steps (default: 16)")
     p.add_argument("--save-every", type=int, default=2, help="checkpoint interval (default: 2)")
     p.add_argument("--short", action="store_true", help="the CI form: 2 faults, 10 steps (overrides both)")
-    p.add_argument("--tolerance", type=float, default=0.0, help="largest relative difference of a record and "
-                   "absolute difference of a weight accepted (default: 0, bit-identical)")
+    p.add_argument(
+        "--tolerance",
+        type=float,
+        default=0.0,
+        help="largest relative difference of a record and "
+        "absolute difference of a weight accepted (default: 0, bit-identical)",
+    )
     p.add_argument("--work", default=None, help="folder for the runs (default: a temporary one, removed when OK)")
     p.add_argument("--keep", action="store_true", help="keep the temporary folder")
-    p.add_argument("--cache", default=None, help="fsam_ds's tokenizer/token cache (default: the usual one, "
-                   "$FSAM_DS_CACHE or ~/.cache/fsam_ds; contents are keyed by the texts, sharing is safe)")
+    p.add_argument(
+        "--cache",
+        default=None,
+        help="fsam_ds's tokenizer/token cache (default: the usual one, "
+        "$FSAM_DS_CACHE or ~/.cache/fsam_ds; contents are keyed by the texts, sharing is safe)",
+    )
     p.add_argument("--report", default=None, help="also write the report as JSON here")
     p.add_argument("--timeout", type=float, default=300, help="seconds allowed per launch (default: 300)")
     return p

@@ -32,6 +32,7 @@ Every run is an ``fsam-train`` process with its own folder under ``--out`` (``ds
 well; a second invocation skips every run with a marker, redoes any without, and rewrites the
 report. The runner's own log is its standard output.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -71,8 +72,15 @@ def log(*parts) -> None:
 # ---------------------------------------------------------------------------------------------
 
 
-def ds_config(method: str, lr: float, rho: float, steps: int, micro: int, sharpness_every: int,
-              extra_params: Optional[Dict[str, Any]] = None) -> dict:
+def ds_config(
+    method: str,
+    lr: float,
+    rho: float,
+    steps: int,
+    micro: int,
+    sharpness_every: int,
+    extra_params: Optional[Dict[str, Any]] = None,
+) -> dict:
     params: Dict[str, Any] = {"lr": lr, "betas": [0.9, 0.95], "eps": 1e-8, "weight_decay": 0.1}
     if method != "AdamW":
         params.update(rho=rho, precondition_norm="perturbation", rho_warmup_steps=0)
@@ -80,14 +88,25 @@ def ds_config(method: str, lr: float, rho: float, steps: int, micro: int, sharpn
         params.update(extra_params)
     if sharpness_every:
         params["sharpness_every"] = sharpness_every
-    return {"train_micro_batch_size_per_gpu": micro, "gradient_accumulation_steps": 1,
-            "gradient_clipping": 1.0, "steps_per_print": 10 ** 9, "zero_optimization": {"stage": 0},
-            "optimizer": {"type": method, "params": params},
-            "scheduler": {"type": "WarmupDecayLR",
-                          "params": {"warmup_min_lr": 0.0, "warmup_max_lr": lr,
-                                     "warmup_num_steps": max(1, steps // 20), "total_num_steps": steps,
-                                     "warmup_type": "linear"}},
-            "wall_clock_breakdown": False}
+    return {
+        "train_micro_batch_size_per_gpu": micro,
+        "gradient_accumulation_steps": 1,
+        "gradient_clipping": 1.0,
+        "steps_per_print": 10**9,
+        "zero_optimization": {"stage": 0},
+        "optimizer": {"type": method, "params": params},
+        "scheduler": {
+            "type": "WarmupDecayLR",
+            "params": {
+                "warmup_min_lr": 0.0,
+                "warmup_max_lr": lr,
+                "warmup_num_steps": max(1, steps // 20),
+                "total_num_steps": steps,
+                "warmup_type": "linear",
+            },
+        },
+        "wall_clock_breakdown": False,
+    }
 
 
 def run_name(method: str, lr: float, rho: float, seed: int) -> str:
@@ -115,15 +134,26 @@ def run_summary(folder: Path) -> Dict[str, Any]:
     steps = [r for r in recs if "loss" in r]
     evals = [r for r in recs if "eval_loss" in r]
     times = [r["step_time"] for r in steps if r.get("step_time")]
-    return {"final_eval_loss": evals[-1]["eval_loss"] if evals else None,
-            "final_train_loss": steps[-1]["loss"] if steps else None,
-            "median_step_time": statistics.median(times) if times else None,
-            "steps": steps[-1]["step"] if steps else 0}
+    return {
+        "final_eval_loss": evals[-1]["eval_loss"] if evals else None,
+        "final_train_loss": steps[-1]["loss"] if steps else None,
+        "median_step_time": statistics.median(times) if times else None,
+        "steps": steps[-1]["step"] if steps else 0,
+    }
 
 
-def train_run(a, method: str, lr: float, rho: float, seed: int, sharpness_every: int = 0,
-              extra_params: Optional[Dict[str, Any]] = None, suffix: str = "", status: bool = True,
-              steps: Optional[int] = None) -> Dict[str, Any]:
+def train_run(
+    a,
+    method: str,
+    lr: float,
+    rho: float,
+    seed: int,
+    sharpness_every: int = 0,
+    extra_params: Optional[Dict[str, Any]] = None,
+    suffix: str = "",
+    status: bool = True,
+    steps: Optional[int] = None,
+) -> Dict[str, Any]:
     """One fsam-train run, skipped when its done marker exists. Returns the run's record.
     ``extra_params`` go into ``optimizer.params``; ``suffix`` goes into the run's name before the seed;
     ``steps`` (default ``--steps``) sets the run's horizon (and its schedule's)."""
@@ -142,10 +172,32 @@ def train_run(a, method: str, lr: float, rho: float, seed: int, sharpness_every:
     folder.mkdir(parents=True)
     cfg = ds_config(method, lr, rho, steps, a.micro_batch, sharpness_every, extra_params)
     (folder / "ds_config.json").write_text(json.dumps(cfg, indent=2) + "\n")
-    cmd = [sys.executable, "-m", "fsam_ds.train", "--deepspeed_config", str(folder / "ds_config.json"),
-           "--model", a.preset, "--dataset", str(a.data), "--seq-len", str(a.seq_len), "--steps", str(steps),
-           "--eval-every", str(a.eval_every), "--eval-batches", str(a.eval_batches), "--seed", str(seed),
-           "--save-dir", str(folder), "--log-every", str(max(1, steps // 10)), "--no-progress"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "fsam_ds.train",
+        "--deepspeed_config",
+        str(folder / "ds_config.json"),
+        "--model",
+        a.preset,
+        "--dataset",
+        str(a.data),
+        "--seq-len",
+        str(a.seq_len),
+        "--steps",
+        str(steps),
+        "--eval-every",
+        str(a.eval_every),
+        "--eval-batches",
+        str(a.eval_batches),
+        "--seed",
+        str(seed),
+        "--save-dir",
+        str(folder),
+        "--log-every",
+        str(max(1, steps // 10)),
+        "--no-progress",
+    ]
     log(f"run {name}: {' '.join(shlex.quote(c) for c in cmd)}")
     t0 = time.time()
     env = dict(os.environ, TOKENIZERS_PARALLELISM="false")
@@ -165,12 +217,20 @@ def train_run(a, method: str, lr: float, rho: float, seed: int, sharpness_every:
     if rc != 0:
         tail = (folder / "train.log").read_text().splitlines()[-5:]
         raise RuntimeError(f"run {name} failed with exit status {rc}: {' | '.join(tail)}")
-    record = {"name": name, "method": method, "lr": lr, "rho": rho if method != "AdamW" else 0.0, "seed": seed,
-              "sharpness_every": sharpness_every, "wall_s": wall, **(extra_params or {}), **run_summary(folder)}
+    record = {
+        "name": name,
+        "method": method,
+        "lr": lr,
+        "rho": rho if method != "AdamW" else 0.0,
+        "seed": seed,
+        "sharpness_every": sharpness_every,
+        "wall_s": wall,
+        **(extra_params or {}),
+        **run_summary(folder),
+    }
     marker.write_text(json.dumps(record, indent=2) + "\n")
     log(f"run {name}: done in {wall:.0f} s, eval loss {record['final_eval_loss']:.4f}")
     return record
-
 
 
 def write_status(a, running: str) -> None:
@@ -180,13 +240,22 @@ def write_status(a, running: str) -> None:
     n_sam = len(a.methods) - 1
     total = len(a.select_seeds) * (n_lrs + n_sam * len(a.rhos)) + len(a.methods) * len(a.fresh_seeds)
     done = sorted(p.parent.name for p in (a.out / "runs").glob("*/done.json"))
-    lines = ["# Results: a small-scale reproduction", "",
-             f"The grid of `tools/reproduce.py` is running: {len(done)} training runs finished (the selection "
-             f"and fresh-seed grid has at least {total}, more with the rho-tolerance runs), now `{running}` "
-             f"(status of {datetime.datetime.now().strftime('%Y-%m-%d %H:%M')}). This page is rewritten with the "
-             "tables, the verdicts and the plots when the grid ends; the command below resumes it, skipping "
-             "finished runs.", "", "Finished runs: " + (", ".join(f"`{d}`" for d in done) or "none") + ".", "",
-             "```bash", a.command, "```", ""]
+    lines = [
+        "# Results: a small-scale reproduction",
+        "",
+        f"The grid of `tools/reproduce.py` is running: {len(done)} training runs finished (the selection "
+        f"and fresh-seed grid has at least {total}, more with the rho-tolerance runs), now `{running}` "
+        f"(status of {datetime.datetime.now().strftime('%Y-%m-%d %H:%M')}). This page is rewritten with the "
+        "tables, the verdicts and the plots when the grid ends; the command below resumes it, skipping "
+        "finished runs.",
+        "",
+        "Finished runs: " + (", ".join(f"`{d}`" for d in done) or "none") + ".",
+        "",
+        "```bash",
+        a.command,
+        "```",
+        "",
+    ]
     a.docs.parent.mkdir(parents=True, exist_ok=True)
     a.docs.write_text("\n".join(lines))
 
@@ -201,8 +270,14 @@ def final_analysis(a, record: Dict[str, Any]) -> Dict[str, Any]:
 
     log(f"final diagnostics of {record['name']}")
     t0 = time.time()
-    out = analyse(folder, batch_rows=a.lambda_rows, micro_batch=a.micro_batch, eval_batches=a.eval_batches,
-                  iters=a.lambda_iters, tol=1e-3)
+    out = analyse(
+        folder,
+        batch_rows=a.lambda_rows,
+        micro_batch=a.micro_batch,
+        eval_batches=a.eval_batches,
+        iters=a.lambda_iters,
+        tol=1e-3,
+    )
     out["time_s"] = time.time() - t0
     cache.write_text(json.dumps(out, indent=2) + "\n")
     return out
@@ -225,9 +300,11 @@ def _best_by_mean(groups: Dict[float, List[dict]]) -> float:
 
 def run_grid(a) -> Dict[str, Any]:
     t_start = time.time()
-    log(f"grid: preset {a.preset}, {a.steps} steps x {a.micro_batch} x {a.seq_len} tokens, lrs {a.lrs}, "
+    log(
+        f"grid: preset {a.preset}, {a.steps} steps x {a.micro_batch} x {a.seq_len} tokens, lrs {a.lrs}, "
         f"rhos {a.rhos}, methods {', '.join(a.methods)}, selection seeds {a.select_seeds}, "
-        f"fresh seeds {a.fresh_seeds}")
+        f"fresh seeds {a.fresh_seeds}"
+    )
     sel = a.select_seeds
     lr_groups = {lr: [train_run(a, "AdamW", lr, 0.0, s) for s in sel] for lr in a.lrs}
     for _ in range(a.lr_extend):  # a best learning rate at the sweep's edge is not a tuned one
@@ -238,10 +315,11 @@ def run_grid(a) -> Dict[str, Any]:
         log(f"best learning rate {lr:g} is at the edge of the sweep: adding {nxt:g}")
         lr_groups[nxt] = [train_run(a, "AdamW", nxt, 0.0, s) for s in sel]
     lr = _best_by_mean(lr_groups)
-    log(f"learning rate: {lr:g} (AdamW mean eval losses on the selection seeds "
-        f"{ {k: round(_mean_loss(v), 4) for k, v in sorted(lr_groups.items())} })")
-    sweep = {m: {rho: [train_run(a, m, lr, rho, s) for s in sel] for rho in a.rhos}
-             for m in a.methods if m != "AdamW"}
+    log(
+        f"learning rate: {lr:g} (AdamW mean eval losses on the selection seeds "
+        f"{ {k: round(_mean_loss(v), 4) for k, v in sorted(lr_groups.items())} })"
+    )
+    sweep = {m: {rho: [train_run(a, m, lr, rho, s) for s in sel] for rho in a.rhos} for m in a.methods if m != "AdamW"}
     best_rho = {m: _best_by_mean(g) for m, g in sweep.items()}
     best_rho["AdamW"] = 0.0
     log(f"best rho (selection seeds): {best_rho}")
@@ -255,18 +333,28 @@ def run_grid(a) -> Dict[str, Any]:
             for rho in a.rhos:
                 if rho > best_rho[m] + 1e-12:
                     tol += [train_run(a, m, lr, rho, s) for s in a.fresh_seeds]
-    report = {m: (fresh[m] if a.fresh_seeds else
-                  [r for r in (lr_groups[lr] if m == "AdamW" else sweep[m][best_rho[m]])]) for m in a.methods}
+    report = {
+        m: (fresh[m] if a.fresh_seeds else [r for r in (lr_groups[lr] if m == "AdamW" else sweep[m][best_rho[m]])])
+        for m in a.methods
+    }
     for m in a.methods:
         for r in report[m]:
             r["final"] = final_analysis(a, r)
     lr_runs = [r for k in sorted(lr_groups) for r in lr_groups[k]]
     sweep_runs = {m: [r for rho in a.rhos for r in g[rho]] for m, g in sweep.items()}
     everything = lr_runs + [r for v in sweep_runs.values() for r in v] + [r for v in fresh.values() for r in v] + tol
-    return {"lr": lr, "lr_runs": lr_runs, "sweep": sweep_runs, "best_rho": best_rho, "fresh": fresh,
-            "report": report, "report_seeds": report_seeds, "tolerance": tol,
-            "grid_time_s": sum(r.get("wall_s", 0.0) for r in {r["name"]: r for r in everything}.values()),
-            "this_invocation_s": time.time() - t_start}
+    return {
+        "lr": lr,
+        "lr_runs": lr_runs,
+        "sweep": sweep_runs,
+        "best_rho": best_rho,
+        "fresh": fresh,
+        "report": report,
+        "report_seeds": report_seeds,
+        "tolerance": tol,
+        "grid_time_s": sum(r.get("wall_s", 0.0) for r in {r["name"]: r for r in everything}.values()),
+        "this_invocation_s": time.time() - t_start,
+    }
 
 
 EXTRA_METHOD = "PreconditionedFunctionalSAM"  # the exact method whose gain the sub-2x variants are measured against
@@ -275,9 +363,14 @@ EXTRA_METHOD = "PreconditionedFunctionalSAM"  # the exact method whose gain the 
 def run_ascent_every(a, res: Dict[str, Any]) -> List[dict]:
     """Each of ``--every-methods`` with ``ascent_every`` k (``--every``) at the grid's learning rate
     and that method's selected rho, on the fresh seeds (the selection seeds when there are none)."""
-    return [train_run(a, m, res["lr"], res["best_rho"][m], s, extra_params={"ascent_every": k},
-                      suffix=f"-every{k}", status=False)
-            for m in a.every_methods for k in a.every for s in res["report_seeds"]]
+    return [
+        train_run(
+            a, m, res["lr"], res["best_rho"][m], s, extra_params={"ascent_every": k}, suffix=f"-every{k}", status=False
+        )
+        for m in a.every_methods
+        for k in a.every
+        for s in res["report_seeds"]
+    ]
 
 
 MOMENTUM_SUFFIX = "-momentum"  # run-name suffix of the ascent_direction "momentum" runs
@@ -288,9 +381,20 @@ def run_momentum(a, res: Dict[str, Any]) -> List[dict]:
     """Each of ``--every-methods`` with ``ascent_direction: "momentum"`` (eps from AdamW's first
     moment, no pass-1 backward) at the grid's learning rate and that method's selected rho, on the
     fresh seeds (the selection seeds when there are none)."""
-    return [train_run(a, m, res["lr"], res["best_rho"][m], s, extra_params={"ascent_direction": verdicts.MOMENTUM},
-                      suffix=MOMENTUM_SUFFIX, status=False)
-            for m in a.every_methods for s in res["report_seeds"]]
+    return [
+        train_run(
+            a,
+            m,
+            res["lr"],
+            res["best_rho"][m],
+            s,
+            extra_params={"ascent_direction": verdicts.MOMENTUM},
+            suffix=MOMENTUM_SUFFIX,
+            status=False,
+        )
+        for m in a.every_methods
+        for s in res["report_seeds"]
+    ]
 
 
 def compute_model(method: str, every: int = 1, direction: str = verdicts.GRADIENT) -> Dict[str, Any]:
@@ -307,13 +411,18 @@ def compute_model(method: str, every: int = 1, direction: str = verdicts.GRADIEN
     cheap = 4.0 if functional else 3.0  # a step without pass-1 backward, in F
     cheap_s = "F + (F+B) = 4F" if functional else "(F+B) = 3F"
     if direction == verdicts.MOMENTUM:
-        return {"ratio": cheap / 3.0, "formula": f"{cheap_s} (the first step, before AdamW's first update, is exact) "
-                f"over 3F: {cheap / 3.0:.2f}"}
+        return {
+            "ratio": cheap / 3.0,
+            "formula": f"{cheap_s} (the first step, before AdamW's first update, is exact) over 3F: {cheap / 3.0:.2f}",
+        }
     if every > 1:
         ratio = (6.0 + cheap * (every - 1)) / (3.0 * every)
         form = "(4 + 2/k)/3" if functional else "1 + 1/k"
-        return {"ratio": ratio, "formula": f"one exact step (6F) and k - 1 = {every - 1} steps of {cheap_s} per k = "
-                f"{every}, over 3F: {form} = {ratio:.2f}"}
+        return {
+            "ratio": ratio,
+            "formula": f"one exact step (6F) and k - 1 = {every - 1} steps of {cheap_s} per k = "
+            f"{every}, over 3F: {form} = {ratio:.2f}",
+        }
     return {"ratio": 2.0, "formula": "(F+B) + (F+B) = 6F over 3F: 2"}
 
 
@@ -324,8 +433,12 @@ def run_horizon(a, res: Dict[str, Any]) -> List[dict]:
     """AdamW and PreconditionedFunctionalSAM for ``--horizon`` x ``--steps`` steps, the grid's lr and
     selected rho (chosen at the short horizon), on the fresh seeds."""
     steps = a.steps * a.horizon
-    return [train_run(a, m, res["lr"], res["best_rho"][m], s, suffix=f"-x{a.horizon}", status=False, steps=steps)
-            for m in HORIZON_METHODS if m in a.methods for s in a.fresh_seeds]
+    return [
+        train_run(a, m, res["lr"], res["best_rho"][m], s, suffix=f"-x{a.horizon}", status=False, steps=steps)
+        for m in HORIZON_METHODS
+        if m in a.methods
+        for s in a.fresh_seeds
+    ]
 
 
 def run_step_cost(folder: Path) -> Optional[float]:
@@ -350,29 +463,58 @@ def run_step_cost(folder: Path) -> Optional[float]:
 
 def _row(a, r: Dict[str, Any]) -> Dict[str, Any]:
     """One run's numbers for the JSON (everything a verdict or a table needs)."""
-    row = {"name": r["name"], "method": r["method"], "lr": r["lr"], "rho": r["rho"], "seed": r["seed"],
-           "ascent_every": int(r.get("ascent_every", 1) or 1), "ascent_direction": verdicts.direction_of(r),
-           "steps": r.get("steps"),
-           "eval_loss": r.get("final_eval_loss"), "train_loss": r.get("final_train_loss"),
-           "median_step_time": r.get("median_step_time"), "step_cost": run_step_cost(a.out / "runs" / r["name"]),
-           "wall_s": r.get("wall_s"), "sharpness_every": r.get("sharpness_every", 0)}
+    row = {
+        "name": r["name"],
+        "method": r["method"],
+        "lr": r["lr"],
+        "rho": r["rho"],
+        "seed": r["seed"],
+        "ascent_every": int(r.get("ascent_every", 1) or 1),
+        "ascent_direction": verdicts.direction_of(r),
+        "steps": r.get("steps"),
+        "eval_loss": r.get("final_eval_loss"),
+        "train_loss": r.get("final_train_loss"),
+        "median_step_time": r.get("median_step_time"),
+        "step_cost": run_step_cost(a.out / "runs" / r["name"]),
+        "wall_s": r.get("wall_s"),
+        "sharpness_every": r.get("sharpness_every", 0),
+    }
     f = r.get("final")
     if f:
         h, g = f["lambda_max_hessian"], f["lambda_max_gauss_newton"]
-        row.update(lambda_h=h["value"], lambda_h_res=h["residual"], lambda_gn=g["value"], lambda_gn_res=g["residual"],
-                   lambda_iters=h["iterations"], ece=f["calibration"]["ece"],
-                   mean_max_prob=f["calibration"]["mean_max_prob"], entropy=f["calibration"]["mean_entropy"],
-                   logit_fraction=f["terms"]["logit_fraction"])
+        row.update(
+            lambda_h=h["value"],
+            lambda_h_res=h["residual"],
+            lambda_gn=g["value"],
+            lambda_gn_res=g["residual"],
+            lambda_iters=h["iterations"],
+            ece=f["calibration"]["ece"],
+            mean_max_prob=f["calibration"]["mean_max_prob"],
+            entropy=f["calibration"]["mean_entropy"],
+            logit_fraction=f["terms"]["logit_fraction"],
+        )
     return row
 
 
-def collect(a, res: Dict[str, Any], every_runs: List[dict], horizon_runs: List[dict], plots: Dict[str, str],
-            momentum_runs: Optional[List[dict]] = None) -> dict:
+def collect(
+    a,
+    res: Dict[str, Any],
+    every_runs: List[dict],
+    horizon_runs: List[dict],
+    plots: Dict[str, str],
+    momentum_runs: Optional[List[dict]] = None,
+) -> dict:
     runs: Dict[str, dict] = {}
     momentum_runs = momentum_runs or []
-    groups = [res["lr_runs"], [r for v in res["sweep"].values() for r in v],
-              [r for v in res["report"].values() for r in v], res["tolerance"], every_runs, momentum_runs,
-              horizon_runs]
+    groups = [
+        res["lr_runs"],
+        [r for v in res["sweep"].values() for r in v],
+        [r for v in res["report"].values() for r in v],
+        res["tolerance"],
+        every_runs,
+        momentum_runs,
+        horizon_runs,
+    ]
     for g in groups:
         for r in g:
             row = _row(a, r)
@@ -380,21 +522,51 @@ def collect(a, res: Dict[str, Any], every_runs: List[dict], horizon_runs: List[d
                 continue
             runs[r["name"]] = row
     data_files = [f.name for f in sorted(a.data.glob("*.txt"))] if a.data.is_dir() else []
-    return {"schema": SCHEMA, "written": datetime.date.today().isoformat(), "command": a.command,
-            "settings": {"dataset": a.data_label, "dataset_name": a.data_name, "data_files": data_files,
-                         "preset": a.preset, "steps": a.steps, "micro_batch": a.micro_batch, "seq_len": a.seq_len,
-                         "lrs": sorted({r["lr"] for r in res["lr_runs"]}), "rhos": a.rhos, "methods": a.methods,
-                         "select_seeds": a.select_seeds, "fresh_seeds": a.fresh_seeds,
-                         "eval_batches": a.eval_batches, "lambda_rows": a.lambda_rows, "lambda_iters": a.lambda_iters,
-                         "sharpness_every": a.sharpness_every, "every": a.every if every_runs else [],
-                         "every_methods": a.every_methods if every_runs else [],
-                         "momentum_methods": a.every_methods if momentum_runs else [],
-                         "horizon": a.horizon if horizon_runs else 1, "level": verdicts.LEVEL,
-                         "machine": _machine(), "grid_time_s": res["grid_time_s"]},
-            "lr": res["lr"], "best_rho": res["best_rho"], "plots": plots,
-            "runs": sorted(runs.values(), key=lambda r: (METHODS.index(r["method"]), r["ascent_every"],
-                                                         r["ascent_direction"] != verdicts.GRADIENT,
-                                                         r["steps"] or 0, r["rho"], r["lr"], r["seed"]))}
+    return {
+        "schema": SCHEMA,
+        "written": datetime.date.today().isoformat(),
+        "command": a.command,
+        "settings": {
+            "dataset": a.data_label,
+            "dataset_name": a.data_name,
+            "data_files": data_files,
+            "preset": a.preset,
+            "steps": a.steps,
+            "micro_batch": a.micro_batch,
+            "seq_len": a.seq_len,
+            "lrs": sorted({r["lr"] for r in res["lr_runs"]}),
+            "rhos": a.rhos,
+            "methods": a.methods,
+            "select_seeds": a.select_seeds,
+            "fresh_seeds": a.fresh_seeds,
+            "eval_batches": a.eval_batches,
+            "lambda_rows": a.lambda_rows,
+            "lambda_iters": a.lambda_iters,
+            "sharpness_every": a.sharpness_every,
+            "every": a.every if every_runs else [],
+            "every_methods": a.every_methods if every_runs else [],
+            "momentum_methods": a.every_methods if momentum_runs else [],
+            "horizon": a.horizon if horizon_runs else 1,
+            "level": verdicts.LEVEL,
+            "machine": _machine(),
+            "grid_time_s": res["grid_time_s"],
+        },
+        "lr": res["lr"],
+        "best_rho": res["best_rho"],
+        "plots": plots,
+        "runs": sorted(
+            runs.values(),
+            key=lambda r: (
+                METHODS.index(r["method"]),
+                r["ascent_every"],
+                r["ascent_direction"] != verdicts.GRADIENT,
+                r["steps"] or 0,
+                r["rho"],
+                r["lr"],
+                r["seed"],
+            ),
+        ),
+    }
 
 
 # ---------------------------------------------------------------------------------------------
@@ -414,8 +586,10 @@ def _machine() -> str:
     cores, cpu = cpu_cores_and_model(platform.processor() or platform.machine())
 
     gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "no GPU"
-    return (f"{cores} CPU cores ({cpu}), {platform.system()} {platform.release()}, Python "
-            f"{platform.python_version()}, torch {torch.__version__}, {gpu}")
+    return (
+        f"{cores} CPU cores ({cpu}), {platform.system()} {platform.release()}, Python "
+        f"{platform.python_version()}, torch {torch.__version__}, {gpu}"
+    )
 
 
 def _mean_iv(vals: Dict[int, float], spec: str = ".4f") -> str:
@@ -435,19 +609,26 @@ def claim_lines(data: dict) -> List[str]:
     s = data["settings"]
     cl = verdicts.claims(data["runs"], data["best_rho"], s["fresh_seeds"], steps=s["steps"])
     if not s["fresh_seeds"]:
-        return ["No fresh seeds were run (`--fresh-seeds none`): every claim is **inconclusive** (the selection "
-                "seeds choose rho and the learning rate and carry no verdict).", ""]
+        return [
+            "No fresh seeds were run (`--fresh-seeds none`): every claim is **inconclusive** (the selection "
+            "seeds choose rho and the learning rate and carry no verdict).",
+            "",
+        ]
     lines = ["| claim | compared | statistic: mean [95% t interval] (pairs) | verdict |", "| --- | --- | --- | --- |"]
     for c in cl:
         stats = "; ".join(f"{p['label']}: {verdicts.fmt_interval(p)}" for p in c["parts"]) or c["note"]
         verdict = c["verdict"] + (f" ({c['note']})" if c["note"] and c["parts"] else "")
         lines.append(f"| {c['claim']} | {c['pairs']} | {stats} | **{verdict}** |")
-    return lines + ["", f"Rule (`tools/verdicts.py`): {verdicts.RULE}. lambda_max: the interval is widened on both "
-                    "sides by the largest sum of the two runs' Lanczos residuals `||Av - lambda v||`, and the claim "
-                    "also fails where the eval loss is significantly worse. Tolerance: per seed, the mean over "
-                    "the swept rho above both selected rhos of the difference of the two methods' degradations "
-                    "from their own selected rho (one interval; the per-rho rows are information). A "
-                    "\"beats X and Y\" claim is reproduced only if both parts are, contradicted if either is.", ""]
+    return lines + [
+        "",
+        f"Rule (`tools/verdicts.py`): {verdicts.RULE}. lambda_max: the interval is widened on both "
+        "sides by the largest sum of the two runs' Lanczos residuals `||Av - lambda v||`, and the claim "
+        "also fails where the eval loss is significantly worse. Tolerance: per seed, the mean over "
+        "the swept rho above both selected rhos of the difference of the two methods' degradations "
+        "from their own selected rho (one interval; the per-rho rows are information). A "
+        '"beats X and Y" claim is reproduced only if both parts are, contradicted if either is.',
+        "",
+    ]
 
 
 def render(data: dict, docs: Path, json_path: Optional[Path] = None) -> str:
@@ -459,38 +640,50 @@ def render(data: dict, docs: Path, json_path: Optional[Path] = None) -> str:
     selr = [r for r in runs if r["seed"] in sel and verdicts.is_exact(r) and r["steps"] in (None, s["steps"])]
     tokens = s["steps"] * s["micro_batch"] * s["seq_len"]
     jrel = os.path.relpath(json_path, docs.parent) if json_path else None
-    lines = ["# Results: a small-scale reproduction", "",
-             f"Rendered by `tools/reproduce.py` on {data['written']} from "
-             + (f"[`{jrel}`]({jrel})" if jrel else "its JSON")
-             + " (every run's numbers; nothing is typed by hand). Every verdict is computed by the rules of "
-             "`tools/verdicts.py` on the **fresh seeds** only; the selection seeds choose the learning rate "
-             "and rho and carry no verdict.", "", "## Setup", "",
-             f"- Data: `{s['dataset']}`" + (" (" + ", ".join(f"`{f}`" for f in s["data_files"]) + ")"
-                                            if s["data_files"] else "")
-             + ", split by document (WikiText articles, paragraphs of other text) into training text and a held-out "
-             "eval split (5% of the documents); a byte-level BPE tokenizer trained on the training split.",
-             f"- Model: the `{s['preset']}` preset (Llama-style decoder); every grid run {s['steps']} optimizer steps "
-             f"of {s['micro_batch']} x {s['seq_len']} tokens ({tokens:,} tokens), one process, fp32, ZeRO stage 0, "
-             "AdamW (betas 0.9/0.95, weight decay 0.1, clipping 1.0), linear warm-up over "
-             f"{max(1, s['steps'] // 20)} steps then linear decay to 0.",
-             f"- Seeds: selection seeds {', '.join(map(str, sel))} (learning rate and rho chosen on their mean eval "
-             f"loss); fresh seeds {', '.join(map(str, fresh)) or 'none'} ({len(fresh)} per configuration) for every "
-             "table and verdict below. A seed sets the initialisation and the data order, the same for every "
-             "method, so methods are compared paired by seed.",
-             "- Learning rate (AdamW, selection seeds, mean eval loss): "
-             + ", ".join(f"{lr:g}: {_fmt(_mean({r['seed']: r['eval_loss'] for r in selr if r['method'] == 'AdamW' and r['lr'] == lr and r['eval_loss'] is not None}))}"
-                         for lr in s["lrs"]) + f"; **{data['lr']:g}** is used by every method.",
-             f"- rho swept over {', '.join(f'{x:g}' for x in s['rhos'])} for each SAM type on the selection seeds (the "
-             "preconditioned types use the `perturbation` normalisation, so `||eps|| = rho` for all); selected: "
-             + ", ".join(f"{m} {best[m]:g}" for m in methods if m != "AdamW") + ".",
-             f"- Eval loss: mean next-token cross-entropy on {s['eval_batches']} held-out batches at the end. "
-             f"lambda_max: Lanczos on the first {s['lambda_rows']} training blocks, at most {s['lambda_iters']} "
-             "products. ECE: 15 equal-width confidence bins over every held-out token of those batches.",
-             f"- Machine: {s['machine']}. The runs took {s['grid_time_s'] / 3600:.2f} h of wall time in total.",
-             "", "## Table (fresh seeds)" if fresh else "## Table (selection seeds only: no verdict)", "",
-             "| method | best rho | eval loss: mean [95% t interval] (seeds) | lambda_max H_L | lambda_max H_G | ECE "
-             "| mean max-prob | step time / AdamW (shared machine: no verdict) |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    lines = [
+        "# Results: a small-scale reproduction",
+        "",
+        f"Rendered by `tools/reproduce.py` on {data['written']} from "
+        + (f"[`{jrel}`]({jrel})" if jrel else "its JSON")
+        + " (every run's numbers; nothing is typed by hand). Every verdict is computed by the rules of "
+        "`tools/verdicts.py` on the **fresh seeds** only; the selection seeds choose the learning rate "
+        "and rho and carry no verdict.",
+        "",
+        "## Setup",
+        "",
+        f"- Data: `{s['dataset']}`"
+        + (" (" + ", ".join(f"`{f}`" for f in s["data_files"]) + ")" if s["data_files"] else "")
+        + ", split by document (WikiText articles, paragraphs of other text) into training text and a held-out "
+        "eval split (5% of the documents); a byte-level BPE tokenizer trained on the training split.",
+        f"- Model: the `{s['preset']}` preset (Llama-style decoder); every grid run {s['steps']} optimizer steps "
+        f"of {s['micro_batch']} x {s['seq_len']} tokens ({tokens:,} tokens), one process, fp32, ZeRO stage 0, "
+        "AdamW (betas 0.9/0.95, weight decay 0.1, clipping 1.0), linear warm-up over "
+        f"{max(1, s['steps'] // 20)} steps then linear decay to 0.",
+        f"- Seeds: selection seeds {', '.join(map(str, sel))} (learning rate and rho chosen on their mean eval "
+        f"loss); fresh seeds {', '.join(map(str, fresh)) or 'none'} ({len(fresh)} per configuration) for every "
+        "table and verdict below. A seed sets the initialisation and the data order, the same for every "
+        "method, so methods are compared paired by seed.",
+        "- Learning rate (AdamW, selection seeds, mean eval loss): "
+        + ", ".join(
+            f"{lr:g}: {_fmt(_mean({r['seed']: r['eval_loss'] for r in selr if r['method'] == 'AdamW' and r['lr'] == lr and r['eval_loss'] is not None}))}"
+            for lr in s["lrs"]
+        )
+        + f"; **{data['lr']:g}** is used by every method.",
+        f"- rho swept over {', '.join(f'{x:g}' for x in s['rhos'])} for each SAM type on the selection seeds (the "
+        "preconditioned types use the `perturbation` normalisation, so `||eps|| = rho` for all); selected: "
+        + ", ".join(f"{m} {best[m]:g}" for m in methods if m != "AdamW")
+        + ".",
+        f"- Eval loss: mean next-token cross-entropy on {s['eval_batches']} held-out batches at the end. "
+        f"lambda_max: Lanczos on the first {s['lambda_rows']} training blocks, at most {s['lambda_iters']} "
+        "products. ECE: 15 equal-width confidence bins over every held-out token of those batches.",
+        f"- Machine: {s['machine']}. The runs took {s['grid_time_s'] / 3600:.2f} h of wall time in total.",
+        "",
+        "## Table (fresh seeds)" if fresh else "## Table (selection seeds only: no verdict)",
+        "",
+        "| method | best rho | eval loss: mean [95% t interval] (seeds) | lambda_max H_L | lambda_max H_G | ECE "
+        "| mean max-prob | step time / AdamW (shared machine: no verdict) |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
     t_ad = _mean({r["seed"]: r["median_step_time"] for r in rep if r["method"] == "AdamW" and r["median_step_time"]})
     res_worst = []
     for m in methods:
@@ -503,45 +696,93 @@ def render(data: dict, docs: Path, json_path: Optional[Path] = None) -> str:
         def col(key, spec=".3f"):
             v = _mean({r["seed"]: r[key] for r in mine if r.get(key) is not None})
             return _fmt(v, spec)
+
         res_worst += [r["lambda_h_res"] / max(abs(r["lambda_h"]), 1e-12) for r in mine if r.get("lambda_h") is not None]
         st = _mean({r["seed"]: r["median_step_time"] for r in mine if r["median_step_time"]})
         ratio = f"{st / t_ad:.2f}x" if st and t_ad else "not measured"
-        lines.append(f"| {m} | {rho:g} | {_mean_iv(ev)} | {col('lambda_h')} | {col('lambda_gn')} | {col('ece', '.4f')} "
-                     f"| {col('mean_max_prob', '.4f')} | {ratio} |")
-    lines += ["", "lambda_max values are means over the seeds"
-              + (f"; the largest relative Lanczos residual `||Av - lambda v|| / |lambda|` among them is "
-                 f"{max(res_worst):.3g}" if res_worst else "")
-              + ". Step time: the mean over the seeds of each run's median step time, over AdamW's; the runs shared "
-              "the machine with other work, and a ratio below the compute model's 2x for the exact methods shows "
-              "that load, not a saving: no verdict is drawn from this column.", "",
-              "## Which of the paper's claims reproduced at this scale", ""]
+        lines.append(
+            f"| {m} | {rho:g} | {_mean_iv(ev)} | {col('lambda_h')} | {col('lambda_gn')} | {col('ece', '.4f')} "
+            f"| {col('mean_max_prob', '.4f')} | {ratio} |"
+        )
+    lines += [
+        "",
+        "lambda_max values are means over the seeds"
+        + (
+            f"; the largest relative Lanczos residual `||Av - lambda v|| / |lambda|` among them is {max(res_worst):.3g}"
+            if res_worst
+            else ""
+        )
+        + ". Step time: the mean over the seeds of each run's median step time, over AdamW's; the runs shared "
+        "the machine with other work, and a ratio below the compute model's 2x for the exact methods shows "
+        "that load, not a saving: no verdict is drawn from this column.",
+        "",
+        "## Which of the paper's claims reproduced at this scale",
+        "",
+    ]
     lines += claim_lines(data)
-    lines += ["## rho sweep (selection seeds: they choose rho, no verdict)", "",
-              "| method | " + " | ".join(f"rho {x:g}" for x in s["rhos"]) + " |", "| --- |" + " --- |" * len(s["rhos"])]
+    lines += [
+        "## rho sweep (selection seeds: they choose rho, no verdict)",
+        "",
+        "| method | " + " | ".join(f"rho {x:g}" for x in s["rhos"]) + " |",
+        "| --- |" + " --- |" * len(s["rhos"]),
+    ]
     for m in methods:
         if m == "AdamW":
             continue
-        cells = [_fmt(_mean({r["seed"]: r["eval_loss"] for r in selr if r["method"] == m and abs(r["rho"] - x) < 1e-12
-                             and r["eval_loss"] is not None})) for x in s["rhos"]]
+        cells = [
+            _fmt(
+                _mean(
+                    {
+                        r["seed"]: r["eval_loss"]
+                        for r in selr
+                        if r["method"] == m and abs(r["rho"] - x) < 1e-12 and r["eval_loss"] is not None
+                    }
+                )
+            )
+            for x in s["rhos"]
+        ]
         lines.append(f"| {m} | " + " | ".join(cells) + " |")
     if fresh and any(r["method"] != "AdamW" and abs(r["rho"] - best.get(r["method"], -1)) > 1e-12 for r in rep):
-        lines += ["", "The same sweep on the fresh seeds (the runs behind the rho-tolerance claims; mean [95% t "
-                  "interval]):", "", "| method | " + " | ".join(f"rho {x:g}" for x in s["rhos"]) + " |",
-                  "| --- |" + " --- |" * len(s["rhos"])]
+        lines += [
+            "",
+            "The same sweep on the fresh seeds (the runs behind the rho-tolerance claims; mean [95% t interval]):",
+            "",
+            "| method | " + " | ".join(f"rho {x:g}" for x in s["rhos"]) + " |",
+            "| --- |" + " --- |" * len(s["rhos"]),
+        ]
         for m in methods:
             if m == "AdamW":
                 continue
-            cells = [_mean_iv({r["seed"]: r["eval_loss"] for r in rep if r["method"] == m and abs(r["rho"] - x) < 1e-12
-                               and r["eval_loss"] is not None}).replace("not measured", "-") for x in s["rhos"]]
+            cells = [
+                _mean_iv(
+                    {
+                        r["seed"]: r["eval_loss"]
+                        for r in rep
+                        if r["method"] == m and abs(r["rho"] - x) < 1e-12 and r["eval_loss"] is not None
+                    }
+                ).replace("not measured", "-")
+                for x in s["rhos"]
+            ]
             lines.append(f"| {m} | " + " | ".join(cells) + " |")
     lines += ["", "## Plots", ""]
     for title, path in data.get("plots", {}).items():
         lines += [f"![{title}]({path})", ""]
     lines += ascent_every_section(data) + horizon_section(data)
-    lines += ["## How many seeds a verdict needs", "", seed_plan_text(), "",
-              "The paper's models are 24M to 1.2B parameters trained on C4 for far longer; here the "
-              f"`{s['preset']}` preset sees {tokens:,} tokens per run.", "",
-              "## Command", "", "```bash", data["command"], "```", ""]
+    lines += [
+        "## How many seeds a verdict needs",
+        "",
+        seed_plan_text(),
+        "",
+        "The paper's models are 24M to 1.2B parameters trained on C4 for far longer; here the "
+        f"`{s['preset']}` preset sees {tokens:,} tokens per run.",
+        "",
+        "## Command",
+        "",
+        "```bash",
+        data["command"],
+        "```",
+        "",
+    ]
     return "\n".join(lines)
 
 
@@ -553,17 +794,19 @@ def seed_plan_text() -> str:
     n_z = verdicts.seeds_needed(0.02, 0.01, normal=True)
     n_t = verdicts.seeds_needed(0.02, 0.01)
     n_s = verdicts.seeds_needed(iv["sd"], 0.01)
-    return (f"Three paired seeds of AdamW vs PreconditionedFunctionalSAM (2m preset, 400 steps, another corpus on "
-            f"this machine) gave differences {', '.join(f'{x:+.3f}' for x in d)}: mean {iv['mean']:+.4f}, sd "
-            f"{iv['sd']:.4f} per pair, 95% t interval [{iv['lo']:+.4f}, {iv['hi']:+.4f}]. For a 95% interval of "
-            f"half-width 0.01 (enough to resolve a 0.01 difference) with sd 0.02 per pair, n >= (q x 0.02 / 0.01)^2: "
-            f"{n_z} pairs with the normal quantile, {n_t} with the t quantile (df = n - 1), {n_s} with the measured "
-            f"sd {iv['sd']:.4f}; at about 2 minutes per 2m run here that is about {2 * 2 * n_t} minutes per "
-            "comparison (two methods). The default 4 fresh seeds give a half-width of about "
-            f"{verdicts.t_quantile(0.975, 3) * 0.02 / 2:.3f} (t_0.975,3 x 0.02 / sqrt 4): they can resolve only "
-            "differences larger than that. The paper's gains at 24M+ are 0.005-0.01; a gain of that size cannot be "
-            "resolved here with 4 seeds, only with the 16-20 above, and a verdict of \"inconclusive\" on 4 seeds "
-            "says exactly that, not that the gain is absent.")
+    return (
+        f"Three paired seeds of AdamW vs PreconditionedFunctionalSAM (2m preset, 400 steps, another corpus on "
+        f"this machine) gave differences {', '.join(f'{x:+.3f}' for x in d)}: mean {iv['mean']:+.4f}, sd "
+        f"{iv['sd']:.4f} per pair, 95% t interval [{iv['lo']:+.4f}, {iv['hi']:+.4f}]. For a 95% interval of "
+        f"half-width 0.01 (enough to resolve a 0.01 difference) with sd 0.02 per pair, n >= (q x 0.02 / 0.01)^2: "
+        f"{n_z} pairs with the normal quantile, {n_t} with the t quantile (df = n - 1), {n_s} with the measured "
+        f"sd {iv['sd']:.4f}; at about 2 minutes per 2m run here that is about {2 * 2 * n_t} minutes per "
+        "comparison (two methods). The default 4 fresh seeds give a half-width of about "
+        f"{verdicts.t_quantile(0.975, 3) * 0.02 / 2:.3f} (t_0.975,3 x 0.02 / sqrt 4): they can resolve only "
+        "differences larger than that. The paper's gains at 24M+ are 0.005-0.01; a gain of that size cannot be "
+        'resolved here with 4 seeds, only with the 16-20 above, and a verdict of "inconclusive" on 4 seeds '
+        "says exactly that, not that the gain is absent."
+    )
 
 
 def ascent_every_section(data: dict) -> List[str]:
@@ -577,41 +820,60 @@ def ascent_every_section(data: dict) -> List[str]:
     grid = [r for r in runs if r["seed"] in seeds and r["steps"] in (None, s["steps"])]
 
     def vals(m, k=1, key="eval_loss", direction=verdicts.GRADIENT):
-        return {r["seed"]: r[key] for r in grid if r["method"] == m and verdicts.is_variant(r, k, direction)
-                and r.get(key) is not None and (m == "AdamW" or abs(r["rho"] - best[m]) < 1e-12)
-                and (m != "AdamW" or abs(r["lr"] - data["lr"]) < 1e-15)}
+        return {
+            r["seed"]: r[key]
+            for r in grid
+            if r["method"] == m
+            and verdicts.is_variant(r, k, direction)
+            and r.get(key) is not None
+            and (m == "AdamW" or abs(r["rho"] - best[m]) < 1e-12)
+            and (m != "AdamW" or abs(r["lr"] - data["lr"]) < 1e-15)
+        }
+
     ad, ad_t = vals("AdamW"), vals("AdamW", key="step_cost")
     ex = vals(EXTRA_METHOD)
     tag = "fresh seeds" if s["fresh_seeds"] else "selection seeds only: no verdict"
     methods = [m for m in SAM_TYPES if m in (s.get("every_methods") or []) + mom]
     modes = ([f"`ascent_every: k` (k = {', '.join(map(str, every))})"] if every else []) + (
-        ["`ascent_direction: \"momentum\"` (eps from AdamW's first moment m: `rho M^-1 m / ||M^-1 m||` for the "
-         "preconditioned types, `rho m / ||m||` for the others; no pass-1 backward)"] if mom else [])
+        [
+            '`ascent_direction: "momentum"` (eps from AdamW\'s first moment m: `rho M^-1 m / ||M^-1 m||` for the '
+            "preconditioned types, `rho m / ||m||` for the others; no pass-1 backward)"
+        ]
+        if mom
+        else []
+    )
     title = " and ".join(x for x, on in (("ascent_every", every), ("momentum", mom)) if on)
-    lines = [f"## Sub-2x mode{'s' if every and mom else ''}: {title}", "",
-             f"{' and '.join(modes)} at the grid's learning rate {data['lr']:g} and each method's selected rho ("
-             + ", ".join(f"{m} {best[m]:g}" for m in methods) + f"), {tag} ({', '.join(map(str, seeds))}). "
-             f"Gain = AdamW minus variant in eval loss, paired by seed. Retention (the target \">= 80% of exact "
-             f"{EXTRA_METHOD}'s gain\"): per seed `(AdamW - variant) - 0.8 (AdamW - exact)`, reproduced only if its "
-             "95% t interval is above 0, and only decided where the exact method's own gain is reproduced; the "
-             "point share `(mean AdamW - mean variant) / (mean AdamW - mean exact)` is information. The exact "
-             "method is its `ascent_every: 1`, `ascent_direction: \"gradient\"` run: no variant stands in for it. "
-             "Step cost: per seed the run's cost per step (count-weighted medians of its exact and direction-reusing "
-             "or momentum steps) over AdamW's on the same seed, mean [95% t interval] (shared machine: information, "
-             "no verdict).", "",
-             "Compute model (`tools.reproduce.compute_model`), in forward passes F with a backward = 2F, so that "
-             "AdamW's step (F+B) is 3F: an exact SAM-type step runs pass 1 and pass 2, (F+B) + (F+B) = 6F, **2x**. "
-             "A step whose direction is not this step's gradient (a reusing step of `ascent_every`, every step of "
-             "`ascent_direction: \"momentum\"` after AdamW's first update) runs no pass 1 for SAM and "
-             "PreconditionedSAM, (F+B) = 3F, and a forward at theta for g_F for FunctionalSAM and "
-             "PreconditionedFunctionalSAM, F + (F+B) = 4F. Hence `ascent_every: k`: SAM types **(1 + 1/k)x**, "
-             "FunctionalSAM types **((4 + 2/k)/3)x**; `ascent_direction: \"momentum\"`: SAM types **1x**, "
-             "FunctionalSAM types **4/3 = 1.33x**. Elementwise work over the parameters (the ascent and its norms, "
-             "theta + eps and the restore) is not counted.", "",
-             "| variant | eval loss | gain over AdamW: mean [95% t interval] | >= 80% of exact PFSAM's gain: "
-             "`(A - V) - 0.8 (A - E)` [95% t interval], verdict | compute model / AdamW | measured step cost / "
-             "AdamW: mean [95% t interval] |", "| --- | --- | --- | --- | --- | --- |",
-             f"| AdamW | {_mean_iv(ad)} | 0 | | 1.00x | 1.00x |"]
+    lines = [
+        f"## Sub-2x mode{'s' if every and mom else ''}: {title}",
+        "",
+        f"{' and '.join(modes)} at the grid's learning rate {data['lr']:g} and each method's selected rho ("
+        + ", ".join(f"{m} {best[m]:g}" for m in methods)
+        + f"), {tag} ({', '.join(map(str, seeds))}). "
+        f'Gain = AdamW minus variant in eval loss, paired by seed. Retention (the target ">= 80% of exact '
+        f"{EXTRA_METHOD}'s gain\"): per seed `(AdamW - variant) - 0.8 (AdamW - exact)`, reproduced only if its "
+        "95% t interval is above 0, and only decided where the exact method's own gain is reproduced; the "
+        "point share `(mean AdamW - mean variant) / (mean AdamW - mean exact)` is information. The exact "
+        'method is its `ascent_every: 1`, `ascent_direction: "gradient"` run: no variant stands in for it. '
+        "Step cost: per seed the run's cost per step (count-weighted medians of its exact and direction-reusing "
+        "or momentum steps) over AdamW's on the same seed, mean [95% t interval] (shared machine: information, "
+        "no verdict).",
+        "",
+        "Compute model (`tools.reproduce.compute_model`), in forward passes F with a backward = 2F, so that "
+        "AdamW's step (F+B) is 3F: an exact SAM-type step runs pass 1 and pass 2, (F+B) + (F+B) = 6F, **2x**. "
+        "A step whose direction is not this step's gradient (a reusing step of `ascent_every`, every step of "
+        '`ascent_direction: "momentum"` after AdamW\'s first update) runs no pass 1 for SAM and '
+        "PreconditionedSAM, (F+B) = 3F, and a forward at theta for g_F for FunctionalSAM and "
+        "PreconditionedFunctionalSAM, F + (F+B) = 4F. Hence `ascent_every: k`: SAM types **(1 + 1/k)x**, "
+        'FunctionalSAM types **((4 + 2/k)/3)x**; `ascent_direction: "momentum"`: SAM types **1x**, '
+        "FunctionalSAM types **4/3 = 1.33x**. Elementwise work over the parameters (the ascent and its norms, "
+        "theta + eps and the restore) is not counted.",
+        "",
+        "| variant | eval loss | gain over AdamW: mean [95% t interval] | >= 80% of exact PFSAM's gain: "
+        "`(A - V) - 0.8 (A - E)` [95% t interval], verdict | compute model / AdamW | measured step cost / "
+        "AdamW: mean [95% t interval] |",
+        "| --- | --- | --- | --- | --- | --- |",
+        f"| AdamW | {_mean_iv(ad)} | 0 | | 1.00x | 1.00x |",
+    ]
 
     def row(label, m, k, direction=verdicts.GRADIENT):
         v, vt = vals(m, k, direction=direction), vals(m, k, "step_cost", direction)
@@ -624,14 +886,25 @@ def ascent_every_section(data: dict) -> List[str]:
         else:
             ret = verdicts.retention(ad, ex, v)
             kept = f", point share {ret['kept_point']:.0%}" if ret.get("kept_point") is not None else ""
-            rv = (f"{verdicts.fmt_interval(ret['parts'][0])}{kept}: **{ret['verdict']}**"
-                  + (f" ({ret['note']})" if ret["note"] else ""))
+            rv = f"{verdicts.fmt_interval(ret['parts'][0])}{kept}: **{ret['verdict']}**" + (
+                f" ({ret['note']})" if ret["note"] else ""
+            )
         cost = verdicts.interval([vt[x] / ad_t[x] for x in sorted(set(vt) & set(ad_t)) if ad_t[x]])
-        cs = "not measured" if cost["mean"] is None else (f"{cost['mean']:.2f}x" + (
-            f" [{cost['lo']:.2f}, {cost['hi']:.2f}] (n={cost['n']})" if cost["lo"] is not None
-            else f" (n={cost['n']}, no interval)"))
+        cs = (
+            "not measured"
+            if cost["mean"] is None
+            else (
+                f"{cost['mean']:.2f}x"
+                + (
+                    f" [{cost['lo']:.2f}, {cost['hi']:.2f}] (n={cost['n']})"
+                    if cost["lo"] is not None
+                    else f" (n={cost['n']}, no interval)"
+                )
+            )
+        )
         model = compute_model(m, k, direction)["ratio"]
         return f"| {label} | {_mean_iv(v)} | {verdicts.fmt_interval(gain)} | {rv} | {model:.2f}x | {cs} |"
+
     for m in methods:
         lines.append(row(f"{m} (exact)", m, 1))
         if m in (s.get("every_methods") or []):
@@ -652,14 +925,19 @@ def horizon_section(data: dict) -> List[str]:
     ad = {r["seed"]: r["eval_loss"] for r in runs if r["method"] == "AdamW"}
     pf = {r["seed"]: r["eval_loss"] for r in runs if r["method"] == "PreconditionedFunctionalSAM"}
     p = verdicts.compare(pf, ad, "less")
-    return [f"## Longer horizon: {steps} steps", "",
-            f"AdamW and PreconditionedFunctionalSAM ({k} x the grid's steps, the learning rate and rho chosen at "
-            f"{s['steps']} steps), fresh seeds. AdamW {_mean_iv(ad)}; PreconditionedFunctionalSAM {_mean_iv(pf)}; "
-            f"paired difference PFSAM - AdamW {verdicts.fmt_interval(p)}: **{p['verdict']}** (claim: PFSAM lower).", ""]
+    return [
+        f"## Longer horizon: {steps} steps",
+        "",
+        f"AdamW and PreconditionedFunctionalSAM ({k} x the grid's steps, the learning rate and rho chosen at "
+        f"{s['steps']} steps), fresh seeds. AdamW {_mean_iv(ad)}; PreconditionedFunctionalSAM {_mean_iv(pf)}; "
+        f"paired difference PFSAM - AdamW {verdicts.fmt_interval(p)}: **{p['verdict']}** (claim: PFSAM lower).",
+        "",
+    ]
 
 
-def write_report(a, res: Dict[str, Any], every_runs: List[dict], horizon_runs: List[dict],
-                 momentum_runs: Optional[List[dict]] = None) -> Path:
+def write_report(
+    a, res: Dict[str, Any], every_runs: List[dict], horizon_runs: List[dict], momentum_runs: Optional[List[dict]] = None
+) -> Path:
     from fsam_ds import plot as plot_runs
 
     img_dir = a.docs.parent / a.docs.stem if a.plots_dir is None else a.plots_dir
@@ -668,8 +946,13 @@ def write_report(a, res: Dict[str, Any], every_runs: List[dict], horizon_runs: L
     rep = res["report"]
     curves = [run_dir / r["name"] for m in a.methods for r in rep[m][:1]]
     sweep_dirs = [run_dir / r["name"] for rs in res["sweep"].values() for r in rs]
-    made = plot_runs.plot_all(curves, img_dir, sharp_runs=curves, sweep_runs=sweep_dirs,
-                              baseline_runs=[run_dir / r["name"] for r in res["lr_runs"] if r["lr"] == res["lr"]])
+    made = plot_runs.plot_all(
+        curves,
+        img_dir,
+        sharp_runs=curves,
+        sweep_runs=sweep_dirs,
+        baseline_runs=[run_dir / r["name"] for r in res["lr_runs"] if r["lr"] == res["lr"]],
+    )
     plots = {title: os.path.relpath(path, a.docs.parent) for title, path in made.items()}
     data = collect(a, res, every_runs, horizon_runs, plots, momentum_runs)
     (a.out / "results.json").write_text(json.dumps(data, indent=1) + "\n")
@@ -709,8 +992,9 @@ def _seeds(text: str) -> List[int]:
             elif part:
                 out.append(int(part))
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated seeds or ranges (1235-1238), got {text!r}") \
-            from None
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated seeds or ranges (1235-1238), got {text!r}"
+        ) from None
     return out
 
 
@@ -718,56 +1002,107 @@ DEFAULT_DATA = REPO.parent / "shared" / "data" / "wikitext-2"
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog=PROG, description="Small-scale reproduction: AdamW LR sweep and rho sweep of the "
-                                "four SAM types on selection seeds, every configuration on fresh seeds, final "
-                                "sharpness and calibration, paired verdicts, plots, docs/results.md")
-    p.add_argument("--dataset", "--data", dest="data", default=str(DEFAULT_DATA),
-                   help="a text folder or file, or 'default' (the embedded corpus); default ../shared/data/wikitext-2 "
-                   "next to the repository (a second corpus: ../shared/data/tinyshakespeare)")
-    p.add_argument("--out", default=None, help="run folders (default runs/reproduce, runs/reproduce-<corpus> for "
-                   "another corpus)")
-    p.add_argument("--docs", default=None, help="the report to write (default docs/results.md, "
-                   "docs/results-<corpus>.md for another corpus)")
+    p = argparse.ArgumentParser(
+        prog=PROG,
+        description="Small-scale reproduction: AdamW LR sweep and rho sweep of the "
+        "four SAM types on selection seeds, every configuration on fresh seeds, final "
+        "sharpness and calibration, paired verdicts, plots, docs/results.md",
+    )
+    p.add_argument(
+        "--dataset",
+        "--data",
+        dest="data",
+        default=str(DEFAULT_DATA),
+        help="a text folder or file, or 'default' (the embedded corpus); default ../shared/data/wikitext-2 "
+        "next to the repository (a second corpus: ../shared/data/tinyshakespeare)",
+    )
+    p.add_argument(
+        "--out", default=None, help="run folders (default runs/reproduce, runs/reproduce-<corpus> for another corpus)"
+    )
+    p.add_argument(
+        "--docs",
+        default=None,
+        help="the report to write (default docs/results.md, docs/results-<corpus>.md for another corpus)",
+    )
     p.add_argument("--plots-dir", default=None, help="PNG folder (default: docs/<docs stem>/ next to --docs)")
-    p.add_argument("--json", default=None, help="the JSON the report is rendered from (default: <plots dir>/<docs "
-                   "stem>.json); commit it")
+    p.add_argument(
+        "--json",
+        default=None,
+        help="the JSON the report is rendered from (default: <plots dir>/<docs stem>.json); commit it",
+    )
     p.add_argument("--render", default=None, metavar="JSON", help="only rewrite --docs from this JSON (no runs)")
     p.add_argument("--preset", default="2m")
     p.add_argument("--steps", type=int, default=400)
     p.add_argument("--micro-batch", type=int, default=8)
     p.add_argument("--seq-len", type=int, default=128)
     p.add_argument("--lrs", type=_floats, default=[1e-3, 2e-3, 4e-3])
-    p.add_argument("--lr-extend", type=int, default=2,
-                   help="extend the learning-rate sweep past its edge at most this many times (default 2)")
+    p.add_argument(
+        "--lr-extend",
+        type=int,
+        default=2,
+        help="extend the learning-rate sweep past its edge at most this many times (default 2)",
+    )
     p.add_argument("--rhos", type=_floats, default=[0.01, 0.02, 0.05, 0.1, 0.2, 0.5])
     p.add_argument("--methods", default=",".join(METHODS), help="comma-separated subset of " + ", ".join(METHODS))
     p.add_argument("--select-seeds", type=_seeds, default=None, help="seeds that choose lr and rho (default 1234)")
-    p.add_argument("--fresh-seeds", type=_seeds, default=None, help="seeds of every verdict, none of them a "
-                   "selection seed (default 1235-1238; 'none': no verdicts)")
-    p.add_argument("--seeds", type=int, default=None, help="older form: N = the selection seed 1234 and N - 1 fresh "
-                   "seeds 1235, ... (ignored with --fresh-seeds)")
-    p.add_argument("--no-tolerance", dest="tolerance", action="store_false",
-                   help="skip the fresh-seed runs above each selected rho (the rho-tolerance claims)")
-    p.add_argument("--horizon", type=int, default=1, help="K > 1: also AdamW and PreconditionedFunctionalSAM for "
-                   "K x --steps on the fresh seeds (default 1: off)")
+    p.add_argument(
+        "--fresh-seeds",
+        type=_seeds,
+        default=None,
+        help="seeds of every verdict, none of them a selection seed (default 1235-1238; 'none': no verdicts)",
+    )
+    p.add_argument(
+        "--seeds",
+        type=int,
+        default=None,
+        help="older form: N = the selection seed 1234 and N - 1 fresh seeds 1235, ... (ignored with --fresh-seeds)",
+    )
+    p.add_argument(
+        "--no-tolerance",
+        dest="tolerance",
+        action="store_false",
+        help="skip the fresh-seed runs above each selected rho (the rho-tolerance claims)",
+    )
+    p.add_argument(
+        "--horizon",
+        type=int,
+        default=1,
+        help="K > 1: also AdamW and PreconditionedFunctionalSAM for K x --steps on the fresh seeds (default 1: off)",
+    )
     p.add_argument("--eval-every", type=int, default=50)
     p.add_argument("--eval-batches", type=int, default=20)
     p.add_argument("--sharpness-every", type=int, default=100, help="diagnostics interval of the fresh runs")
     p.add_argument("--lambda-rows", type=int, default=4, help="training blocks in the final lambda_max batch")
     p.add_argument("--lambda-iters", type=int, default=12, help="Lanczos products per final lambda_max")
-    p.add_argument("--extra-runs", default="", help="after the grid, comma-separated: 'ascent_every' runs each of "
-                   "--every-methods with ascent_every k in --every, 'momentum' each of them with ascent_direction "
-                   "\"momentum\" (run names ending -momentum-s<seed>), at its selected rho on the fresh seeds; "
-                   "the report gets a sub-2x section")
-    p.add_argument("--every-methods", default=EXTRA_METHOD,
-                   help=f"SAM types of --extra-runs (comma-separated; default {EXTRA_METHOD})")
-    p.add_argument("--every", type=lambda t: [int(x) for x in t.split(",")], default=[2, 4],
-                   help="ascent_every values of --extra-runs ascent_every (default 2,4)")
-    p.add_argument("--in-process", action="store_true", help="run fsam-train inside this process instead of one "
-                   "process per run")
-    p.add_argument("--smoke", action="store_true", help="a few steps of the tiny preset, AdamW and "
-                   "FunctionalSAM, one lr, two rhos, selection seed 1234 and fresh seed 1235, in process (for "
-                   "tests: it checks the pipeline, not the science)")
+    p.add_argument(
+        "--extra-runs",
+        default="",
+        help="after the grid, comma-separated: 'ascent_every' runs each of "
+        "--every-methods with ascent_every k in --every, 'momentum' each of them with ascent_direction "
+        '"momentum" (run names ending -momentum-s<seed>), at its selected rho on the fresh seeds; '
+        "the report gets a sub-2x section",
+    )
+    p.add_argument(
+        "--every-methods",
+        default=EXTRA_METHOD,
+        help=f"SAM types of --extra-runs (comma-separated; default {EXTRA_METHOD})",
+    )
+    p.add_argument(
+        "--every",
+        type=lambda t: [int(x) for x in t.split(",")],
+        default=[2, 4],
+        help="ascent_every values of --extra-runs ascent_every (default 2,4)",
+    )
+    p.add_argument(
+        "--in-process", action="store_true", help="run fsam-train inside this process instead of one process per run"
+    )
+    p.add_argument(
+        "--smoke",
+        action="store_true",
+        help="a few steps of the tiny preset, AdamW and "
+        "FunctionalSAM, one lr, two rhos, selection seed 1234 and fresh seed 1235, in process (for "
+        "tests: it checks the pipeline, not the science)",
+    )
     return p
 
 
@@ -801,16 +1136,20 @@ def main(argv: Optional[List[str]] = None) -> int:
     if a.select_seeds is None:
         a.select_seeds = [BASE_SEED]
     if a.fresh_seeds is None:
-        a.fresh_seeds = ([BASE_SEED + k for k in range(1, a.seeds)] if a.seeds is not None
-                         else [BASE_SEED + k for k in range(1, 5)])
+        a.fresh_seeds = (
+            [BASE_SEED + k for k in range(1, a.seeds)] if a.seeds is not None else [BASE_SEED + k for k in range(1, 5)]
+        )
     if not a.select_seeds or set(a.select_seeds) & set(a.fresh_seeds) or len(set(a.fresh_seeds)) != len(a.fresh_seeds):
-        return _err(f"--select-seeds {a.select_seeds} / --fresh-seeds {a.fresh_seeds}: accepted: at least one "
-                    "selection seed, and distinct fresh seeds none of which is a selection seed")
+        return _err(
+            f"--select-seeds {a.select_seeds} / --fresh-seeds {a.fresh_seeds}: accepted: at least one "
+            "selection seed, and distinct fresh seeds none of which is a selection seed"
+        )
     methods = [m.strip() for m in a.methods.split(",") if m.strip()]
     bad = [m for m in methods if m not in METHODS]
     if bad or "AdamW" not in methods:
-        return _err(f"--methods {a.methods!r}: accepted: a comma-separated subset of {', '.join(METHODS)} "
-                    "that includes AdamW")
+        return _err(
+            f"--methods {a.methods!r}: accepted: a comma-separated subset of {', '.join(METHODS)} that includes AdamW"
+        )
     a.methods = methods
     for key in ("steps", "micro_batch", "seq_len", "eval_batches", "lambda_rows", "lambda_iters", "horizon"):
         if getattr(a, key) < 1:
@@ -825,8 +1164,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     else:
         a.data = Path(a.data).expanduser()
         if not a.data.exists():
-            return _err(f"--dataset {str(a.data)!r}: no such file or folder (accepted: a text folder or file, or "
-                        "'default')")
+            return _err(
+                f"--dataset {str(a.data)!r}: no such file or folder (accepted: a text folder or file, or 'default')"
+            )
         a.data_name = a.data.name if a.data.is_dir() else a.data.parent.name
         try:
             a.data_label = os.path.relpath(a.data, REPO)
@@ -844,14 +1184,21 @@ def main(argv: Optional[List[str]] = None) -> int:
     extras = [x for x in a.extra_runs.split(",") if x.strip()]
     a.every_methods = [m.strip() for m in a.every_methods.split(",") if m.strip()]
     extras = [x.strip() for x in extras]
-    if any(x not in EXTRAS for x in extras) or any(k < 2 for k in a.every) or \
-            (extras and any(m not in a.methods or m == "AdamW" for m in a.every_methods + [EXTRA_METHOD])):
-        return _err(f"--extra-runs {a.extra_runs!r} / --every / --every-methods: accepted: --extra-runs "
-                    "ascent_every, momentum or ascent_every,momentum with --every integers >= 2, --methods including "
-                    + EXTRA_METHOD + " and --every-methods a comma-separated list of SAM types among --methods")
+    if (
+        any(x not in EXTRAS for x in extras)
+        or any(k < 2 for k in a.every)
+        or (extras and any(m not in a.methods or m == "AdamW" for m in a.every_methods + [EXTRA_METHOD]))
+    ):
+        return _err(
+            f"--extra-runs {a.extra_runs!r} / --every / --every-methods: accepted: --extra-runs "
+            "ascent_every, momentum or ascent_every,momentum with --every integers >= 2, --methods including "
+            + EXTRA_METHOD
+            + " and --every-methods a comma-separated list of SAM types among --methods"
+        )
     if a.horizon > 1 and (not a.fresh_seeds or any(m not in a.methods for m in HORIZON_METHODS)):
-        return _err(f"--horizon {a.horizon}: accepted: fresh seeds and --methods including "
-                    + " and ".join(HORIZON_METHODS))
+        return _err(
+            f"--horizon {a.horizon}: accepted: fresh seeds and --methods including " + " and ".join(HORIZON_METHODS)
+        )
     if "ascent_every" not in extras:
         a.every = []
     res = run_grid(a)

@@ -31,6 +31,7 @@ holds that variant in that setting). Exactly:
   exact method's own gain is reproduced): reproduced -> met, contradicted -> not met, inconclusive
   -> not resolved.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -47,7 +48,7 @@ PROG = "fsam-targets"
 REPO = Path(__file__).resolve().parents[1]
 BEGIN, END = "<!-- targets:begin -->", "<!-- targets:end -->"
 MET, NOT_MET, NOT_RESOLVED, NOT_MEASURED = "met", "not met", "not resolved", "not measured"
-MIB = 2 ** 20
+MIB = 2**20
 DEFAULT_CPU_RESOLUTION = 15 * MIB
 
 Z0_2M = {"preset": "2m", "zero_stage": 0, "world_size": 1}
@@ -61,29 +62,73 @@ def _where(s: Mapping[str, Any]) -> str:
 
 
 TARGETS: List[Dict[str, Any]] = (
-    [{"kind": "time", "variant": v, "bound": 2.05, "setting": s,
-      "title": f"exact {v} <= 2.05x AdamW step time, {_where(s)}"}
-     for s in (Z0_2M, Z0_24M, Z3_2M, Z3_24M) for v in ("FunctionalSAM", "PreconditionedFunctionalSAM")]
-    + [{"kind": "memory", "variant": "PreconditionedFunctionalSAM+recompute", "bound": 1.10, "setting": s,
-        "title": f"PreconditionedFunctionalSAM `\"recompute\"` own peak memory <= 1.10x AdamW, {_where(s)}"}
-       for s in (Z0_2M, Z0_24M, Z3_2M)]
-    + [{"kind": "time", "variant": "PreconditionedFunctionalSAM+every4", "bound": 1.35, "setting": s,
-        "title": f"sub-2x mode: PreconditionedFunctionalSAM `ascent_every: 4` <= 1.35x AdamW step time, {_where(s)}"}
-       for s in (Z0_2M, Z3_2M)]
-    + [{"kind": "retention", "method": "PreconditionedFunctionalSAM", "every": 4, "share": 0.8,
-        "variant": "PreconditionedFunctionalSAM ascent_every 4",
-        "title": "sub-2x mode: PreconditionedFunctionalSAM `ascent_every: 4` keeps >= 80% of exact "
-                 "PreconditionedFunctionalSAM's eval-loss gain over AdamW (fresh seeds)"}]
+    [
+        {
+            "kind": "time",
+            "variant": v,
+            "bound": 2.05,
+            "setting": s,
+            "title": f"exact {v} <= 2.05x AdamW step time, {_where(s)}",
+        }
+        for s in (Z0_2M, Z0_24M, Z3_2M, Z3_24M)
+        for v in ("FunctionalSAM", "PreconditionedFunctionalSAM")
+    ]
+    + [
+        {
+            "kind": "memory",
+            "variant": "PreconditionedFunctionalSAM+recompute",
+            "bound": 1.10,
+            "setting": s,
+            "title": f'PreconditionedFunctionalSAM `"recompute"` own peak memory <= 1.10x AdamW, {_where(s)}',
+        }
+        for s in (Z0_2M, Z0_24M, Z3_2M)
+    ]
+    + [
+        {
+            "kind": "time",
+            "variant": "PreconditionedFunctionalSAM+every4",
+            "bound": 1.35,
+            "setting": s,
+            "title": f"sub-2x mode: PreconditionedFunctionalSAM `ascent_every: 4` <= 1.35x AdamW step time, {_where(s)}",
+        }
+        for s in (Z0_2M, Z3_2M)
+    ]
+    + [
+        {
+            "kind": "retention",
+            "method": "PreconditionedFunctionalSAM",
+            "every": 4,
+            "share": 0.8,
+            "variant": "PreconditionedFunctionalSAM ascent_every 4",
+            "title": "sub-2x mode: PreconditionedFunctionalSAM `ascent_every: 4` keeps >= 80% of exact "
+            "PreconditionedFunctionalSAM's eval-loss gain over AdamW (fresh seeds)",
+        }
+    ]
     # ascent_direction "momentum": compute model 4/3 (a forward at theta for g_F plus pass 2, no
     # pass-1 backward); the bound allows 5% over it for the ascent's elementwise work
-    + [{"kind": "time", "variant": "PreconditionedFunctionalSAM+momentum", "bound": 1.40, "setting": s,
-        "title": f"sub-2x mode: PreconditionedFunctionalSAM `ascent_direction: \"momentum\"` <= 1.40x AdamW step "
-                 f"time, {_where(s)}"}
-       for s in (Z0_2M, Z3_2M)]
-    + [{"kind": "retention", "method": "PreconditionedFunctionalSAM", "every": 1, "direction": "momentum",
-        "share": 0.8, "variant": "PreconditionedFunctionalSAM ascent_direction momentum",
-        "title": "sub-2x mode: PreconditionedFunctionalSAM `ascent_direction: \"momentum\"` keeps >= 80% of exact "
-                 "PreconditionedFunctionalSAM's eval-loss gain over AdamW (fresh seeds)"}]
+    + [
+        {
+            "kind": "time",
+            "variant": "PreconditionedFunctionalSAM+momentum",
+            "bound": 1.40,
+            "setting": s,
+            "title": f'sub-2x mode: PreconditionedFunctionalSAM `ascent_direction: "momentum"` <= 1.40x AdamW step '
+            f"time, {_where(s)}",
+        }
+        for s in (Z0_2M, Z3_2M)
+    ]
+    + [
+        {
+            "kind": "retention",
+            "method": "PreconditionedFunctionalSAM",
+            "every": 1,
+            "direction": "momentum",
+            "share": 0.8,
+            "variant": "PreconditionedFunctionalSAM ascent_direction momentum",
+            "title": 'sub-2x mode: PreconditionedFunctionalSAM `ascent_direction: "momentum"` keeps >= 80% of exact '
+            "PreconditionedFunctionalSAM's eval-loss gain over AdamW (fresh seeds)",
+        }
+    ]
 )
 
 
@@ -94,8 +139,12 @@ TARGETS: List[Dict[str, Any]] = (
 
 def bench_setting(doc: Mapping[str, Any]) -> Dict[str, Any]:
     s = doc.get("setting") or doc.get("args") or {}
-    return {"preset": s.get("preset"), "zero_stage": s.get("zero_stage"), "world_size": s.get("world_size", 1),
-            "sequential": bool(s.get("sequential", False))}
+    return {
+        "preset": s.get("preset"),
+        "zero_stage": s.get("zero_stage"),
+        "world_size": s.get("world_size", 1),
+        "sequential": bool(s.get("sequential", False)),
+    }
 
 
 def is_bench(doc: Mapping[str, Any]) -> bool:
@@ -136,8 +185,7 @@ def _matching(benches: Sequence[Mapping[str, Any]], target: Mapping[str, Any]) -
     out = []
     for d in benches:
         s = bench_setting(d)
-        if all(s.get(k) == v for k, v in target["setting"].items()) and _row(d, target["variant"]) \
-                and _row(d, "AdamW"):
+        if all(s.get(k) == v for k, v in target["setting"].items()) and _row(d, target["variant"]) and _row(d, "AdamW"):
             out.append(d)
     return out
 
@@ -159,8 +207,9 @@ def time_result(target: Mapping[str, Any], benches: Sequence[Mapping[str, Any]])
     per = [(d["_path"], worst_time_ratio(d, target["variant"])) for d in docs]
     worst = max(w["worst"] for _, w in per)
     res = MET if worst <= target["bound"] else NOT_MET
-    data = "; ".join(f"`{Path(p).name}`: worst {w['worst']:.2f}x ({w['how']}), median {w['median']:.2f}x"
-                     for p, w in per)
+    data = "; ".join(
+        f"`{Path(p).name}`: worst {w['worst']:.2f}x ({w['how']}), median {w['median']:.2f}x" for p, w in per
+    )
     return {"result": res, "data": data, "worst": worst}
 
 
@@ -179,8 +228,11 @@ def memory_decision(own_v: float, own_a: float, bound: float, resolution: float)
 
 
 def memory_result(target: Mapping[str, Any], benches: Sequence[Mapping[str, Any]]) -> Dict[str, Any]:
-    docs = [d for d in _matching(benches, target)
-            if _the_row(d, target["variant"]).get("own_bytes") is not None and _the_row(d, "AdamW").get("own_bytes")]
+    docs = [
+        d
+        for d in _matching(benches, target)
+        if _the_row(d, target["variant"]).get("own_bytes") is not None and _the_row(d, "AdamW").get("own_bytes")
+    ]
     if not docs:
         return {"result": NOT_MEASURED, "data": "no bench JSON of this setting holds the variant's own memory"}
     parts, results = [], []
@@ -191,9 +243,11 @@ def memory_result(target: Mapping[str, Any], benches: Sequence[Mapping[str, Any]
         ov, oa = float(_the_row(d, target["variant"])["own_bytes"]), float(_the_row(d, "AdamW")["own_bytes"])
         r = memory_decision(ov, oa, target["bound"], float(res))
         results.append(r)
-        parts.append(f"`{Path(d['_path']).name}`: own {ov / MIB:.1f} vs AdamW {oa / MIB:.1f} MiB ({ov / oa:.2f}x; "
-                     f"difference {(ov - oa) / MIB:+.1f} MiB, allowance {(target['bound'] - 1) * oa / MIB:.1f} MiB, "
-                     f"resolution +-{2 * res / MIB:.0f} MiB): {r}")
+        parts.append(
+            f"`{Path(d['_path']).name}`: own {ov / MIB:.1f} vs AdamW {oa / MIB:.1f} MiB ({ov / oa:.2f}x; "
+            f"difference {(ov - oa) / MIB:+.1f} MiB, allowance {(target['bound'] - 1) * oa / MIB:.1f} MiB, "
+            f"resolution +-{2 * res / MIB:.0f} MiB): {r}"
+        )
     if NOT_MET in results:
         out = NOT_MET
     elif all(r == MET for r in results):
@@ -212,11 +266,21 @@ def retention_result(target: Mapping[str, Any], reproduces: Sequence[Mapping[str
         rho, lr = doc["best_rho"].get(m), doc.get("lr")
 
         def vals(method, every, direction=verdicts.GRADIENT, rows=rows, rho=rho, lr=lr):
-            return {r["seed"]: r["eval_loss"] for r in rows
-                    if r["method"] == method and verdicts.is_variant(r, every, direction)
-                    and r.get("eval_loss") is not None
-                    and (method == "AdamW" and abs(r["lr"] - lr) < 1e-15 or method != "AdamW" and rho is not None
-                         and abs(r["rho"] - rho) < 1e-12)}
+            return {
+                r["seed"]: r["eval_loss"]
+                for r in rows
+                if r["method"] == method
+                and verdicts.is_variant(r, every, direction)
+                and r.get("eval_loss") is not None
+                and (
+                    method == "AdamW"
+                    and abs(r["lr"] - lr) < 1e-15
+                    or method != "AdamW"
+                    and rho is not None
+                    and abs(r["rho"] - rho) < 1e-12
+                )
+            }
+
         v = vals(m, k, target.get("direction", verdicts.GRADIENT))
         if not v:
             continue
@@ -225,16 +289,21 @@ def retention_result(target: Mapping[str, Any], reproduces: Sequence[Mapping[str
         r = {verdicts.REPRODUCED: MET, verdicts.CONTRADICTED: NOT_MET}.get(ret["verdict"], NOT_RESOLVED)
         results.append(r)
         kept = f", point share {ret['kept_point']:.0%}" if ret.get("kept_point") is not None else ""
-        parts.append(f"`{Path(doc['_path']).name}` ({s.get('dataset', '?')}, {s['preset']}, {s['steps']} steps): "
-                     f"{verdicts.fmt_interval(ret['parts'][0])}{kept}" + (f" ({ret['note']})" if ret["note"] else ""))
+        parts.append(
+            f"`{Path(doc['_path']).name}` ({s.get('dataset', '?')}, {s['preset']}, {s['steps']} steps): "
+            f"{verdicts.fmt_interval(ret['parts'][0])}{kept}" + (f" ({ret['note']})" if ret["note"] else "")
+        )
     if not results:
         return {"result": NOT_MEASURED, "data": "no fsam-reproduce JSON holds fresh-seed runs of the variant"}
     out = NOT_MET if NOT_MET in results else MET if all(r == MET for r in results) else NOT_RESOLVED
     return {"result": out, "data": "; ".join(parts)}
 
 
-def evaluate(benches: Sequence[Mapping[str, Any]], reproduces: Sequence[Mapping[str, Any]],
-             targets: Sequence[Mapping[str, Any]] = TARGETS) -> List[Dict[str, Any]]:
+def evaluate(
+    benches: Sequence[Mapping[str, Any]],
+    reproduces: Sequence[Mapping[str, Any]],
+    targets: Sequence[Mapping[str, Any]] = TARGETS,
+) -> List[Dict[str, Any]]:
     out = []
     for t in targets:
         if t["kind"] == "time":
@@ -250,12 +319,16 @@ def evaluate(benches: Sequence[Mapping[str, Any]], reproduces: Sequence[Mapping[
 
 
 def render(results: Sequence[Mapping[str, Any]], sources: Sequence[str]) -> str:
-    lines = ["Rendered by `python -m tools.targets` from "
-             + (", ".join(f"`{s}`" for s in sources) if sources else "no JSON (none committed yet)")
-             + "; the rule is in `tools/targets.py`: met only if the bound holds at the worst timed run of the "
-             "variant the target names and, for memory, beyond the memory resolution (+-2 x the resolution of one "
-             "reading); \"not resolved\": the data cannot decide; \"not measured\": no JSON holds it.", "",
-             "| target | variant | data | result |", "| --- | --- | --- | --- |"]
+    lines = [
+        "Rendered by `python -m tools.targets` from "
+        + (", ".join(f"`{s}`" for s in sources) if sources else "no JSON (none committed yet)")
+        + "; the rule is in `tools/targets.py`: met only if the bound holds at the worst timed run of the "
+        "variant the target names and, for memory, beyond the memory resolution (+-2 x the resolution of one "
+        'reading); "not resolved": the data cannot decide; "not measured": no JSON holds it.',
+        "",
+        "| target | variant | data | result |",
+        "| --- | --- | --- | --- |",
+    ]
     for r in results:
         lines.append(f"| {r['title']} | `{r['variant']}` | {r['data']} | **{r['result']}** |")
     return "\n".join(lines) + "\n"
@@ -270,8 +343,9 @@ def replace_block(text: str, block: str) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog=PROG, description="Render the targets table of docs/performance.md from "
-                                "fsam-bench and fsam-reproduce JSON")
+    p = argparse.ArgumentParser(
+        prog=PROG, description="Render the targets table of docs/performance.md from fsam-bench and fsam-reproduce JSON"
+    )
     p.add_argument("--bench", nargs="*", default=None, help="fsam-bench --json files (default docs/perf/*.json)")
     p.add_argument("--reproduce", nargs="*", default=None, help="fsam-reproduce JSON (default docs/results/*.json)")
     p.add_argument("--write", default=None, metavar="MD", help=f"replace the {BEGIN} block of this file")
@@ -299,6 +373,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             return str(Path(p).resolve().relative_to(REPO))
         except ValueError:
             return str(p)
+
     block = render(evaluate(benches, reproduces), [rel(d["_path"]) for d in docs])
     if a.write:
         path = Path(a.write)

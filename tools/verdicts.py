@@ -24,6 +24,7 @@ selection seeds) are never among the rows given to :func:`claims` (the runner fi
 methods enter a claim or stand as the exact reference of a sub-2x variant: :func:`is_exact`
 (``ascent_every`` 1 and ``ascent_direction`` "gradient"; a row without the field is "gradient").
 """
+
 from __future__ import annotations
 
 import math
@@ -32,9 +33,11 @@ from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence
 
 LEVEL = 0.95
 REPRODUCED, CONTRADICTED, INCONCLUSIVE = "reproduced", "contradicted", "inconclusive"
-RULE = ("paired by seed; mean paired difference with its 95% Student t interval; reproduced only if the "
-        "whole interval lies on the claimed side, contradicted only if it lies wholly on the other side, "
-        "inconclusive otherwise or with fewer than 2 pairs")
+RULE = (
+    "paired by seed; mean paired difference with its 95% Student t interval; reproduced only if the "
+    "whole interval lies on the claimed side, contradicted only if it lies wholly on the other side, "
+    "inconclusive otherwise or with fewer than 2 pairs"
+)
 
 SAM_TYPES = ("SAM", "PreconditionedSAM", "FunctionalSAM", "PreconditionedFunctionalSAM")
 TOLERANCE_PAIRS = (("FunctionalSAM", "SAM"), ("PreconditionedFunctionalSAM", "PreconditionedSAM"))
@@ -138,8 +141,15 @@ def interval(xs: Sequence[float], level: float = LEVEL) -> Dict[str, Any]:
     (``lo``/``hi``/``half`` None with fewer than 2 values)."""
     xs = [float(x) for x in xs]
     n = len(xs)
-    out: Dict[str, Any] = {"n": n, "mean": statistics.fmean(xs) if xs else None, "sd": None, "half": None,
-                           "lo": None, "hi": None, "t": None}
+    out: Dict[str, Any] = {
+        "n": n,
+        "mean": statistics.fmean(xs) if xs else None,
+        "sd": None,
+        "half": None,
+        "lo": None,
+        "hi": None,
+        "t": None,
+    }
     if n >= 2:
         sd = statistics.stdev(xs)
         t = t_quantile(0.5 + level / 2.0, n - 1)
@@ -162,22 +172,32 @@ def decide(lo: Optional[float], hi: Optional[float], side: str, n: int) -> str:
 
 def paired(a: Mapping[int, float], b: Mapping[int, float]) -> Dict[int, float]:
     """Per-seed differences a_s - b_s over the seeds both have (values that are None are dropped)."""
-    return {s: float(a[s]) - float(b[s]) for s in sorted(set(a) & set(b))
-            if a[s] is not None and b[s] is not None}
+    return {s: float(a[s]) - float(b[s]) for s in sorted(set(a) & set(b)) if a[s] is not None and b[s] is not None}
 
 
-def check_values(values: Mapping[int, float], side: str, widen: float = 0.0, level: float = LEVEL,
-                label: str = "") -> Dict[str, Any]:
+def check_values(
+    values: Mapping[int, float], side: str, widen: float = 0.0, level: float = LEVEL, label: str = ""
+) -> Dict[str, Any]:
     """The verdict on per-seed values (a paired difference, or any per-seed statistic against 0)."""
     iv = interval(list(values.values()), level)
     lo = iv["lo"] - widen if iv["lo"] is not None else None
     hi = iv["hi"] + widen if iv["hi"] is not None else None
-    return {"label": label, "side": side, "seeds": sorted(values), "values": dict(values), **iv,
-            "widen": widen, "lo_widened": lo, "hi_widened": hi, "verdict": decide(lo, hi, side, iv["n"])}
+    return {
+        "label": label,
+        "side": side,
+        "seeds": sorted(values),
+        "values": dict(values),
+        **iv,
+        "widen": widen,
+        "lo_widened": lo,
+        "hi_widened": hi,
+        "verdict": decide(lo, hi, side, iv["n"]),
+    }
 
 
-def compare(a: Mapping[int, float], b: Mapping[int, float], side: str, widen: float = 0.0,
-            level: float = LEVEL, label: str = "") -> Dict[str, Any]:
+def compare(
+    a: Mapping[int, float], b: Mapping[int, float], side: str, widen: float = 0.0, level: float = LEVEL, label: str = ""
+) -> Dict[str, Any]:
     """Claim "a - b < 0" (side "less") or "> 0" ("greater"), paired by seed."""
     return check_values(paired(a, b), side, widen, level, label)
 
@@ -193,8 +213,7 @@ def all_of(verdicts: Iterable[str]) -> str:
     return INCONCLUSIVE
 
 
-def seeds_needed(sd: float, half_width: float, level: float = LEVEL, normal: bool = False,
-                 n_max: int = 100000) -> int:
+def seeds_needed(sd: float, half_width: float, level: float = LEVEL, normal: bool = False, n_max: int = 100000) -> int:
     """The smallest number of pairs n whose ``level`` interval half-width ``q * sd / sqrt(n)`` is at
     most ``half_width`` (q: the t quantile with n - 1 degrees of freedom, or the normal one)."""
     if sd <= 0:
@@ -239,12 +258,22 @@ def is_exact(row: Mapping[str, Any]) -> bool:
 def _rows(rows: Iterable[Mapping[str, Any]], fresh: Iterable[int], steps: Optional[int] = None) -> List[dict]:
     """The exact-method rows of fresh seeds (no ascent_every or momentum variant, the grid's horizon)."""
     fs = set(fresh)
-    return [dict(r) for r in rows if r.get("seed") in fs and is_exact(r)
-            and (steps is None or r.get("steps") in (None, steps))]
+    return [
+        dict(r)
+        for r in rows
+        if r.get("seed") in fs and is_exact(r) and (steps is None or r.get("steps") in (None, steps))
+    ]
 
 
-def values(rows: Iterable[Mapping[str, Any]], method: str, rho: Optional[float] = None, key: str = "eval_loss",
-           ascent_every: int = 1, steps: Optional[int] = None, direction: str = GRADIENT) -> Dict[int, float]:
+def values(
+    rows: Iterable[Mapping[str, Any]],
+    method: str,
+    rho: Optional[float] = None,
+    key: str = "eval_loss",
+    ascent_every: int = 1,
+    steps: Optional[int] = None,
+    direction: str = GRADIENT,
+) -> Dict[int, float]:
     """{seed: row[key]} of one configuration (rho None: any; AdamW's rho is 0); by default the
     exact method's rows (``ascent_every`` 1, ``direction`` "gradient")."""
     out = {}
@@ -264,17 +293,23 @@ def _claim(name: str, pairs: str, parts: List[dict], verdict: str, note: str = "
     return {"claim": name, "pairs": pairs, "parts": parts, "verdict": verdict, "note": note}
 
 
-def tolerance(rows: Sequence[Mapping[str, Any]], method: str, ref: str,
-              best_rho: Mapping[str, float]) -> Dict[str, Any]:
-    """"``method`` tolerates larger rho than ``ref``": at EQUAL rho, over every swept rho above both
+def tolerance(
+    rows: Sequence[Mapping[str, Any]], method: str, ref: str, best_rho: Mapping[str, float]
+) -> Dict[str, Any]:
+    """ "``method`` tolerates larger rho than ``ref``": at EQUAL rho, over every swept rho above both
     selected rhos (R), each method's degradation from its own selected rho on the same seed;
     per seed x_s = mean over R of [(L_m(rho) - L_m(rho*_m)) - (L_ref(rho) - L_ref(rho*_ref))];
     claimed side: x < 0 (``method`` degrades less). One interval over the seeds (per-rho parts are
     kept for the table, they take no part in the verdict)."""
     bm, br = best_rho.get(method), best_rho.get(ref)
     if bm is None or br is None:
-        return _claim(f"{method} tolerates larger rho than {ref}", f"{method} vs {ref}, equal rho", [],
-                      INCONCLUSIVE, "one of the two methods was not run")
+        return _claim(
+            f"{method} tolerates larger rho than {ref}",
+            f"{method} vs {ref}, equal rho",
+            [],
+            INCONCLUSIVE,
+            "one of the two methods was not run",
+        )
     rhos_m = {float(r["rho"]) for r in rows if r.get("method") == method}
     rhos_r = {float(r["rho"]) for r in rows if r.get("method") == ref}
     big = sorted(x for x in rhos_m & rhos_r if x > max(bm, br) + 1e-12)
@@ -290,17 +325,20 @@ def tolerance(rows: Sequence[Mapping[str, Any]], method: str, ref: str,
             acc.setdefault(s, []).append(v)
     x = {s: statistics.fmean(v) for s, v in acc.items() if len(v) == len(big)}
     name = f"{method} tolerates larger rho than {ref}"
-    pairs = f"{method} vs {ref} at equal rho {', '.join(f'{r:g}' for r in big) or '(none)'} (degradation from " \
-            f"each one's selected rho, {bm:g} and {br:g})"
+    pairs = (
+        f"{method} vs {ref} at equal rho {', '.join(f'{r:g}' for r in big) or '(none)'} (degradation from "
+        f"each one's selected rho, {bm:g} and {br:g})"
+    )
     if not big:
         return _claim(name, pairs, [], INCONCLUSIVE, "no swept rho lies above both selected rhos")
     main = check_values(x, "less", label="mean over those rho")
     return _claim(name, pairs, [main] + per_rho, main["verdict"])
 
 
-def lambda_claim(rows: Sequence[Mapping[str, Any]], method: str, best_rho: Mapping[str, float],
-                 level: float = LEVEL) -> Dict[str, Any]:
-    """"``method`` finds solutions with smaller lambda_max (Hessian) than AdamW at equal or better eval
+def lambda_claim(
+    rows: Sequence[Mapping[str, Any]], method: str, best_rho: Mapping[str, float], level: float = LEVEL
+) -> Dict[str, Any]:
+    """ "``method`` finds solutions with smaller lambda_max (Hessian) than AdamW at equal or better eval
     loss": the paired lambda gap's interval widened on both sides by the largest sum of the two runs'
     Lanczos residuals ``||Av - lambda v||`` (a Ritz value is within its residual of an eigenvalue), so
     the gap must exceed residual and seed interval together. Reproduced iff that gap is reproduced
@@ -311,24 +349,44 @@ def lambda_claim(rows: Sequence[Mapping[str, Any]], method: str, best_rho: Mappi
     res_m, res_a = values(rows, method, rho, "lambda_h_res"), values(rows, "AdamW", None, "lambda_h_res")
     common = set(lam_m) & set(lam_a)
     widen = max((res_m.get(s, math.inf) + res_a.get(s, math.inf) for s in common), default=0.0)
-    gap = compare(lam_m, lam_a, "less", widen=widen if math.isfinite(widen) else 0.0, level=level,
-                  label="lambda_max H_L minus AdamW's, widened by the Lanczos residuals")
+    gap = compare(
+        lam_m,
+        lam_a,
+        "less",
+        widen=widen if math.isfinite(widen) else 0.0,
+        level=level,
+        label="lambda_max H_L minus AdamW's, widened by the Lanczos residuals",
+    )
     if not math.isfinite(widen):
         gap["verdict"] = INCONCLUSIVE
-    worse = compare(values(rows, method, rho), values(rows, "AdamW"), "greater", level=level,
-                    label="eval loss minus AdamW's (claimed not worse)")
+    worse = compare(
+        values(rows, method, rho),
+        values(rows, "AdamW"),
+        "greater",
+        level=level,
+        label="eval loss minus AdamW's (claimed not worse)",
+    )
     if gap["verdict"] == CONTRADICTED or worse["verdict"] == REPRODUCED:
         v = CONTRADICTED
     elif gap["verdict"] == REPRODUCED:
         v = REPRODUCED
     else:
         v = INCONCLUSIVE
-    return _claim(f"{method} has a smaller lambda_max than AdamW at equal or better eval loss",
-                  f"{method} vs AdamW", [gap, worse], v)
+    return _claim(
+        f"{method} has a smaller lambda_max than AdamW at equal or better eval loss",
+        f"{method} vs AdamW",
+        [gap, worse],
+        v,
+    )
 
 
-def claims(rows: Sequence[Mapping[str, Any]], best_rho: Mapping[str, float], fresh_seeds: Iterable[int],
-           steps: Optional[int] = None, level: float = LEVEL) -> List[Dict[str, Any]]:
+def claims(
+    rows: Sequence[Mapping[str, Any]],
+    best_rho: Mapping[str, float],
+    fresh_seeds: Iterable[int],
+    steps: Optional[int] = None,
+    level: float = LEVEL,
+) -> List[Dict[str, Any]]:
     """Every paper claim the runner checks, on the fresh-seed rows only (other seeds are dropped
     here). ``rows``: dicts with method, rho, seed, eval_loss and optionally ascent_every, steps,
     lambda_h, lambda_h_res, mean_max_prob, logit_fraction. ``best_rho``: the rho selected for each
@@ -340,6 +398,7 @@ def claims(rows: Sequence[Mapping[str, Any]], best_rho: Mapping[str, float], fre
 
     def cmp(a, b, side):
         return compare(L[a], L[b], side, level=level, label=f"{a} minus {b}, eval loss")
+
     if {"SAM", "AdamW"} <= have:
         p = cmp("SAM", "AdamW", "greater")
         out.append(_claim("SAM is worse than AdamW at equal steps", "SAM vs AdamW", [p], p["verdict"]))
@@ -367,9 +426,15 @@ def claims(rows: Sequence[Mapping[str, Any]], best_rho: Mapping[str, float], fre
         x = {s: statistics.fmean(ds) for s, ds in sam_acc.items() if len(ds) == len(big)}
         p = check_values(x, "greater", level=level, label="SAM's mean degradation above its selected rho")
         big_rhos = ", ".join(f"{r:g}" for r in big) or "(none)"
-        out.append(_claim("SAM degrades as rho grows past its best", f"SAM at rho {big_rhos} vs SAM at {bs:g}", [p],
-                          p["verdict"] if big else INCONCLUSIVE,
-                          "" if big else "no fresh-seed SAM run above its selected rho"))
+        out.append(
+            _claim(
+                "SAM degrades as rho grows past its best",
+                f"SAM at rho {big_rhos} vs SAM at {bs:g}",
+                [p],
+                p["verdict"] if big else INCONCLUSIVE,
+                "" if big else "no fresh-seed SAM run above its selected rho",
+            )
+        )
     if "AdamW" in have:
         for m in SAM_TYPES:
             if m in have:
@@ -379,31 +444,54 @@ def claims(rows: Sequence[Mapping[str, Any]], best_rho: Mapping[str, float], fre
     for m in fr:
         lf = values(rows, m, best_rho.get(m), "logit_fraction")
         if lf:
-            parts.append(check_values({s: v - 0.5 for s, v in lf.items()}, "greater", level=level,
-                                     label=f"{m}: logit fraction minus 0.5"))
+            parts.append(
+                check_values(
+                    {s: v - 0.5 for s, v in lf.items()}, "greater", level=level, label=f"{m}: logit fraction minus 0.5"
+                )
+            )
     if parts:
-        out.append(_claim("The logit path dominates the sharpness along the gradient (fraction > 0.5)",
-                          "each method against 0.5", parts, all_of(p["verdict"] for p in parts)))
+        out.append(
+            _claim(
+                "The logit path dominates the sharpness along the gradient (fraction > 0.5)",
+                "each method against 0.5",
+                parts,
+                all_of(p["verdict"] for p in parts),
+            )
+        )
     if {"SAM", "AdamW"} <= have:
-        p = compare(values(rows, "SAM", best_rho.get("SAM"), "mean_max_prob"),
-                    values(rows, "AdamW", None, "mean_max_prob"), "greater", level=level,
-                    label="SAM minus AdamW, mean max-probability")
+        p = compare(
+            values(rows, "SAM", best_rho.get("SAM"), "mean_max_prob"),
+            values(rows, "AdamW", None, "mean_max_prob"),
+            "greater",
+            level=level,
+            label="SAM minus AdamW, mean max-probability",
+        )
         if p["n"]:
             out.append(_claim("SAM makes predictions more confident", "SAM vs AdamW", [p], p["verdict"]))
     return out
 
 
-def retention(adamw: Mapping[int, float], exact: Mapping[int, float], variant: Mapping[int, float],
-              share: float = 0.8, level: float = LEVEL) -> Dict[str, Any]:
-    """"``variant`` keeps at least ``share`` of ``exact``'s eval-loss gain over AdamW": per seed
+def retention(
+    adamw: Mapping[int, float],
+    exact: Mapping[int, float],
+    variant: Mapping[int, float],
+    share: float = 0.8,
+    level: float = LEVEL,
+) -> Dict[str, Any]:
+    """ "``variant`` keeps at least ``share`` of ``exact``'s eval-loss gain over AdamW": per seed
     d_s = (A_s - V_s) - share * (A_s - E_s), claimed side d > 0 (a linear form: no ratio of noisy
     means). It is only decided where the exact method's own gain is reproduced (E - A < 0 on its
     interval); otherwise inconclusive (the share of an unresolved gain means nothing)."""
     seeds = sorted(set(adamw) & set(exact) & set(variant))
     d = {s: (adamw[s] - variant[s]) - share * (adamw[s] - exact[s]) for s in seeds}
     main = check_values(d, "greater", level=level, label=f"(AdamW - variant) - {share:g} x (AdamW - exact)")
-    gain = compare({s: exact[s] for s in seeds}, {s: adamw[s] for s in seeds}, "less", level=level,
-                   label="exact minus AdamW, eval loss")
+    gain = compare(
+        {s: exact[s] for s in seeds},
+        {s: adamw[s] for s in seeds},
+        "less",
+        level=level,
+        label="exact minus AdamW, eval loss",
+    )
     v = main["verdict"] if gain["verdict"] == REPRODUCED else INCONCLUSIVE
     note = "" if gain["verdict"] == REPRODUCED else "the exact method's own gain over AdamW is not resolved"
     a_m = statistics.fmean(adamw[s] for s in seeds) if seeds else None
@@ -411,12 +499,18 @@ def retention(adamw: Mapping[int, float], exact: Mapping[int, float], variant: M
     if a_m is not None:
         g = a_m - statistics.fmean(exact[s] for s in seeds)
         kept = (a_m - statistics.fmean(variant[s] for s in seeds)) / g if g else None
-    return {"claim": f"keeps >= {share:.0%} of the exact method's gain", "parts": [main, gain], "verdict": v,
-            "note": note, "kept_point": kept, "n": len(seeds)}
+    return {
+        "claim": f"keeps >= {share:.0%} of the exact method's gain",
+        "parts": [main, gain],
+        "verdict": v,
+        "note": note,
+        "kept_point": kept,
+        "n": len(seeds),
+    }
 
 
 def fmt_interval(p: Mapping[str, Any], spec: str = "+.4f") -> str:
-    """"+0.0123 [-0.0040, +0.0286] (n=4)" or "+0.0123 (n=1, no interval)"."""
+    """ "+0.0123 [-0.0040, +0.0286] (n=4)" or "+0.0123 (n=1, no interval)"."""
     if p.get("mean") is None:
         return "no pairs"
     if p.get("lo") is None:
