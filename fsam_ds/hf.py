@@ -176,7 +176,8 @@ def __getattr__(name: str):
             "FSAMTrainer",
             (FSAMTrainerMixin, _trainer_class()),
             {
-                "__doc__": "The Hugging Face ``Trainer`` running the DeepSpeed config's SAM type (see FSAMTrainerMixin).",
+                "__doc__": "The Hugging Face ``Trainer`` running the DeepSpeed config's SAM type "
+                "(see FSAMTrainerMixin).",
                 "__module__": __name__,
             },
         )

@@ -385,8 +385,8 @@ class LoopMode:
             if leak:
                 raise FSAMConfigError(
                     f"optimizer.type {sam.method}: the loss reaches the weights other than through the model's logits "
-                    "(an auxiliary loss such as a MoE router loss, or a penalty on the weights); FunctionalSAM's pass 2 "
-                    "follows only the logits, so that part would be dropped. Accepted for such a loss: SAM, "
+                    "(an auxiliary loss such as a MoE router loss, or a penalty on the weights); FunctionalSAM's "
+                    "pass 2 follows only the logits, so that part would be dropped. Accepted for such a loss: SAM, "
                     "PreconditionedSAM, AdamW"
                 )
             for r in reached:

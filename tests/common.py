@@ -130,7 +130,8 @@ def engine_run(
     ``check_restore`` each step's metrics get ``restored``: whether this rank's weights right
     before the optimizer step were bit-identical to those at the start of the step, and
     ``unchanged``: whether they still are after it. ``data_steps`` picks which reference steps'
-    data to train on (default ``range(steps)``); ``faults`` goes to :func:`inject_inf`, ``loss_faults`` to :func:`inf_loss`.
+    data to train on (default ``range(steps)``); ``faults`` goes to :func:`inject_inf`,
+    ``loss_faults`` to :func:`inf_loss`.
 
     ``loop`` trains through loop mode instead of ``train_batch``: per micro-batch
     ``engine(...)``, ``engine.backward(loss)``, ``engine.step()``, with the loss

@@ -7,7 +7,8 @@ command; a non-zero exit fails the test with the output's tail) and :func:`load_
 :func:`load_case` (what every rank wrote).
 
 Worker side (a script started under the launcher imports this module too): :func:`worker_parser`
-(``--out`` and the launcher's ``--local_rank``), :func:`save_rank_result` writes ``<name>.<kind><rank>.json`` and, when given, rank 0's ``<name>.pt``.
+(``--out`` and the launcher's ``--local_rank``), :func:`save_rank_result` writes
+``<name>.<kind><rank>.json`` and, when given, rank 0's ``<name>.pt``.
 """
 
 from __future__ import annotations

@@ -477,7 +477,7 @@ def soak(
     (work / "soak.log").write_text(proc.stdout + proc.stderr)
     soak_seconds = time.time() - t0
 
-    attempts = [json.loads(l) for l in attempts_log.read_text().splitlines()] if attempts_log.is_file() else []
+    attempts = [json.loads(line) for line in attempts_log.read_text().splitlines()] if attempts_log.is_file() else []
     fired = {}
     for f in sorted(marks.glob("fault*.json")):
         m = json.loads(f.read_text())

@@ -554,9 +554,8 @@ def run_plan(steps: List[Step], out: Path, deadline: float, say: Callable[[str],
                 except json.JSONDecodeError as err:
                     r["result_error"] = str(err)
             rec["commands"].append(r)
-            say(
-                f"[{PROG}]   {cmd.label}: {'TIMED OUT' if r['timed_out'] else 'rc ' + str(r['rc'])} in {r['wall_s']:.0f} s"
-            )
+            outcome = "TIMED OUT" if r["timed_out"] else f"rc {r['rc']}"
+            say(f"[{PROG}]   {cmd.label}: {outcome} in {r['wall_s']:.0f} s")
         ok = all(c.get("rc") == 0 and not c.get("timed_out") for c in rec["commands"])
         checks = [c.get("result", {}).get("ok") for c in rec["commands"] if isinstance(c.get("result"), dict)]
         if ok and any(v is False for v in checks):
@@ -965,12 +964,8 @@ def w_fp16(a) -> int:
             if not plan_inject and applied_run >= 1 and k > 2:
                 break
         natural = [s for s in steps if s["skipped"] and not s["inject"]]
-        lowered = lambda s: (
-            (
-                s["scale_before"] is None
-                or s["scale_after"] is None  # noqa: E731
-                or s["scale_after"] < s["scale_before"]
-            )
+        lowered = lambda s: (  # noqa: E731
+            (s["scale_before"] is None or s["scale_after"] is None or s["scale_after"] < s["scale_before"])
             if dtype == "fp16"
             else True
         )
@@ -996,7 +991,11 @@ def w_fp16(a) -> int:
         lines.append(
             f"ZeRO {stage} | {dtype} | PreconditionedFunctionalSAM, gas 2 | "
             f"{'PASS' if case_ok else 'FAIL'}: {len(natural)} natural overflow(s), injected pass-1/pass-2 "
-            f"{'skipped with weights unchanged' + (' and the scale lowered' if dtype == 'fp16' else '') if inj_ok else 'NOT handled'}"
+            + (
+                "skipped with weights unchanged" + (" and the scale lowered" if dtype == "fp16" else "")
+                if inj_ok
+                else "NOT handled"
+            )
         )
         lines.append(
             f"  {'step':>4}{'inject':>8}{'scale before':>14}{'scale after':>13}{'skipped':>9}{'unchanged':>11}"
@@ -1244,7 +1243,8 @@ def w_megatron(a) -> int:
             lines.append(
                 f"{lname}: stand-in GroupStepAdamW (step in param_groups={stand['where'][0]['param_groups']}, "
                 f"state={stand['where'][0]['state']}): adam_step read {stand['adam_step']}, preconditioner "
-                f"{stand['denominators']}, max |w_standin - w_torch| {case['stand_in_vs_torch']:.3e} (<= 1e-6 needed: the same arithmetic)"
+                f"{stand['denominators']}, max |w_standin - w_torch| {case['stand_in_vs_torch']:.3e} "
+                "(<= 1e-6 needed: the same arithmetic)"
             )
         case["ok"] = c_ok
         ok = ok and c_ok

@@ -601,6 +601,15 @@ def _mean_iv(vals: Dict[int, float], spec: str = ".4f") -> str:
     return f"{format(iv['mean'], spec)} [{format(iv['lo'], spec)}, {format(iv['hi'], spec)}] (n={iv['n']})"
 
 
+def _adamw_losses(rows: List[dict], lr: float) -> Dict[int, float]:
+    """{seed: eval loss} of the AdamW rows at learning rate ``lr``."""
+    return {
+        r["seed"]: r["eval_loss"]
+        for r in rows
+        if r["method"] == "AdamW" and r["lr"] == lr and r["eval_loss"] is not None
+    }
+
+
 def _mean(vals: Dict[int, float]) -> Optional[float]:
     return statistics.fmean(vals.values()) if vals else None
 
@@ -664,10 +673,7 @@ def render(data: dict, docs: Path, json_path: Optional[Path] = None) -> str:
         "table and verdict below. A seed sets the initialisation and the data order, the same for every "
         "method, so methods are compared paired by seed.",
         "- Learning rate (AdamW, selection seeds, mean eval loss): "
-        + ", ".join(
-            f"{lr:g}: {_fmt(_mean({r['seed']: r['eval_loss'] for r in selr if r['method'] == 'AdamW' and r['lr'] == lr and r['eval_loss'] is not None}))}"
-            for lr in s["lrs"]
-        )
+        + ", ".join(f"{lr:g}: {_fmt(_mean(_adamw_losses(selr, lr)))}" for lr in s["lrs"])
         + f"; **{data['lr']:g}** is used by every method.",
         f"- rho swept over {', '.join(f'{x:g}' for x in s['rhos'])} for each SAM type on the selection seeds (the "
         "preconditioned types use the `perturbation` normalisation, so `||eps|| = rho` for all); selected: "

@@ -89,7 +89,8 @@ TARGETS: List[Dict[str, Any]] = (
             "variant": "PreconditionedFunctionalSAM+every4",
             "bound": 1.35,
             "setting": s,
-            "title": f"sub-2x mode: PreconditionedFunctionalSAM `ascent_every: 4` <= 1.35x AdamW step time, {_where(s)}",
+            "title": "sub-2x mode: PreconditionedFunctionalSAM `ascent_every: 4` <= 1.35x AdamW step time, "
+            f"{_where(s)}",
         }
         for s in (Z0_2M, Z3_2M)
     ]
