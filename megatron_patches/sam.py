@@ -38,6 +38,7 @@ applied AdamW updates (a skipped step does not advance it).
 Refused, with one line before any work: ``logit_grad_cache: "recompute"`` and a nonzero
 ``sharpness_every`` (:func:`check_sam_config`).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -63,16 +64,21 @@ def check_sam_config(sam: SAMConfig, key_names: Optional[Mapping[str, str]] = No
     names = dict(key_names or {})
     if sam.functional and sam.logit_grad_cache not in LOGIT_GRAD_CACHES:
         key = names.get("logit_grad_cache", "logit_grad_cache")
-        raise FSAMConfigError(f"{key} {sam.logit_grad_cache!r} is not supported on megatron-core (its output layer "
-                              "is a vocab-parallel linear inside the schedule); accepted: "
-                              f"{', '.join(LOGIT_GRAD_CACHES)}")
+        raise FSAMConfigError(
+            f"{key} {sam.logit_grad_cache!r} is not supported on megatron-core (its output layer "
+            "is a vocab-parallel linear inside the schedule); accepted: "
+            f"{', '.join(LOGIT_GRAD_CACHES)}"
+        )
     if sam.sharpness_every:
         key = names.get("sharpness_every", "sharpness_every")
-        raise FSAMConfigError(f"{key} {sam.sharpness_every} is not supported on megatron-core (the sharpness "
-                              "diagnostics run on the DeepSpeed engine); accepted: 0")
+        raise FSAMConfigError(
+            f"{key} {sam.sharpness_every} is not supported on megatron-core (the sharpness "
+            "diagnostics run on the DeepSpeed engine); accepted: 0"
+        )
 
 
 # ---- g_F capture and injection ------------------------------------------------------------------
+
 
 class OutputLayerHooks:
     """``g_F`` of every micro-batch at the output layer of the last pipeline stage, kept in a
@@ -89,12 +95,17 @@ class OutputLayerHooks:
     """
 
     def __init__(self, model_chunks, cache: LogitGradCache):
-        self.layers = [unwrap(c).output_layer for c in model_chunks
-                       if getattr(unwrap(c), "post_process", False) and hasattr(unwrap(c), "output_layer")]
+        self.layers = [
+            unwrap(c).output_layer
+            for c in model_chunks
+            if getattr(unwrap(c), "post_process", False) and hasattr(unwrap(c), "output_layer")
+        ]
         for c in model_chunks:
             if getattr(unwrap(c).config, "mtp_num_layers", None):
-                raise ValueError("multi-token prediction (mtp_num_layers) is not supported by the functional "
-                                 "SAM types; accepted: mtp_num_layers None")
+                raise ValueError(
+                    "multi-token prediction (mtp_num_layers) is not supported by the functional "
+                    "SAM types; accepted: mtp_num_layers None"
+                )
         self.cache = cache
         self._kept: set = set()
         self._count = 0
@@ -163,12 +174,15 @@ class OutputLayerHooks:
         if not self.layers or expected is None:
             return
         if self._count != int(expected):
-            raise RuntimeError(f"{which} ran {self._count} output-layer forwards for num_microbatches={expected}; "
-                               "the functional SAM types need exactly one per micro-batch in each pass "
-                               "(no extra forward of the model inside the step)")
+            raise RuntimeError(
+                f"{which} ran {self._count} output-layer forwards for num_microbatches={expected}; "
+                "the functional SAM types need exactly one per micro-batch in each pass "
+                "(no extra forward of the model inside the step)"
+            )
 
 
 # ---- what this rank's optimizer holds -----------------------------------------------------------
+
 
 def _step_count(value) -> int:
     """An Adam step count held as an int, a float or a (0-dim) tensor."""
@@ -185,6 +199,7 @@ def _inner_optimizers(optimizer) -> list:
 
 def _is_distributed(o) -> bool:
     from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
     return isinstance(o, DistributedOptimizer)
 
 
@@ -212,19 +227,30 @@ class MainParams:
             if getattr(o.config, "use_precision_aware_optimizer", False):
                 raise ValueError("use_precision_aware_optimizer is not supported by the SAM types; accepted: False")
             if getattr(o, "ddp_config", None) is not None and getattr(o.ddp_config, "use_megatron_fsdp", False):
-                raise ValueError("use_megatron_fsdp is not supported by the SAM types; accepted: False "
-                                 "(use the distributed optimizer)")
+                raise ValueError(
+                    "use_megatron_fsdp is not supported by the SAM types; accepted: False "
+                    "(use the distributed optimizer)"
+                )
         self.mixed = [isinstance(o, MixedPrecisionOptimizer) for o in self.inner]
         groups = {o.get_grad_stats_parallel_group() for o in self.inner}
         if len(groups) > 1:
-            raise ValueError("optimizers with different grad-stats groups (e.g. expert-parallel MoE) are not "
-                             "supported by the SAM types")
+            raise ValueError(
+                "optimizers with different grad-stats groups (e.g. expert-parallel MoE) are not "
+                "supported by the SAM types"
+            )
         self.norm_group = groups.pop() if groups else None
         self.params = [p for o in self.inner for g in o.optimizer.param_groups for p in g["params"]]
         self._owner = {id(p): (o, g) for o in self.inner for g in o.optimizer.param_groups for p in g["params"]}
         # megatron-core's rule (get_main_grads_for_grad_norm), per parameter
-        self._weights = [1.0 if param_is_not_shared(p) and tensor_parallel.param_is_not_tensor_parallel_duplicate(
-            p, getattr(self._owner[id(p)][0], "tp_group", None)) else 0.0 for p in self.params]
+        self._weights = [
+            1.0
+            if param_is_not_shared(p)
+            and tensor_parallel.param_is_not_tensor_parallel_duplicate(
+                p, getattr(self._owner[id(p)][0], "tp_group", None)
+            )
+            else 0.0
+            for p in self.params
+        ]
         self._saved: Optional[List[torch.Tensor]] = None
 
     @property
@@ -291,15 +317,18 @@ class MainParams:
                         break
         steps = per_param or per_group
         if len(steps) > 1:
-            raise RuntimeError(f"the optimizer holds different Adam step counts {sorted(steps)} across its "
-                               "parameter groups; the preconditioned SAM types need one bias-correction step")
+            raise RuntimeError(
+                f"the optimizer holds different Adam step counts {sorted(steps)} across its "
+                "parameter groups; the preconditioned SAM types need one bias-correction step"
+            )
         if steps:
             return steps.pop()
         if moments and self._moments_nonzero():
             raise RuntimeError(
                 f"{_optimizer_names(self.inner)} holds Adam moments (exp_avg_sq) but no step count, neither in "
                 "the parameters' state (torch Adam/AdamW) nor in param_groups[i]['step'] (TransformerEngine/apex "
-                "FusedAdam); the preconditioned SAM types cannot run without it")
+                "FusedAdam); the preconditioned SAM types cannot run without it"
+            )
         return 0
 
     def _moments_nonzero(self) -> bool:
@@ -319,7 +348,8 @@ class MainParams:
             raise RuntimeError(
                 f"{type(o.optimizer).__name__} has taken {adam_updates} Adam step(s) but holds no {key} for a "
                 f"parameter of shape {tuple(p.shape)}; the SAM types that read AdamW's moments need them for "
-                "every parameter (optimizer 'adam')")
+                "every parameter (optimizer 'adam')"
+            )
         return st[key]
 
     def denominators(self, adam_updates: int) -> Optional[List[torch.Tensor]]:
@@ -331,8 +361,15 @@ class MainParams:
         out = []
         for p in self.params:
             group = self._owner[id(p)][1]
-            out.append(adam_denominator(self._state(p, adam_updates, "exp_avg_sq"), group["betas"][1], group["eps"],
-                                        adam_updates, group.get("bias_correction", True)))
+            out.append(
+                adam_denominator(
+                    self._state(p, adam_updates, "exp_avg_sq"),
+                    group["betas"][1],
+                    group["eps"],
+                    adam_updates,
+                    group.get("bias_correction", True),
+                )
+            )
         return out
 
     def first_moments(self, adam_updates: int) -> Optional[List[torch.Tensor]]:
@@ -368,6 +405,7 @@ class MainParams:
 
 # ---- the passes ----------------------------------------------------------------------------------
 
+
 class SchedulePasses:
     """The passes of one step through megatron-core's schedule (a :class:`fsam_ds.step.Passes`).
 
@@ -379,8 +417,15 @@ class SchedulePasses:
     ``losses_reduced``.
     """
 
-    def __init__(self, forward_backward_func: Callable, schedule_kw: Dict[str, Any], data_iterator,
-                 hooks: Optional[OutputLayerHooks], cut: bool = False, record: bool = True):
+    def __init__(
+        self,
+        forward_backward_func: Callable,
+        schedule_kw: Dict[str, Any],
+        data_iterator,
+        hooks: Optional[OutputLayerHooks],
+        cut: bool = False,
+        record: bool = True,
+    ):
         self.run = forward_backward_func
         self.kw = schedule_kw
         self.data = data_iterator
@@ -393,7 +438,7 @@ class SchedulePasses:
     def _pass1(self, cut: bool):
         recorded = _record(self.data) if self.record else self.data
         rng = _rng_state() if self.record else None
-        with (self.hooks.capture(cut=cut) if self.hooks is not None else contextlib.nullcontext()):
+        with self.hooks.capture(cut=cut) if self.hooks is not None else contextlib.nullcontext():
             losses = self.run(data_iterator=recorded, **self.kw)
         if self.hooks is not None:
             self.hooks.check_count(self.expected, "pass 1")
@@ -411,7 +456,7 @@ class SchedulePasses:
             return self.pass2_losses
         recorded, rng = replay
         _set_rng_state(rng)
-        with (self.hooks.inject() if self.hooks is not None else contextlib.nullcontext()):
+        with self.hooks.inject() if self.hooks is not None else contextlib.nullcontext():
             self.pass2_losses = self.run(data_iterator=_replay(recorded), **self.kw)
         if self.hooks is not None:
             self.hooks.check_count(self.expected, "pass 2")
@@ -425,6 +470,7 @@ class SchedulePasses:
 
 
 # ---- data and random state replay ----------------------------------------------------------------
+
 
 class _Recorder:
     def __init__(self, it):
@@ -459,8 +505,10 @@ def _rng_state():
     from megatron.core import tensor_parallel
 
     tracker = tensor_parallel.get_cuda_rng_tracker()
-    state = {"cpu": torch.get_rng_state(), "tracker": {k: (v.clone() if torch.is_tensor(v) else v)
-                                                        for k, v in tracker.get_states().items()}}
+    state = {
+        "cpu": torch.get_rng_state(),
+        "tracker": {k: (v.clone() if torch.is_tensor(v) else v) for k, v in tracker.get_states().items()},
+    }
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         state["cuda"] = torch.cuda.get_rng_state()
     return state
@@ -476,6 +524,7 @@ def _set_rng_state(state):
 
 
 # ---- the step ------------------------------------------------------------------------------------
+
 
 class MegatronSAM:
     """One optimizer step of the configured method for megatron-core model chunks and optimizer.
@@ -497,14 +546,20 @@ class MegatronSAM:
         self.main = MainParams(optimizer, self.model)
         kinds = {getattr(o.config, "optimizer", "adam") for o in self.main.inner}
         if sam.preconditioned and kinds - {"adam"}:
-            raise ValueError(f"{sam.method} preconditions with AdamW's second moment; the optimizer is "
-                             f"{'/'.join(sorted(kinds))}; accepted: optimizer 'adam'")
+            raise ValueError(
+                f"{sam.method} preconditions with AdamW's second moment; the optimizer is "
+                f"{'/'.join(sorted(kinds))}; accepted: optimizer 'adam'"
+            )
         if sam.is_sam and kinds - {"adam"} and (sam.rho_warmup_steps or sam.ascent_direction == "momentum"):
-            what = "rho_warmup_steps counts AdamW updates" if sam.rho_warmup_steps else \
-                'ascent_direction "momentum" reads AdamW\'s first moment'
+            what = (
+                "rho_warmup_steps counts AdamW updates"
+                if sam.rho_warmup_steps
+                else 'ascent_direction "momentum" reads AdamW\'s first moment'
+            )
             raise ValueError(f"{what}; the optimizer is {'/'.join(sorted(kinds))}; accepted: optimizer 'adam'")
-        self.hooks = (OutputLayerHooks(self.model, make_logit_grad_cache(sam.logit_grad_cache))
-                      if sam.functional else None)
+        self.hooks = (
+            OutputLayerHooks(self.model, make_logit_grad_cache(sam.logit_grad_cache)) if sam.functional else None
+        )
         self.steps = 0  # optimizer steps taken by this object (skipped ones included)
         self._iteration = 0
         self.core = SAMStep(sam, self.main, adam_updates=self.main.adam_updates, step_index=lambda: self._iteration)
@@ -552,8 +607,7 @@ class MegatronSAM:
         self._iteration = self.steps if iteration is None else int(iteration)
         kw = dict(forward_step_func=forward_step_func, model=self.model, forward_only=False, **schedule_kw)
         self.main.zero_grad()
-        passes = SchedulePasses(forward_backward_func, kw, data_iterator, self.hooks, cut=self._cut,
-                                record=sam.is_sam)
+        passes = SchedulePasses(forward_backward_func, kw, data_iterator, self.hooks, cut=self._cut, record=sam.is_sam)
         try:
             out = self.core.run(passes)
         finally:
@@ -566,16 +620,32 @@ class MegatronSAM:
         self.last_metrics["pass_time"] = time.perf_counter() - t0
         return out.losses
 
-    def step(self, forward_backward_func: Callable, forward_step_func, data_iterator, num_microbatches: int,
-             seq_length: int, micro_batch_size: int, decoder_seq_length: Optional[int] = None,
-             iteration: Optional[int] = None, **schedule_kw):
+    def step(
+        self,
+        forward_backward_func: Callable,
+        forward_step_func,
+        data_iterator,
+        num_microbatches: int,
+        seq_length: int,
+        micro_batch_size: int,
+        decoder_seq_length: Optional[int] = None,
+        iteration: Optional[int] = None,
+        **schedule_kw,
+    ):
         """Zero grads, both passes, optimizer step. Returns ``(losses_reduced, update_successful,
         grad_norm, num_zeros_in_grad)`` like Megatron-LM's train step (grad_norm is the pass-2
         norm the optimizer clipped with)."""
-        losses = self.forward_backward(forward_backward_func, forward_step_func, data_iterator,
-                                       num_microbatches=num_microbatches, seq_length=seq_length,
-                                       micro_batch_size=micro_batch_size, decoder_seq_length=decoder_seq_length,
-                                       iteration=iteration, **schedule_kw)
+        losses = self.forward_backward(
+            forward_backward_func,
+            forward_step_func,
+            data_iterator,
+            num_microbatches=num_microbatches,
+            seq_length=seq_length,
+            micro_batch_size=micro_batch_size,
+            decoder_seq_length=decoder_seq_length,
+            iteration=iteration,
+            **schedule_kw,
+        )
         update_successful, grad_norm, num_zeros = self.optimizer_step()
         return losses, update_successful, grad_norm, num_zeros
 
@@ -588,8 +658,14 @@ class MegatronSAM:
 
         from fsam_ds.distributed import comm_device, world_size
 
-        flags = [torch.isfinite(v.detach()).all() for losses in self._step_losses for d in (losses or [])
-                 if isinstance(d, dict) for v in d.values() if torch.is_tensor(v)]
+        flags = [
+            torch.isfinite(v.detach()).all()
+            for losses in self._step_losses
+            for d in (losses or [])
+            if isinstance(d, dict)
+            for v in d.values()
+            if torch.is_tensor(v)
+        ]
         if not self.main.fp16:
             grads = [g for g in self.main.grads() if g.numel()]
             if grads:

@@ -10,6 +10,7 @@ text and token ids) from the last stage.
 ``AutoModelForCausalLM`` / ``AutoTokenizer`` and prints, as JSON, how its logits compare with
 megatron's and what ``generate()`` returns.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -41,7 +42,8 @@ def megatron_logits(ckpt: Path, tp: int, pp: int, out: Path) -> None:
     from megatron_patches import cpu
 
     cpu.apply()
-    from megatron.core import dist_checkpointing, parallel_state as ps, tensor_parallel
+    from megatron.core import dist_checkpointing, tensor_parallel
+    from megatron.core import parallel_state as ps
     from megatron.core.pipeline_parallel import get_forward_backward_func
     from transformers import AutoConfig, AutoTokenizer
 
@@ -58,7 +60,7 @@ def megatron_logits(ckpt: Path, tp: int, pp: int, out: Path) -> None:
 
     text = held_out_text()
     ids = tok(text, add_special_tokens=False)["input_ids"]
-    held = torch.tensor(ids[:HELD_OUT_ROWS * HELD_OUT_LEN]).reshape(HELD_OUT_ROWS, HELD_OUT_LEN)
+    held = torch.tensor(ids[: HELD_OUT_ROWS * HELD_OUT_LEN]).reshape(HELD_OUT_ROWS, HELD_OUT_LEN)
     b, s = held.shape
     kept = []
 
@@ -73,8 +75,15 @@ def megatron_logits(ckpt: Path, tp: int, pp: int, out: Path) -> None:
         return model(tokens, position_ids, mask), loss_func
 
     with torch.no_grad():
-        get_forward_backward_func()(forward_step_func=forward_step, data_iterator=iter([held]), model=[gpt],
-                                    num_microbatches=1, seq_length=s, micro_batch_size=b, forward_only=True)
+        get_forward_backward_func()(
+            forward_step_func=forward_step,
+            data_iterator=iter([held]),
+            model=[gpt],
+            num_microbatches=1,
+            seq_length=s,
+            micro_batch_size=b,
+            forward_only=True,
+        )
     if ps.is_pipeline_last_stage():
         (local,) = kept
         parts = [torch.empty_like(local) for _ in range(tp)]
@@ -93,16 +102,20 @@ def check(folder: Path, ref: dict) -> dict:
     held, logits = ref["held"], ref["logits"]
     model = AutoModelForCausalLM.from_pretrained(folder).eval()
     tok = AutoTokenizer.from_pretrained(folder)
-    r = {"class": type(model).__name__, "dtype": str(model.dtype).replace("torch.", ""),
-         "tokenizer_ids_equal": tok(ref["text"], add_special_tokens=False)["input_ids"] == ref["ids"],
-         "tokenizer_size": len(tok), "logits_shape": list(logits.shape)}
+    r = {
+        "class": type(model).__name__,
+        "dtype": str(model.dtype).replace("torch.", ""),
+        "tokenizer_ids_equal": tok(ref["text"], add_special_tokens=False)["input_ids"] == ref["ids"],
+        "tokenizer_size": len(tok),
+        "logits_shape": list(logits.shape),
+    }
     with torch.no_grad():
         got = model(input_ids=held).logits.float()
     r["logits_max_diff"] = float((got - logits).abs().max())
     r["logits_scale"] = float(logits.abs().max())
     out = model.generate(held[:1], max_new_tokens=6, do_sample=False)
     r["generated_shape"] = list(out.shape)
-    r["generated_prefix_kept"] = bool(torch.equal(out[0, :held.shape[1]], held[0]))
+    r["generated_prefix_kept"] = bool(torch.equal(out[0, : held.shape[1]], held[0]))
     r["first_new_token"] = int(out[0, held.shape[1]])
     r["megatron_argmax"] = int(logits[0, -1].argmax())
     return r

@@ -19,6 +19,7 @@ cannot be undone), by tests/test_megatron_steps.py. Writes a dict of results to 
   iteration count and state after two steps in mode ``disabled``, and the refusal of
   ``validate_results`` / ``report_determinism_stats`` before any forward.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -72,10 +73,13 @@ def main():
     init = tempfile.mktemp(prefix="fsam_megatron_step_")
     dist.init_process_group("gloo", init_method=f"file://{init}", rank=0, world_size=1)
     import megatron.core  # noqa: F401
+
     from megatron_patches import cpu
+
     cpu.apply()
     import megatron.core.optimizer as mopt
-    from megatron.core import parallel_state as ps, tensor_parallel
+    from megatron.core import parallel_state as ps
+    from megatron.core import tensor_parallel
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
     from megatron.core.pipeline_parallel import get_forward_backward_func
@@ -98,17 +102,33 @@ def main():
         module = gpt
         if bf16:
             from megatron.core.transformer.module import Float16Module
+
             module = Float16Module(cfg, gpt)
-        chunk = DistributedDataParallel(config=cfg, module=module, ddp_config=DistributedDataParallelConfig(
-            grad_reduce_in_fp32=True, use_distributed_optimizer=distopt))
+        chunk = DistributedDataParallel(
+            config=cfg,
+            module=module,
+            ddp_config=DistributedDataParallelConfig(grad_reduce_in_fp32=True, use_distributed_optimizer=distopt),
+        )
         cfg.finalize_model_grads_func = finalize_model_grads
         saved = (mopt.Adam, mopt.USING_PYTORCH_OPTIMIZER)
         if adam_cls is not None:  # what megatron-core does when TE or apex is importable
             mopt.Adam, mopt.USING_PYTORCH_OPTIMIZER = adam_cls, False
         try:
-            opt = get_megatron_optimizer(OptimizerConfig(
-                optimizer="adam", lr=1e-2, weight_decay=0.0, adam_beta1=0.9, adam_beta2=0.999, adam_eps=1e-8,
-                clip_grad=1.0, bf16=bf16, params_dtype=dtype, use_distributed_optimizer=distopt), [chunk])
+            opt = get_megatron_optimizer(
+                OptimizerConfig(
+                    optimizer="adam",
+                    lr=1e-2,
+                    weight_decay=0.0,
+                    adam_beta1=0.9,
+                    adam_beta2=0.999,
+                    adam_eps=1e-8,
+                    clip_grad=1.0,
+                    bf16=bf16,
+                    params_dtype=dtype,
+                    use_distributed_optimizer=distopt,
+                ),
+                [chunk],
+            )
         finally:
             mopt.Adam, mopt.USING_PYTORCH_OPTIMIZER = saved
         return [chunk], opt, cfg
@@ -156,19 +176,26 @@ def main():
             results[name] = {"error": f"{type(exc).__name__}: {exc}", "traceback": traceback.format_exc()}
 
     # -- item 1: the step count at every optimizer layout ------------------------------------------
-    layouts = {"fp32": {}, "distopt": {"distopt": True}, "bf16": {"bf16": True},
-               "bf16_distopt": {"bf16": True, "distopt": True}}
+    layouts = {
+        "fp32": {},
+        "distopt": {"distopt": True},
+        "bf16": {"bf16": True},
+        "bf16_distopt": {"bf16": True, "distopt": True},
+    }
     for name, kw in layouts.items():
+
         def case(kw=kw):
             torch_run = run("PreconditionedSAM", 3, **kw)
             group_run = run("PreconditionedSAM", 3, adam_cls=GroupStepAdamW, **kw)
             sam_run = run("SAM", 3, adam_cls=GroupStepAdamW, **kw)
             return {"torch": torch_run, "group": group_run, "sam": sam_run}
+
         guarded(f"group_step/{name}", case)
 
     def missing_step():
         class NoStepAdamW(GroupStepAdamW):
             drop_step = True
+
         chunks, opt, _ = build(adam_cls=NoStepAdamW)
         runner = MegatronSAM(chunks, opt, SAMConfig(method="PreconditionedSAM", rho=0.05))
         mbs, kw = batches(0)
@@ -176,6 +203,7 @@ def main():
         mbs, kw = batches(1)
         runner.step(get_forward_backward_func(), forward_step, iter(mbs), **kw)
         return {"error": None}
+
     guarded("missing_step", missing_step)
 
     def zero_moments():
@@ -186,26 +214,32 @@ def main():
                 inner.state[p]["exp_avg"] = torch.zeros_like(p.data)
                 inner.state[p]["exp_avg_sq"] = torch.zeros_like(p.data)
         return {"adam_updates": MainParams(opt).adam_updates()}
+
     guarded("zero_moments", zero_moments)
 
     def sgd_refused():
         chunks, _, _ = build()
-        opt = get_megatron_optimizer(OptimizerConfig(optimizer="sgd", lr=1e-2, weight_decay=0.0,
-                                                     params_dtype=torch.float32), chunks)
+        opt = get_megatron_optimizer(
+            OptimizerConfig(optimizer="sgd", lr=1e-2, weight_decay=0.0, params_dtype=torch.float32), chunks
+        )
         MegatronSAM(chunks, opt, SAMConfig(method="PreconditionedSAM", rho=0.05))
         return {"error": None}
+
     guarded("sgd_refused", sgd_refused)
 
     def sgd_warmup_refused():
         chunks, _, _ = build()
-        opt = get_megatron_optimizer(OptimizerConfig(optimizer="sgd", lr=1e-2, weight_decay=0.0,
-                                                     params_dtype=torch.float32), chunks)
+        opt = get_megatron_optimizer(
+            OptimizerConfig(optimizer="sgd", lr=1e-2, weight_decay=0.0, params_dtype=torch.float32), chunks
+        )
         MegatronSAM(chunks, opt, SAMConfig(method="SAM", rho=0.05, rho_warmup_steps=3))
         return {"error": None}
+
     guarded("sgd_warmup_refused", sgd_warmup_refused)
 
     # -- item 7: one output-layer forward per micro-batch in each pass ----------------------------
     for which in ("pass 1", "pass 2", "pass 2 short"):
+
         def stray(which=which):
             chunks, opt, _ = build()
             runner = MegatronSAM(chunks, opt, SAMConfig(method="FunctionalSAM", rho=0.05))
@@ -232,6 +266,7 @@ def main():
                 err = str(exc)
             restored = all(torch.equal(a, p) for a, p in zip(before, chunks[0].parameters()))
             return {"error": err, "restored": restored}
+
         guarded(f"stray_forward/{which}", stray)
 
     def clean_count():
@@ -240,13 +275,16 @@ def main():
         mbs, kw = batches(0)
         runner.step(get_forward_backward_func(), forward_step, iter(mbs), **kw)
         return {"error": None, "count": runner.hooks._count}
+
     guarded("stray_forward/none", clean_count)
 
     # -- item 7: the rerun state machine ----------------------------------------------------------
     from megatron.core import rerun_state_machine as rsm
+
     from megatron_patches.megatron_lm import fsam_train_step
 
     for mode in ("disabled", "validate_results", "report_determinism_stats"):
+
         def rerun(mode=mode):
             rsm.destroy_rerun_state_machine()
             rsm.initialize_rerun_state_machine(mode=rsm.RerunMode(mode))
@@ -260,18 +298,33 @@ def main():
                 for step in range(2):
                     mbs, kw = batches(step)
                     data = rsm.RerunDataIterator(iter(mbs))
-                    res = fsam_train_step(forward_step, data, chunks, opt, None, cfg, get_forward_backward_func(),
-                                          iteration=step, sam=sam, **kw)
+                    res = fsam_train_step(
+                        forward_step,
+                        data,
+                        chunks,
+                        opt,
+                        None,
+                        cfg,
+                        get_forward_backward_func(),
+                        iteration=step,
+                        sam=sam,
+                        **kw,
+                    )
                     out["losses"].append(float(res[0]["lm loss"]))
                     out["tuple_len"] = len(res)
                     consumed.append(len(data.saved_microbatches))
             except Exception as exc:
                 out["error"] = f"{type(exc).__name__}: {exc}"
             after = weights(chunks)
-            out.update(iteration=machine.current_iteration, state=machine.state.name, saved=consumed,
-                       unchanged=all(torch.equal(before[k], after[k]) for k in before))
+            out.update(
+                iteration=machine.current_iteration,
+                state=machine.state.name,
+                saved=consumed,
+                unchanged=all(torch.equal(before[k], after[k]) for k in before),
+            )
             rsm.destroy_rerun_state_machine()
             return out
+
         guarded(f"rerun/{mode}", rerun)
 
     torch.save(results, args.out)

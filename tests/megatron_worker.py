@@ -24,6 +24,7 @@ step, the perturbation applied to the main parameters against the fp32 formula c
 from the same main gradients and the optimizer's own ``exp_avg_sq`` and step (TP = PP = 1), and,
 without the distributed optimizer, the DP-reduced pass-2 gradients of step 0.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -54,28 +55,45 @@ def parser():
     ap.add_argument("--methods", default="SAM,PreconditionedSAM,FunctionalSAM,PreconditionedFunctionalSAM")
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--microbatches", type=int, default=2, help="per data-parallel rank")
-    ap.add_argument("--dp-equivalent", type=int, default=0,
-                    help="feed the micro-batches of this many data-parallel ranks to each rank in turn "
-                         "(a 1-rank run reproducing the global batch of a DP run)")
+    ap.add_argument(
+        "--dp-equivalent",
+        type=int,
+        default=0,
+        help="feed the micro-batches of this many data-parallel ranks to each rank in turn "
+        "(a 1-rank run reproducing the global batch of a DP run)",
+    )
     ap.add_argument("--rho", type=float, default=0.05)
     ap.add_argument("--lr", type=float, default=1e-2)
     ap.add_argument("--bf16", action="store_true")
     ap.add_argument("--dropout", type=float, default=0.0, help="hidden and attention dropout")
     ap.add_argument("--probe", action="store_true", help="record the applied perturbation (see the docstring)")
-    ap.add_argument("--via-train-step", action="store_true",
-                    help="drive the steps with fsam_train_step and a pretrain_gpt.py-style forward step")
+    ap.add_argument(
+        "--via-train-step",
+        action="store_true",
+        help="drive the steps with fsam_train_step and a pretrain_gpt.py-style forward step",
+    )
     ap.add_argument("--ascent-every", type=int, default=1)
     ap.add_argument("--ascent-direction", default="gradient")
     ap.add_argument("--rho-warmup", type=int, default=0, help="rho_warmup_steps")
-    ap.add_argument("--lr-warmup", type=int, default=0,
-                    help="with --via-train-step: megatron-core's LR scheduler warming up over this many steps")
-    ap.add_argument("--faults", default="",
-                    help="STEP:KIND:PASS:RANK,...: an infinity injected at step STEP in pass PASS (1 or 2) on the "
-                         "global rank RANK; KIND loss: loss + inf (finite gradients), grad: an infinite gradient "
-                         "at the output layer's input (the whole model below it non-finite)")
-    ap.add_argument("--data-steps", default="",
-                    help="comma-separated: step i trains on the micro-batches of step DATA_STEPS[i] (the run "
-                         "that never saw the skipped steps' data)")
+    ap.add_argument(
+        "--lr-warmup",
+        type=int,
+        default=0,
+        help="with --via-train-step: megatron-core's LR scheduler warming up over this many steps",
+    )
+    ap.add_argument(
+        "--faults",
+        default="",
+        help="STEP:KIND:PASS:RANK,...: an infinity injected at step STEP in pass PASS (1 or 2) on the "
+        "global rank RANK; KIND loss: loss + inf (finite gradients), grad: an infinite gradient "
+        "at the output layer's input (the whole model below it non-finite)",
+    )
+    ap.add_argument(
+        "--data-steps",
+        default="",
+        help="comma-separated: step i trains on the micro-batches of step DATA_STEPS[i] (the run "
+        "that never saw the skipped steps' data)",
+    )
     ap.add_argument("--out", default=None)
     ap.add_argument("--also", action="append", default=[], metavar="NAME:ARGS")
     return ap
@@ -94,7 +112,9 @@ def main():
 
     dist.init_process_group("gloo")
     import megatron.core  # noqa: F401
+
     from megatron_patches import cpu
+
     cpu.apply()
     from megatron.core import parallel_state as ps
 
@@ -102,8 +122,11 @@ def main():
     for i, (name, args) in enumerate(runs):
         if i:
             ps.destroy_model_parallel()
-        ps.initialize_model_parallel(tensor_model_parallel_size=args.tp, pipeline_model_parallel_size=args.pp,
-                                     virtual_pipeline_model_parallel_size=args.vpp)
+        ps.initialize_model_parallel(
+            tensor_model_parallel_size=args.tp,
+            pipeline_model_parallel_size=args.pp,
+            virtual_pipeline_model_parallel_size=args.vpp,
+        )
         results[name] = run_layout(args, args.out + f".{name}.logit_grads")
     if dist.get_rank() == 0:
         torch.save(results, base.out)
@@ -136,14 +159,18 @@ def _probe_perturb(main, record):
         def direction(s):
             if s == 0:
                 return grads
-            return [g / ((state[p]["exp_avg_sq"].double() / (1 - BETA2 ** s)).sqrt() + ADAM_EPS)
-                    for g, p in zip(grads, params)]
+            return [
+                g / ((state[p]["exp_avg_sq"].double() / (1 - BETA2**s)).sqrt() + ADAM_EPS)
+                for g, p in zip(grads, params)
+            ]
 
         row = {"adam_updates": t, "aa": sum(float((a * a).sum()) for a in applied)}
         for name, s in (("g", 0), ("d", t), ("d_minus_1", max(t - 1, 0)), ("d_plus_1", t + 1 if t else 0)):
             x = direction(s)
-            row[name] = {"ax": sum(float((a * y).sum()) for a, y in zip(applied, x)),
-                         "xx": sum(float((y * y).sum()) for y in x)}
+            row[name] = {
+                "ax": sum(float((a * y).sum()) for a, y in zip(applied, x)),
+                "xx": sum(float((y * y).sum()) for y in x),
+            }
         record.append(row)
 
     main.perturb = perturb
@@ -155,6 +182,7 @@ def _probe_summary(rows_per_rank, rho):
     ``step_minus_1``/``step_plus_1``: a wrong bias-correction step) and to ``rho d / ||g||`` (the
     "gradient" normalisation)."""
     import math
+
     out = []
     for rows in zip(*rows_per_rank):
         assert len({r["adam_updates"] for r in rows}) == 1
@@ -162,9 +190,13 @@ def _probe_summary(rows_per_rank, rho):
         aa = tot(lambda r: r["aa"])
         row = {"adam_updates": rows[0]["adam_updates"], "applied_norm": math.sqrt(aa)}
         gg = tot(lambda r: r["g"]["xx"])
-        for name, key, norm in (("formula", "d", None), ("unpreconditioned", "g", None),
-                                ("step_minus_1", "d_minus_1", None), ("step_plus_1", "d_plus_1", None),
-                                ("gradient_norm", "d", gg)):
+        for name, key, norm in (
+            ("formula", "d", None),
+            ("unpreconditioned", "g", None),
+            ("step_minus_1", "d_minus_1", None),
+            ("step_plus_1", "d_plus_1", None),
+            ("gradient_norm", "d", gg),
+        ):
             ax, xx = tot(lambda r: r[key]["ax"]), tot(lambda r: r[key]["xx"])
             c = rho / math.sqrt(norm if norm is not None else xx)
             diff2 = max(aa - 2 * c * ax + c * c * xx, 0.0)
@@ -214,7 +246,8 @@ def _main_grads_hf(chunks, hf_config):
 
 
 def run_layout(args, gf_path):
-    from megatron.core import parallel_state as ps, tensor_parallel
+    from megatron.core import parallel_state as ps
+    from megatron.core import tensor_parallel
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
     from megatron.core.pipeline_parallel import get_forward_backward_func
@@ -291,40 +324,73 @@ def run_layout(args, gf_path):
             extra.update(hidden_dropout=args.dropout, attention_dropout=args.dropout)
         cfg = layout.transformer_config(hf.config, args.tp, args.pp, dtype, **extra)
         chunks = []
-        for vp in (range(args.vpp) if args.vpp else [None]):
+        for vp in range(args.vpp) if args.vpp else [None]:
             gpt = layout.build_gpt(hf.config, cfg, vp_stage=vp)
             layout.load_full_state_dict([gpt], full)
             module = gpt
             if args.bf16:
                 from megatron.core.transformer.module import Float16Module
+
                 module = Float16Module(cfg, gpt)
-            chunks.append(DistributedDataParallel(
-                config=cfg, module=module, disable_bucketing=bool(vp),
-                ddp_config=DistributedDataParallelConfig(grad_reduce_in_fp32=True,
-                                                         use_distributed_optimizer=args.distopt)))
+            chunks.append(
+                DistributedDataParallel(
+                    config=cfg,
+                    module=module,
+                    disable_bucketing=bool(vp),
+                    ddp_config=DistributedDataParallelConfig(
+                        grad_reduce_in_fp32=True, use_distributed_optimizer=args.distopt
+                    ),
+                )
+            )
         model = chunks[0]
         cfg.finalize_model_grads_func = finalize_model_grads
-        opt = get_megatron_optimizer(OptimizerConfig(
-            optimizer="adam", lr=args.lr, weight_decay=0.0, adam_beta1=0.9, adam_beta2=BETA2, adam_eps=ADAM_EPS,
-            clip_grad=1.0, bf16=args.bf16, params_dtype=dtype, use_distributed_optimizer=args.distopt), chunks)
+        opt = get_megatron_optimizer(
+            OptimizerConfig(
+                optimizer="adam",
+                lr=args.lr,
+                weight_decay=0.0,
+                adam_beta1=0.9,
+                adam_beta2=BETA2,
+                adam_eps=ADAM_EPS,
+                clip_grad=1.0,
+                bf16=args.bf16,
+                params_dtype=dtype,
+                use_distributed_optimizer=args.distopt,
+            ),
+            chunks,
+        )
         if method == "AdamW":
             sam = SAMConfig(method=method)
         else:
-            sam = SAMConfig(method=method, rho=args.rho, rho_warmup_steps=args.rho_warmup,
-                            ascent_every=args.ascent_every, ascent_direction=args.ascent_direction,
-                            logit_grad_cache="host" if variant == "host" else "device")
+            sam = SAMConfig(
+                method=method,
+                rho=args.rho,
+                rho_warmup_steps=args.rho_warmup,
+                ascent_every=args.ascent_every,
+                ascent_direction=args.ascent_direction,
+                logit_grad_cache="host" if variant == "host" else "device",
+            )
         runner = MegatronSAM(chunks, opt, sam)
         runner.skip_unperturbed_pass2 = False
         opt._fsam_runner = runner  # the runner fsam_train_step reuses for this model and optimizer
         sched = None
         if args.lr_warmup:
             from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+
             per_step = args.microbatches * 2 * dp  # sequences per step (micro-batches of 2)
-            sched = OptimizerParamScheduler(opt, init_lr=0.0, max_lr=args.lr, min_lr=0.0,
-                                            lr_warmup_steps=args.lr_warmup * per_step,
-                                            lr_decay_steps=100 * per_step, lr_decay_style="constant",
-                                            start_wd=0.0, end_wd=0.0, wd_incr_steps=100 * per_step,
-                                            wd_incr_style="constant")
+            sched = OptimizerParamScheduler(
+                opt,
+                init_lr=0.0,
+                max_lr=args.lr,
+                min_lr=0.0,
+                lr_warmup_steps=args.lr_warmup * per_step,
+                lr_decay_steps=100 * per_step,
+                lr_decay_style="constant",
+                start_wd=0.0,
+                end_wd=0.0,
+                wd_incr_steps=100 * per_step,
+                wd_incr_style="constant",
+            )
         fault_state = {"step": -1, "forwards": 0, "n": 0}
         fault_state_of[0] = fault_state
         if faults:
@@ -353,8 +419,11 @@ def run_layout(args, gf_path):
         data_steps = [int(x) for x in args.data_steps.split(",")] if args.data_steps else list(range(args.steps))
         for step in range(args.steps):
             fault_state.update(step=step, forwards=0)
-            mbs = [reference.micro_batch(data_steps[step], r, i, world, args.microbatches) for r in ranks
-                   for i in range(args.microbatches)]
+            mbs = [
+                reference.micro_batch(data_steps[step], r, i, world, args.microbatches)
+                for r in ranks
+                for i in range(args.microbatches)
+            ]
             b, seq = mbs[0]["input_ids"].shape[0], mbs[0]["input_ids"].shape[1] - 1
             kw = dict(num_microbatches=len(mbs), seq_length=seq, micro_batch_size=b)
             fault_state["n"] = len(mbs)
@@ -365,6 +434,7 @@ def run_layout(args, gf_path):
                 def put_and_keep(k, g, put=put, kept=kept):
                     kept.append((k, g.clone()))
                     put(k, g)
+
                 runner.hooks.cache.put = put_and_keep
             params = [p for c in chunks for p in c.parameters()]
             before = [p.detach().clone() for p in params] if step == 0 or faults else None
@@ -372,6 +442,7 @@ def run_layout(args, gf_path):
             data = [iter(mbs) for _ in chunks] if args.vpp else iter(mbs)
             if args.via_train_step:
                 from megatron_patches.megatron_lm import fsam_train_step
+
                 if step == 0:  # check restore inside the step: compare after pass 2, before AdamW
                     restore_ok.clear()
                     orig_step = opt.step
@@ -380,9 +451,20 @@ def run_layout(args, gf_path):
                         restore_ok.append(all(torch.equal(a, p) for a, p in zip(before, params)))
                         opt.step = orig_step
                         return orig_step()
+
                     opt.step = checked_step
-                out = fsam_train_step(pretrain_forward_step, data, chunks, opt, sched, cfg,
-                                      get_forward_backward_func(), iteration=step, sam=sam, **kw)
+                out = fsam_train_step(
+                    pretrain_forward_step,
+                    data,
+                    chunks,
+                    opt,
+                    sched,
+                    cfg,
+                    get_forward_backward_func(),
+                    iteration=step,
+                    sam=sam,
+                    **kw,
+                )
                 losses.append(float(out[0]["lm loss"]) if out[0] else None)
                 skipped = bool(out[1])
             else:
@@ -399,9 +481,15 @@ def run_layout(args, gf_path):
                     skipped = False
                 losses.append(runner.last_metrics.get("loss"))
             if faults or args.rho_warmup:
-                metrics.append({"skipped": skipped, "rho": runner.last_metrics["rho"], "lr": lr,
-                                "loss": losses[-1], "unchanged": None if before is None else
-                                all(torch.equal(a, p) for a, p in zip(before, params))})
+                metrics.append(
+                    {
+                        "skipped": skipped,
+                        "rho": runner.last_metrics["rho"],
+                        "lr": lr,
+                        "loss": losses[-1],
+                        "unchanged": None if before is None else all(torch.equal(a, p) for a, p in zip(before, params)),
+                    }
+                )
             if kept is not None:
                 del runner.hooks.cache.put
                 kept_gf[method] = _gather_vocab([g for _, g in sorted(kept, key=lambda kg: kg[0])])
@@ -421,9 +509,14 @@ def run_layout(args, gf_path):
             for m, u in zip(metrics, same.tolist()):
                 m["unchanged"] = u == 1.0
             metrics = {"steps": metrics, "skipped_per_rank": every}
-        results[spec] = {"weights": layout.megatron_to_hf(meg, hf.config), "losses": losses,
-                         "restore_exact": bool(flag.item() == 1.0), "probe": probe, "pass2_grads": pass2,
-                         "metrics": metrics}
+        results[spec] = {
+            "weights": layout.megatron_to_hf(meg, hf.config),
+            "losses": losses,
+            "restore_exact": bool(flag.item() == 1.0),
+            "probe": probe,
+            "pass2_grads": pass2,
+            "metrics": metrics,
+        }
         del model, chunks, opt, runner
     if ps.is_pipeline_last_stage() and ps.get_tensor_model_parallel_rank() == 0 and dp_rank == 0 and kept_gf:
         torch.save(kept_gf, gf_path)

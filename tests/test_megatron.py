@@ -3,14 +3,16 @@
 Every layout trains from the same weights (a Hugging Face Llama mapped onto GPTModel) on the same
 global batch: TP=PP=DP=1 is compared with the independent single-process reference
 (``reference.py``: plain PyTorch, torch.optim.AdamW, torch.func), and TP=2, PP=2 (1F1B, 4
-micro-batches), PP=2 interleaved (two virtual stages per rank), DP=2 (distributed optimizer, driven by ``fsam_train_step`` with a forward step
-written like Megatron-LM's pretrain_gpt.py), TP=2 x PP=2, and TP=2 x DP=2 and PP=2 x DP=2 with
+micro-batches), PP=2 interleaved (two virtual stages per rank), DP=2 (distributed optimizer,
+driven by ``fsam_train_step`` with a forward step written like Megatron-LM's pretrain_gpt.py), TP=2 x PP=2,
+and TP=2 x DP=2 and PP=2 x DP=2 with
 the distributed optimizer, with TP=PP=DP=1 and the reference. bf16 (with and without the
 distributed optimizer) is held to the fp32 formula of the perturbation at every step, to an
 independent g_F and to the independent pass-2 gradients of each method; dropout at TP=2 to AdamW
 bit for bit (rho = 0, pass 2 forced, random states replayed). Each launch runs every method of
 one or more layouts (the worker's --also).
 """
+
 from __future__ import annotations
 
 import functools
@@ -22,7 +24,6 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from optional import require_module  # noqa: E402
 
 require_module("megatron.core", "megatron-core is an optional extra: pip install -e .[megatron]")
@@ -46,38 +47,107 @@ FAULT_ARGS = f"--via-train-step --rho-warmup 3 --lr-warmup 2 --methods {FAULTY}"
 def _fault_runs(name, layout, faults):
     """The --also pair of a fault run (7 steps, infinities at 1, 3, 5) and its reference (the
     data of steps 0, 2, 4, 6 only)."""
-    return ["--also", f"{name}_faults:{layout} --steps 7 --faults {faults} {FAULT_ARGS}",
-            "--also", f"{name}_faults_ref:{layout} --steps 4 --data-steps 0,2,4,6 {FAULT_ARGS}"]
+    return [
+        "--also",
+        f"{name}_faults:{layout} --steps 7 --faults {faults} {FAULT_ARGS}",
+        "--also",
+        f"{name}_faults_ref:{layout} --steps 4 --data-steps 0,2,4,6 {FAULT_ARGS}",
+    ]
 
 
 LAYOUTS = {  # name: (ranks, worker arguments); each --also is one more layout in the same launch
     "single": (1, ["--methods", "AdamW," + ",".join(SAM_TYPES), "--microbatches", str(MICRO)]),
-    "tp2": (2, ["--tp", "2", "--microbatches", str(MICRO),
-                # dropout 0.1, rho 0, pass 2 forced: SAM is AdamW bit for bit (the random states replayed)
-                "--also", f"tp2_dropout:--tp 2 --dropout 0.1 --rho 0 --microbatches {MICRO} "
-                          "--methods AdamW,SAM,SAM@noreplay,SAM@notracker",
-                "--also", f"tp2_every:--tp 2 --microbatches {MICRO} --steps 4 --ascent-every 2 --methods {EVERY}",
-                "--also", f"tp2_momentum:--tp 2 --microbatches {MICRO} --ascent-direction momentum "
-                          "--methods SAM,PreconditionedFunctionalSAM",
-                # a loss fault on TP rank 1 only, gradient faults in pass 1 and pass 2
-                *_fault_runs("tp2", f"--tp 2 --microbatches {MICRO}", "1:loss:1:1,3:grad:1:0,5:grad:2:1")]),
-    "pp2": (2, ["--pp", "2", "--microbatches", str(MICRO),
-                "--also", f"pp2_every:--pp 2 --microbatches {MICRO} --steps 4 --ascent-every 2 --methods {EVERY}",
-                # the last stage (rank 1) alone sees the loss and the logits
-                *_fault_runs("pp2", f"--pp 2 --microbatches {MICRO}", "1:loss:1:1,3:grad:1:1,5:grad:2:1")]),
-    "dp2": (2, ["--distopt", "--via-train-step", "--microbatches", str(MICRO // 2),
-                # an infinite loss on data-parallel rank 1 only
-                *_fault_runs("dp2", f"--distopt --microbatches {MICRO // 2}", "1:loss:1:1,3:grad:1:0,5:grad:2:1")]),
-    "interleaved": (2, ["--pp", "2", "--vpp", "2", "--layers", "4", "--microbatches", str(MICRO),
-                        "--methods", "FunctionalSAM,PreconditionedFunctionalSAM"]),
+    "tp2": (
+        2,
+        [
+            "--tp",
+            "2",
+            "--microbatches",
+            str(MICRO),
+            # dropout 0.1, rho 0, pass 2 forced: SAM is AdamW bit for bit (the random states replayed)
+            "--also",
+            f"tp2_dropout:--tp 2 --dropout 0.1 --rho 0 --microbatches {MICRO} "
+            "--methods AdamW,SAM,SAM@noreplay,SAM@notracker",
+            "--also",
+            f"tp2_every:--tp 2 --microbatches {MICRO} --steps 4 --ascent-every 2 --methods {EVERY}",
+            "--also",
+            f"tp2_momentum:--tp 2 --microbatches {MICRO} --ascent-direction momentum "
+            "--methods SAM,PreconditionedFunctionalSAM",
+            # a loss fault on TP rank 1 only, gradient faults in pass 1 and pass 2
+            *_fault_runs("tp2", f"--tp 2 --microbatches {MICRO}", "1:loss:1:1,3:grad:1:0,5:grad:2:1"),
+        ],
+    ),
+    "pp2": (
+        2,
+        [
+            "--pp",
+            "2",
+            "--microbatches",
+            str(MICRO),
+            "--also",
+            f"pp2_every:--pp 2 --microbatches {MICRO} --steps 4 --ascent-every 2 --methods {EVERY}",
+            # the last stage (rank 1) alone sees the loss and the logits
+            *_fault_runs("pp2", f"--pp 2 --microbatches {MICRO}", "1:loss:1:1,3:grad:1:1,5:grad:2:1"),
+        ],
+    ),
+    "dp2": (
+        2,
+        [
+            "--distopt",
+            "--via-train-step",
+            "--microbatches",
+            str(MICRO // 2),
+            # an infinite loss on data-parallel rank 1 only
+            *_fault_runs("dp2", f"--distopt --microbatches {MICRO // 2}", "1:loss:1:1,3:grad:1:0,5:grad:2:1"),
+        ],
+    ),
+    "interleaved": (
+        2,
+        [
+            "--pp",
+            "2",
+            "--vpp",
+            "2",
+            "--layers",
+            "4",
+            "--microbatches",
+            str(MICRO),
+            "--methods",
+            "FunctionalSAM,PreconditionedFunctionalSAM",
+        ],
+    ),
     "pp2_tied": (2, ["--pp", "2", "--tied", "--microbatches", str(MICRO), "--methods", "SAM,FunctionalSAM,SAM@twice"]),
-    "dp2_bf16": (2, ["--distopt", "--bf16", "--probe", "--microbatches", str(MICRO // 2), "--methods", BF16,
-                     "--also", f"dp2_bf16_plain:--bf16 --probe --microbatches {MICRO // 2} --methods {BF16}"]),
-    "tp2pp2": (4, ["--tp", "2", "--pp", "2", "--microbatches", str(MICRO), "--methods", "PreconditionedFunctionalSAM",
-                   "--also", f"tp2dp2_distopt:--tp 2 --distopt --microbatches {MICRO // 2} "
-                             "--methods SAM,PreconditionedFunctionalSAM",
-                   "--also", f"pp2dp2_distopt:--pp 2 --distopt --microbatches {MICRO // 2} "
-                             "--methods FunctionalSAM,PreconditionedSAM"]),
+    "dp2_bf16": (
+        2,
+        [
+            "--distopt",
+            "--bf16",
+            "--probe",
+            "--microbatches",
+            str(MICRO // 2),
+            "--methods",
+            BF16,
+            "--also",
+            f"dp2_bf16_plain:--bf16 --probe --microbatches {MICRO // 2} --methods {BF16}",
+        ],
+    ),
+    "tp2pp2": (
+        4,
+        [
+            "--tp",
+            "2",
+            "--pp",
+            "2",
+            "--microbatches",
+            str(MICRO),
+            "--methods",
+            "PreconditionedFunctionalSAM",
+            "--also",
+            f"tp2dp2_distopt:--tp 2 --distopt --microbatches {MICRO // 2} --methods SAM,PreconditionedFunctionalSAM",
+            "--also",
+            f"pp2dp2_distopt:--pp 2 --distopt --microbatches {MICRO // 2} --methods FunctionalSAM,PreconditionedSAM",
+        ],
+    ),
 }
 
 
@@ -94,9 +164,25 @@ def runs(tmp_path_factory):
     results = {}
     for name, (ranks, extra) in LAYOUTS.items():
         path = out / f"{name}.pt"
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(ranks),
-               "--master_port", str(_free_port()), str(HERE / "megatron_worker.py"),
-               "--steps", str(STEPS), "--rho", str(RHO), "--lr", str(LR), "--out", str(path), *extra]
+        cmd = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node",
+            str(ranks),
+            "--master_port",
+            str(_free_port()),
+            str(HERE / "megatron_worker.py"),
+            "--steps",
+            str(STEPS),
+            "--rho",
+            str(RHO),
+            "--lr",
+            str(LR),
+            "--out",
+            str(path),
+            *extra,
+        ]
         proc = subprocess.run(cmd, cwd=HERE.parent, env=env, capture_output=True, text=True, timeout=600)
         assert proc.returncode == 0, f"{name}:\n" + proc.stdout[-3000:] + proc.stderr[-5000:]
         for run, got in torch.load(path, weights_only=False).items():
@@ -199,6 +285,7 @@ def _ref_model():
 
 def _logits_fn(model, ids):
     from torch.func import functional_call
+
     return lambda p: functional_call(model, p, (), {"input_ids": ids}).logits
 
 
@@ -234,8 +321,7 @@ def _bf16_step0_reference():
     fsam, _ = grads_at(perturbed, functional_gf=gf0)
     # per micro-batch of a DP rank: the schedule divides by its 2 micro-batches, not 4
     scale = len(mbs) / (MICRO // 2)
-    return {"gf": [x * scale for x in gf0], "gf_eps": [x * scale for x in gf_eps],
-            "FunctionalSAM": fsam, "SAM": sam}
+    return {"gf": [x * scale for x in gf0], "gf_eps": [x * scale for x in gf_eps], "FunctionalSAM": fsam, "SAM": sam}
 
 
 def _rel(a, b):
@@ -277,6 +363,7 @@ def test_bf16_pass2_gradients_follow_their_method(runs, method):
     def rel(rule):
         diff = torch.sqrt(sum(((got[k].double() - ref[rule][k].double()) ** 2).sum() for k in got))
         return float(diff / torch.sqrt(sum((ref[rule][k].double() ** 2).sum() for k in got)))
+
     assert set(got) == set(ref[own])
     assert rel(own) < 8e-3
     assert rel(other) > 1.1e-2
@@ -299,8 +386,15 @@ def test_dropout_replayed_in_pass2_at_tp2(runs):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("layout,method", [("tp2dp2_distopt", "SAM"), ("tp2dp2_distopt", "PreconditionedFunctionalSAM"),
-                                           ("pp2dp2_distopt", "FunctionalSAM"), ("pp2dp2_distopt", "PreconditionedSAM")])
+@pytest.mark.parametrize(
+    "layout,method",
+    [
+        ("tp2dp2_distopt", "SAM"),
+        ("tp2dp2_distopt", "PreconditionedFunctionalSAM"),
+        ("pp2dp2_distopt", "FunctionalSAM"),
+        ("pp2dp2_distopt", "PreconditionedSAM"),
+    ],
+)
 def test_distributed_optimizer_with_tp_or_pp(runs, layout, method):
     """TP=2 x DP=2 and PP=2 x DP=2 with the distributed optimizer (4 ranks) against the reference.
     Measured: 2e-6 to 1.1e-5 (TOL 6e-5); the other functional/plain type 0.026 to 0.034."""

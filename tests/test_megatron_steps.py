@@ -11,6 +11,7 @@
 tests/megatron_step_worker.py runs all the cases in one process of its own (megatron_patches.cpu
 patches torch for good) and these tests read its results.
 """
+
 from __future__ import annotations
 
 import os
@@ -20,7 +21,6 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from optional import require_module
 
 require_module("megatron.core", "megatron-core is an optional extra: pip install -e .[megatron]")
@@ -33,8 +33,14 @@ LAYOUTS = ["fp32", "distopt", "bf16", "bf16_distopt"]
 def results(tmp_path_factory):
     out = tmp_path_factory.mktemp("megatron_steps") / "results.pt"
     env = dict(os.environ, PYTHONWARNINGS="ignore", OMP_NUM_THREADS="1")
-    proc = subprocess.run([sys.executable, str(HERE / "megatron_step_worker.py"), "--out", str(out)],
-                          cwd=HERE.parent, env=env, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        [sys.executable, str(HERE / "megatron_step_worker.py"), "--out", str(out)],
+        cwd=HERE.parent,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return torch.load(out, weights_only=False)
 
@@ -100,8 +106,10 @@ def test_rerun_state_machine_disabled_is_driven(results):
 @pytest.mark.parametrize("mode", ["validate_results", "report_determinism_stats"])
 def test_rerun_modes_other_than_disabled_are_refused_before_any_work(results, mode):
     case = _ok(results[f"rerun/{mode}"])
-    assert case["error"] == (f"FSAMConfigError: --rerun-mode {mode} is not supported by the SAM types (the step "
-                             "replays its micro-batches itself for pass 2); accepted: --rerun-mode disabled")
+    assert case["error"] == (
+        f"FSAMConfigError: --rerun-mode {mode} is not supported by the SAM types (the step "
+        "replays its micro-batches itself for pass 2); accepted: --rerun-mode disabled"
+    )
     assert "\n" not in case["error"]
     assert case["losses"] == [] and case["unchanged"] and case["iteration"] == -1
 
@@ -159,7 +167,9 @@ def test_supported_settings_pass_the_check():
     from fsam_ds.config import SAMConfig
     from megatron_patches.sam import check_sam_config
 
-    for sam in (SAMConfig(method="FunctionalSAM", rho=0.05, logit_grad_cache="host", ascent_every=3),
-                SAMConfig(method="PreconditionedSAM", rho=0.05, ascent_direction="momentum", rho_warmup_steps=4),
-                SAMConfig(method="SAM", rho=0.05, logit_grad_cache="recompute")):  # no g_F: the cache is unused
+    for sam in (
+        SAMConfig(method="FunctionalSAM", rho=0.05, logit_grad_cache="host", ascent_every=3),
+        SAMConfig(method="PreconditionedSAM", rho=0.05, ascent_direction="momentum", rho_warmup_steps=4),
+        SAMConfig(method="SAM", rho=0.05, logit_grad_cache="recompute"),
+    ):  # no g_F: the cache is unused
         check_sam_config(sam)

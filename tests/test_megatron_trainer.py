@@ -1,5 +1,6 @@
 """fsam-megatron-train: resume across layouts, and every bad input refused before any work; the
 Megatron-LM hooks (arguments, install) without Megatron-LM installed."""
+
 from __future__ import annotations
 
 import argparse
@@ -9,23 +10,38 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from optional import require_module  # noqa: E402
 
 require_module("megatron.core", "megatron-core is an optional extra: pip install -e .[megatron]")
 
+from launch import ROOT, child_env  # noqa: E402
+from launch import torchrun as _torchrun
+
 from fsam_ds.config import FSAMConfigError  # noqa: E402
 from megatron_patches import megatron_lm, trainer  # noqa: E402
 
-from launch import ROOT, child_env, torchrun as _torchrun  # noqa: E402
-
-COMMON = ["--model", "tiny", "--sam-type", "PreconditionedFunctionalSAM", "--micro-batch-size", "2",
-          "--global-batch-size", "8", "--seq-len", "32", "--eval-iters", "2", "--eval-interval", "0"]
+COMMON = [
+    "--model",
+    "tiny",
+    "--sam-type",
+    "PreconditionedFunctionalSAM",
+    "--micro-batch-size",
+    "2",
+    "--global-batch-size",
+    "8",
+    "--seq-len",
+    "32",
+    "--eval-iters",
+    "2",
+    "--eval-interval",
+    "0",
+]
 
 
 def torchrun(ranks: int, args, tmp: Path):
-    return _torchrun(ranks, "-m", "megatron_patches.trainer", *args, env=child_env(tmp=tmp), timeout=600,
-                     tail=5000).stdout
+    return _torchrun(
+        ranks, "-m", "megatron_patches.trainer", *args, env=child_env(tmp=tmp), timeout=600, tail=5000
+    ).stdout
 
 
 def losses(folder: Path) -> dict:
@@ -42,14 +58,19 @@ def test_resume_at_another_layout_continues_the_run(tmp_path):
     """TP=2 for 4 iterations (checkpoints at 2 and 4); resumed from iteration 2 at DP=2 the
     iterations 3 and 4 have the same losses, and the LR/iteration/data position carry over."""
     run = tmp_path / "tp2"
-    out = torchrun(2, COMMON + ["--tensor-model-parallel-size", "2", "--train-iters", "4", "--save-interval", "2",
-                                "--save", str(run)], tmp_path)
+    out = torchrun(
+        2,
+        COMMON
+        + ["--tensor-model-parallel-size", "2", "--train-iters", "4", "--save-interval", "2", "--save", str(run)],
+        tmp_path,
+    )
     assert "final eval_loss" in out
     assert (run / "latest_checkpointed_iteration.txt").read_text().strip() == "4"
     assert (run / "iter_0000002" / "hf" / "config.json").is_file()
     resumed = tmp_path / "dp2"
-    out = torchrun(2, COMMON + ["--train-iters", "4", "--load", str(run), "--ckpt-step", "2",
-                                "--save", str(resumed)], tmp_path)
+    out = torchrun(
+        2, COMMON + ["--train-iters", "4", "--load", str(run), "--ckpt-step", "2", "--save", str(resumed)], tmp_path
+    )
     assert "resumed from" in out and "at iteration 2" in out
     a, b = losses(run), losses(resumed)
     assert sorted(b) == [3, 4]
@@ -60,6 +81,7 @@ def test_resume_at_another_layout_continues_the_run(tmp_path):
 
 def megatron_weights(run: Path, iteration: int):
     from fsam_ds.convert import MegatronSource
+
     return MegatronSource().read(run, str(iteration)).state_dict
 
 
@@ -76,8 +98,16 @@ def test_resume_at_the_same_layout_is_exact_with_dropout(tmp_path):
     cfg.attention_dropout = 0.1
     torch.manual_seed(0)
     LlamaForCausalLM(cfg).save_pretrained(tmp_path / "model")
-    args = COMMON[2:] + ["--model", str(tmp_path / "model"), "--tensor-model-parallel-size", "2",
-                         "--train-iters", "4", "--save-interval", "2"]
+    args = COMMON[2:] + [
+        "--model",
+        str(tmp_path / "model"),
+        "--tensor-model-parallel-size",
+        "2",
+        "--train-iters",
+        "4",
+        "--save-interval",
+        "2",
+    ]
     full, part = tmp_path / "full", tmp_path / "part"
     torchrun(2, args + ["--save", str(full)], tmp_path)
     out = torchrun(2, args + ["--load", str(full), "--ckpt-step", "2", "--save", str(part)], tmp_path)
@@ -98,13 +128,22 @@ def test_resume_keeps_the_stored_ascent_direction(tmp_path):
     weights bit for bit. Measured: a resumed run that does not restore it computes a fresh
     direction at the 4th iteration and lands 1.1e-3 away (max abs; the 4th iteration itself moves the
     weights 1.0e-3); tolerance 0 (bit for bit)."""
-    args = COMMON + ["--tensor-model-parallel-size", "2", "--train-iters", "4", "--save-interval", "3",
-                     "--sam-ascent-every", "2"]
+    args = COMMON + [
+        "--tensor-model-parallel-size",
+        "2",
+        "--train-iters",
+        "4",
+        "--save-interval",
+        "3",
+        "--sam-ascent-every",
+        "2",
+    ]
     full, part = tmp_path / "full", tmp_path / "part"
     torchrun(2, args + ["--save", str(full)], tmp_path)
     out = torchrun(2, args + ["--load", str(full), "--ckpt-step", "3", "--save", str(part)], tmp_path)
     assert "at iteration 3" in out
     import torch
+
     wa, wb, w3 = megatron_weights(full, 4), megatron_weights(part, 4), megatron_weights(full, 3)
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
     assert max(float((wa[k] - w3[k]).abs().max()) for k in wa) > 1e-4  # the 4th iteration does move them
@@ -151,21 +190,42 @@ def test_bad_ckpt_step_and_latest(tmp_path, monkeypatch, capsys):
 
 
 def test_command_line_error_has_no_traceback(tmp_path, clean_env):
-    proc = subprocess.run([sys.executable, "-m", "megatron_patches.trainer", "--sam-type", "Nope"], cwd=ROOT,
-                          env=clean_env, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-m", "megatron_patches.trainer", "--sam-type", "Nope"],
+        cwd=ROOT,
+        env=clean_env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [
         "fsam-megatron-train: error: --sam-type 'Nope' is not supported; accepted: AdamW, SAM, PreconditionedSAM, "
-        "FunctionalSAM, PreconditionedFunctionalSAM"]
+        "FunctionalSAM, PreconditionedFunctionalSAM"
+    ]
 
 
 def test_megatron_lm_arguments():
     parser = megatron_lm.add_sam_args(argparse.ArgumentParser())
-    args = parser.parse_args(["--sam-type", "preconditionedfunctionalsam", "--sam-rho", "0.2",
-                              "--sam-precondition-norm", "gradient", "--sam-rho-warmup-steps", "10"])
+    args = parser.parse_args(
+        [
+            "--sam-type",
+            "preconditionedfunctionalsam",
+            "--sam-rho",
+            "0.2",
+            "--sam-precondition-norm",
+            "gradient",
+            "--sam-rho-warmup-steps",
+            "10",
+        ]
+    )
     sam = megatron_lm.sam_config_from_args(args)
     assert (sam.method, sam.rho, sam.precondition_norm, sam.rho_warmup_steps) == (
-        "PreconditionedFunctionalSAM", 0.2, "gradient", 10)
+        "PreconditionedFunctionalSAM",
+        0.2,
+        "gradient",
+        10,
+    )
     assert sam.functional and sam.preconditioned
     assert not megatron_lm.sam_config_from_args(parser.parse_args([])).is_sam  # AdamW by default
     with pytest.raises(FSAMConfigError, match=r"^--sam-rho must be a number >= 0"):
@@ -175,6 +235,7 @@ def test_megatron_lm_arguments():
 def test_install_without_megatron_lm_changes_nothing():
     try:
         import megatron.training  # noqa: F401
+
         pytest.skip("Megatron-LM is installed here")
     except ImportError:
         pass
@@ -182,10 +243,14 @@ def test_install_without_megatron_lm_changes_nothing():
 
 
 SAM_BAD = [
-    (["--sam-type", "FunctionalSAM", "--sam-logit-grad-cache", "recompute"],
-     "--sam-logit-grad-cache 'recompute' is not supported on megatron-core"),
-    (["--sam-type", "FunctionalSAM", "--sam-logit-grad-cache", "disk"],
-     "--sam-logit-grad-cache 'disk' is not supported"),
+    (
+        ["--sam-type", "FunctionalSAM", "--sam-logit-grad-cache", "recompute"],
+        "--sam-logit-grad-cache 'recompute' is not supported on megatron-core",
+    ),
+    (
+        ["--sam-type", "FunctionalSAM", "--sam-logit-grad-cache", "disk"],
+        "--sam-logit-grad-cache 'disk' is not supported",
+    ),
     (["--sam-type", "SAM", "--sam-ascent-every", "0"], "--sam-ascent-every must be an integer >= 1"),
     (["--sam-type", "SAM", "--sam-ascent-direction", "adam"], "--sam-ascent-direction 'adam' is not supported"),
 ]
@@ -201,9 +266,11 @@ def test_sam_settings_megatron_does_not_run_are_one_line_before_any_work(argv, m
 
 def test_megatron_lm_arguments_of_the_other_sam_keys():
     parser = megatron_lm.add_sam_args(argparse.ArgumentParser())
-    sam = megatron_lm.sam_config_from_args(parser.parse_args(
-        ["--sam-type", "FunctionalSAM", "--sam-ascent-every", "3", "--sam-logit-grad-cache", "host"]))
+    sam = megatron_lm.sam_config_from_args(
+        parser.parse_args(["--sam-type", "FunctionalSAM", "--sam-ascent-every", "3", "--sam-logit-grad-cache", "host"])
+    )
     assert (sam.ascent_every, sam.logit_grad_cache, sam.ascent_direction) == (3, "host", "gradient")
-    sam = megatron_lm.sam_config_from_args(parser.parse_args(["--sam-type", "SAM", "--sam-ascent-direction",
-                                                              "momentum"]))
+    sam = megatron_lm.sam_config_from_args(
+        parser.parse_args(["--sam-type", "SAM", "--sam-ascent-direction", "momentum"])
+    )
     assert sam.ascent_direction == "momentum"
