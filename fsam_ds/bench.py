@@ -602,20 +602,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     ] + (["--sequential"] if a.sequential else [])
     # the worker starts its own process group: a caller's (e.g. a one-rank job in this process,
     # whose store still listens on MASTER_PORT) must not leak into it
-    dist_env = (
-        "RANK",
-        "LOCAL_RANK",
-        "WORLD_SIZE",
-        "LOCAL_WORLD_SIZE",
-        "MASTER_ADDR",
-        "MASTER_PORT",
-        "CROSS_RANK",
-        "CROSS_SIZE",
-        "GROUP_RANK",
-        "ROLE_RANK",
-        "TORCHELASTIC_RUN_ID",
-    )
-    env = {k: v for k, v in os.environ.items() if k not in dist_env}
+    from fsam_ds.distributed import without_process_group_env
+
+    env = without_process_group_env()
     env.update(PYTHONUNBUFFERED="1", TOKENIZERS_PARALLELISM="false")
     env.setdefault("TORCH_EXTENSIONS_DIR", str(Path(sys.prefix) / "torch_extensions"))
     env["PYTHONPATH"] = _worker_pythonpath(env.get("PYTHONPATH", ""))

@@ -7,7 +7,9 @@
 * :func:`init_from_env` - a process group from the launcher's environment (a plain ``python``
   start is one rank on 127.0.0.1);
 * :func:`one_rank_group` - a one-rank group for the duration of a ``with`` block, created only
-  where none exists and destroyed at its end.
+  where none exists and destroyed at its end;
+* :data:`PROCESS_GROUP_ENV` / :func:`without_process_group_env` - the launchers' process-group
+  variables, which a child process that starts its own group must not inherit.
 
 torch is imported on first use, so that importing this module stays cheap.
 """
@@ -17,10 +19,39 @@ from __future__ import annotations
 import contextlib
 import os
 import socket
-from typing import TYPE_CHECKING, Any, Iterator, Optional
+from typing import TYPE_CHECKING, Any, Dict, Iterator, Mapping, Optional
 
 if TYPE_CHECKING:
     import torch
+
+
+#: what torchrun / the deepspeed launcher set for a rank (a caller's one-rank group included, whose
+#: store may still listen on MASTER_PORT)
+PROCESS_GROUP_ENV = (
+    "RANK",
+    "LOCAL_RANK",
+    "WORLD_SIZE",
+    "LOCAL_WORLD_SIZE",
+    "GROUP_RANK",
+    "GROUP_WORLD_SIZE",
+    "ROLE_RANK",
+    "ROLE_WORLD_SIZE",
+    "ROLE_NAME",
+    "MASTER_ADDR",
+    "MASTER_PORT",
+    "CROSS_RANK",
+    "CROSS_SIZE",
+    "NODE_RANK",
+    "TORCHELASTIC_RUN_ID",
+    "TORCHELASTIC_RESTART_COUNT",
+    "TORCHELASTIC_MAX_RESTARTS",
+    "TORCHELASTIC_USE_AGENT_STORE",
+)
+
+
+def without_process_group_env(env: Optional[Mapping[str, str]] = None) -> Dict[str, str]:
+    """``env`` (default this process's environment) without :data:`PROCESS_GROUP_ENV`."""
+    return {k: v for k, v in (os.environ if env is None else env).items() if k not in PROCESS_GROUP_ENV}
 
 
 def free_port() -> int:

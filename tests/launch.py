@@ -21,40 +21,21 @@ import sys
 from pathlib import Path
 from typing import Iterable, List, Optional, Tuple
 
-from fsam_ds.distributed import free_port
+from fsam_ds.distributed import PROCESS_GROUP_ENV, free_port, without_process_group_env
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 
 #: set by torch.distributed / the launchers (or an in-process engine of an earlier test in this
 #: pytest process); a child started by a test must never inherit them
-DIST_ENV = (
-    "RANK",
-    "LOCAL_RANK",
-    "WORLD_SIZE",
-    "LOCAL_WORLD_SIZE",
-    "GROUP_RANK",
-    "GROUP_WORLD_SIZE",
-    "ROLE_RANK",
-    "ROLE_WORLD_SIZE",
-    "ROLE_NAME",
-    "MASTER_ADDR",
-    "MASTER_PORT",
-    "CROSS_RANK",
-    "CROSS_SIZE",
-    "NODE_RANK",
-    "TORCHELASTIC_RUN_ID",
-    "TORCHELASTIC_RESTART_COUNT",
-    "TORCHELASTIC_MAX_RESTARTS",
-    "TORCHELASTIC_USE_AGENT_STORE",
-)
+DIST_ENV = PROCESS_GROUP_ENV
 
 
 def child_env(cache: Optional[Path] = None, tmp: Optional[Path] = None, **extra: str) -> dict:
     """The environment of a child process: this one's without :data:`DIST_ENV`, the repository
     first on ``PYTHONPATH``, unbuffered output, no tokenizer threads; ``FSAM_DS_CACHE`` set to
     ``cache`` and ``TMPDIR`` to ``tmp`` (created) when given; ``extra`` on top."""
-    env = {k: v for k, v in os.environ.items() if k not in DIST_ENV}
+    env = without_process_group_env()
     env["PYTHONPATH"] = os.pathsep.join(
         [str(ROOT)] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p and Path(p).resolve() != ROOT]
     )

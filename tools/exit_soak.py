@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import collections
 import json
-import os
 import subprocess
 import sys
 import tempfile
@@ -22,25 +21,14 @@ from pathlib import Path
 from typing import Union
 
 REPO = Path(__file__).resolve().parents[1]
-PROCESS_GROUP_ENV = (
-    "RANK",
-    "WORLD_SIZE",
-    "LOCAL_RANK",
-    "LOCAL_WORLD_SIZE",
-    "MASTER_ADDR",
-    "MASTER_PORT",
-    "GROUP_RANK",
-    "ROLE_RANK",
-    "TORCHELASTIC_RUN_ID",
-)
 
 
 def launch(work: Path, i: int, steps: int, config: str, timeout: float) -> dict:
-    from fsam_ds.distributed import free_port
+    from fsam_ds.distributed import free_port, without_process_group_env
     from fsam_ds.names import LATEST
 
     save = work / f"run{i}"
-    env = {k: v for k, v in os.environ.items() if k not in PROCESS_GROUP_ENV}
+    env = without_process_group_env()
     env.setdefault("TORCH_EXTENSIONS_DIR", str(Path(sys.prefix) / "torch_extensions"))
     cmd = [
         sys.executable,

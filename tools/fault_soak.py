@@ -293,20 +293,9 @@ def make_plan(faults: int, seed: int, steps: int, save_every: int) -> Dict[str, 
 
 
 def _child_env(work: Path, cache: Optional[Path] = None) -> Dict[str, str]:
-    drop = {
-        "RANK",
-        "LOCAL_RANK",
-        "WORLD_SIZE",
-        "LOCAL_WORLD_SIZE",
-        "MASTER_ADDR",
-        "MASTER_PORT",
-        "CROSS_RANK",
-        "CROSS_SIZE",
-        "GROUP_RANK",
-        "ROLE_RANK",
-        "TORCHELASTIC_RUN_ID",
-    }
-    env = {k: v for k, v in os.environ.items() if k not in drop}
+    from fsam_ds.distributed import without_process_group_env
+
+    env = without_process_group_env()
     env.update(
         FSAM_DS_CACHE=str(cache or work / "cache"),
         PYTHONUNBUFFERED="1",
