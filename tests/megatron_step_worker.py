@@ -65,6 +65,59 @@ class GroupStepAdamW(torch.optim.AdamW):
         return out
 
 
+def build_chunk(hf, full, distopt=False, bf16=False, adam_cls=None, device=None):
+    """A one-chunk megatron-core GPTModel of ``hf``'s config with the weights ``full``, wrapped in
+    DDP, and the optimizer megatron-core builds for it (``adam_cls``: the Adam class megatron-core
+    would pick with TE or apex importable). Returns (chunks, optimizer, config). Used by this worker
+    and by tools/gpu_check.py."""
+    import megatron.core.optimizer as mopt
+    import torch
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
+    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+
+    from megatron_patches import layout
+
+    dtype = torch.bfloat16 if bf16 else torch.float32
+    cfg = layout.transformer_config(hf.config, 1, 1, dtype)
+    gpt = layout.build_gpt(hf.config, cfg)
+    layout.load_full_state_dict([gpt], full)
+    module = gpt
+    if bf16:
+        from megatron.core.transformer.module import Float16Module
+
+        module = Float16Module(cfg, gpt)
+    if device is not None:
+        module.to(device)
+    chunk = DistributedDataParallel(
+        config=cfg,
+        module=module,
+        ddp_config=DistributedDataParallelConfig(grad_reduce_in_fp32=True, use_distributed_optimizer=distopt),
+    )
+    cfg.finalize_model_grads_func = finalize_model_grads
+    saved = (mopt.Adam, getattr(mopt, "USING_PYTORCH_OPTIMIZER", None))
+    if adam_cls is not None:  # what megatron-core does when TE or apex is importable
+        mopt.Adam, mopt.USING_PYTORCH_OPTIMIZER = adam_cls, False
+    try:
+        opt = get_megatron_optimizer(
+            OptimizerConfig(
+                optimizer="adam",
+                lr=1e-2,
+                weight_decay=0.0,
+                adam_beta1=0.9,
+                adam_beta2=0.999,
+                adam_eps=1e-8,
+                clip_grad=1.0,
+                bf16=bf16,
+                params_dtype=dtype,
+                use_distributed_optimizer=distopt,
+            ),
+            [chunk],
+        )
+    finally:
+        mopt.Adam, mopt.USING_PYTORCH_OPTIMIZER = saved
+    return [chunk], opt, cfg
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", required=True)
@@ -77,10 +130,8 @@ def main():
     from megatron_patches import cpu
 
     cpu.apply()
-    import megatron.core.optimizer as mopt
     from megatron.core import parallel_state as ps
     from megatron.core import tensor_parallel
-    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
@@ -95,43 +146,7 @@ def main():
     results = {}
 
     def build(distopt=False, bf16=False, adam_cls=None):
-        dtype = torch.bfloat16 if bf16 else torch.float32
-        cfg = layout.transformer_config(hf.config, 1, 1, dtype)
-        gpt = layout.build_gpt(hf.config, cfg)
-        layout.load_full_state_dict([gpt], full)
-        module = gpt
-        if bf16:
-            from megatron.core.transformer.module import Float16Module
-
-            module = Float16Module(cfg, gpt)
-        chunk = DistributedDataParallel(
-            config=cfg,
-            module=module,
-            ddp_config=DistributedDataParallelConfig(grad_reduce_in_fp32=True, use_distributed_optimizer=distopt),
-        )
-        cfg.finalize_model_grads_func = finalize_model_grads
-        saved = (mopt.Adam, mopt.USING_PYTORCH_OPTIMIZER)
-        if adam_cls is not None:  # what megatron-core does when TE or apex is importable
-            mopt.Adam, mopt.USING_PYTORCH_OPTIMIZER = adam_cls, False
-        try:
-            opt = get_megatron_optimizer(
-                OptimizerConfig(
-                    optimizer="adam",
-                    lr=1e-2,
-                    weight_decay=0.0,
-                    adam_beta1=0.9,
-                    adam_beta2=0.999,
-                    adam_eps=1e-8,
-                    clip_grad=1.0,
-                    bf16=bf16,
-                    params_dtype=dtype,
-                    use_distributed_optimizer=distopt,
-                ),
-                [chunk],
-            )
-        finally:
-            mopt.Adam, mopt.USING_PYTORCH_OPTIMIZER = saved
-        return [chunk], opt, cfg
+        return build_chunk(hf, full, distopt=distopt, bf16=bf16, adam_cls=adam_cls)
 
     def loss_func(output_tensor):
         loss = output_tensor.float().mean()

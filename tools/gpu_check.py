@@ -1089,10 +1089,8 @@ def w_megatron(a) -> int:
     import reference
     from megatron.core import parallel_state as ps
     from megatron.core import tensor_parallel
-    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
-    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
     from megatron.core.pipeline_parallel import get_forward_backward_func
-    from megatron_step_worker import GroupStepAdamW
+    from megatron_step_worker import GroupStepAdamW, build_chunk
 
     from fsam_ds.config import SAMConfig
     from megatron_patches import layout
@@ -1120,44 +1118,8 @@ def w_megatron(a) -> int:
     }
 
     def build(distopt=False, bf16=False, adam_cls=None):
-        dtype = torch.bfloat16 if bf16 else torch.float32
-        cfg = layout.transformer_config(hf.config, 1, 1, dtype)
-        gpt = layout.build_gpt(hf.config, cfg)
-        layout.load_full_state_dict([gpt], full)
-        module = gpt
-        if bf16:
-            from megatron.core.transformer.module import Float16Module
-
-            module = Float16Module(cfg, gpt)
-        module.to(dev)
-        chunk = DistributedDataParallel(
-            config=cfg,
-            module=module,
-            ddp_config=DistributedDataParallelConfig(grad_reduce_in_fp32=True, use_distributed_optimizer=distopt),
-        )
-        cfg.finalize_model_grads_func = finalize_model_grads
-        saved = (mopt.Adam, getattr(mopt, "USING_PYTORCH_OPTIMIZER", None))
-        if adam_cls is not None:
-            mopt.Adam, mopt.USING_PYTORCH_OPTIMIZER = adam_cls, False
-        try:
-            opt = get_megatron_optimizer(
-                OptimizerConfig(
-                    optimizer="adam",
-                    lr=1e-2,
-                    weight_decay=0.0,
-                    adam_beta1=0.9,
-                    adam_beta2=0.999,
-                    adam_eps=1e-8,
-                    clip_grad=1.0,
-                    bf16=bf16,
-                    params_dtype=dtype,
-                    use_distributed_optimizer=distopt,
-                ),
-                [chunk],
-            )
-        finally:
-            mopt.Adam, mopt.USING_PYTORCH_OPTIMIZER = saved
-        return [chunk], opt
+        chunks, opt, _ = build_chunk(hf, full, distopt=distopt, bf16=bf16, adam_cls=adam_cls, device=dev)
+        return chunks, opt
 
     def forward_step(data_iterator, model):
         ids = next(data_iterator)["input_ids"].to(dev)
