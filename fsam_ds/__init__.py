@@ -12,10 +12,27 @@ from __future__ import annotations
 import os
 from typing import Any, Callable, Mapping, Optional, Union
 
-from .config import METHODS, SAM_METHODS, FSAMConfigError, SAMConfig, parse_config
-from .distributed import free_port
-from .lm import causal_lm_loss
-from .method import adam_denominator, ascent_direction, functional_surrogate, global_norm, rho_at
+from .config import METHODS, SAM_METHODS, FSAMConfigError, SAMConfig, parse_config  # torch-free
+
+# the method's functions load torch: imported on first use, so that ``import fsam_ds.names`` or
+# ``fsam_ds.config`` (the reports and the config checks) does not
+_LAZY = {
+    "causal_lm_loss": "lm",
+    "adam_denominator": "method",
+    "ascent_direction": "method",
+    "functional_surrogate": "method",
+    "global_norm": "method",
+    "rho_at": "method",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(f"{__name__}.{_LAZY[name]}"), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 __version__ = "0.1.0"
 
@@ -46,6 +63,8 @@ def init_distributed(dist_backend: Optional[str] = None) -> None:
     becomes a one-rank job on 127.0.0.1."""
     import deepspeed
     import torch.distributed as dist
+
+    from .distributed import free_port
 
     if dist.is_initialized():
         return

@@ -182,6 +182,41 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def train_argv(
+    config,
+    save_dir,
+    steps: int,
+    *,
+    model="tiny",
+    seq_len: int = 32,
+    eval_every: int = 0,
+    eval_batches: int = 1,
+    progress: bool = False,
+    **options: Any,
+) -> List[str]:
+    """The command-line arguments of ``fsam-train`` for a run (the tests', the soaks' and the
+    reproduction's): ``options`` by their Python names (``save_every=2``, ``dataset=...``,
+    ``resume=True``); None and False leave an option out."""
+    values = dict(
+        deepspeed_config=config,
+        model=model,
+        seq_len=seq_len,
+        steps=steps,
+        eval_every=eval_every,
+        eval_batches=eval_batches,
+        save_dir=save_dir,
+        **options,
+    )
+    argv: List[str] = []
+    for key, value in values.items():
+        flag = "--deepspeed_config" if key == "deepspeed_config" else "--" + key.replace("_", "-")
+        if value is True:
+            argv.append(flag)
+        elif value is not None and value is not False:
+            argv += [flag, str(value)]
+    return argv + ([] if progress else ["--no-progress"])
+
+
 def validate(args: argparse.Namespace) -> Dict[str, Any]:
     """Every check that costs no model, data or process group. Returns the parsed config pieces;
     raises UsageError/FSAMConfigError/ValueError/FileNotFoundError with a one-line message."""

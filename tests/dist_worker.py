@@ -73,6 +73,15 @@ class Case:
         return out
 
 
+# the layouts of the non-finite cases: ZeRO 0 fp32 and bf16, ZeRO 1 and 2 bf16, ZeRO 3 fp32
+NONFINITE_LAYOUTS = (
+    Case(PFSAM, stage=0),
+    Case(PFSAM, stage=0, bf16=True),
+    Case(PFSAM, stage=1, bf16=True),
+    Case(PFSAM, stage=2, bf16=True),
+    Case(PFSAM, stage=3),
+)
+
 CASES = {
     "zero0": [Case(m) for m in METHODS]
     + [Case(PFSAM, precondition_norm="gradient", eps=1e-3)]
@@ -112,11 +121,7 @@ CASES = {
     "nonfinite": [
         layout.but(run=run)
         for layout in (
-            Case(PFSAM, stage=0),
-            Case(PFSAM, stage=0, bf16=True),
-            Case(PFSAM, stage=1, bf16=True),
-            Case(PFSAM, stage=2, bf16=True),
-            Case(PFSAM, stage=3),
+            *NONFINITE_LAYOUTS,
             # the "gradient" normalisation sees a wrong bias-correction step count
             # after a skipped step (the default normalisation cancels it)
             Case(PFSAM, stage=1, bf16=True, precondition_norm="gradient", eps=1e-3),
@@ -127,17 +132,7 @@ CASES = {
     + [Case("SAM", stage=0, run="blowup"), Case(PFSAM, stage=3, run="blowup")]
     # a loss that is infinite while its gradients are finite (loss_fn's loss + inf) on rank 1 in pass 1
     # of step 1 (and, for SAM, whose pass 2 recomputes the loss, on rank 0 in pass 2 of step 3)
-    + [
-        layout.but(run=run)
-        for layout in (
-            Case(PFSAM, stage=0),
-            Case(PFSAM, stage=0, bf16=True),
-            Case(PFSAM, stage=1, bf16=True),
-            Case(PFSAM, stage=2, bf16=True),
-            Case(PFSAM, stage=3),
-        )
-        for run in ("lossinf", "ref1")
-    ]
+    + [layout.but(run=run) for layout in NONFINITE_LAYOUTS for run in ("lossinf", "ref1")]
     + [Case("SAM", stage=0, run=run) for run in ("lossinf2", "ref")],
 }
 FAULTS = ((1, 1, 1), (3, 2, 0))

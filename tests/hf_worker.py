@@ -80,17 +80,14 @@ def reset_accelerate():
     GradientState._reset_state()
 
 
-def trainer_case(
-    out: Path, name: str, method: str, stage: int, world: int, steps: int = STEPS, lora=False, save_steps=0, resume=None
-):
+def reference_args(output_dir: str, steps: int, deepspeed: dict, cls=None, **overrides):
+    """The Trainer arguments of the reference run (its batch sizes, learning rate, AdamW constants,
+    clipping, constant schedule, sequential order, seed), with the DeepSpeed config and any override;
+    ``cls``: a TrainingArguments subclass (TRL's SFTConfig)."""
     from transformers import TrainingArguments
 
-    from fsam_ds.hf import FSAMTrainer
-
-    reset_accelerate()
-    model = lora_model() if lora else tiny_llama(0)
-    args = TrainingArguments(
-        output_dir=str(out / name),
+    kwargs = dict(
+        output_dir=output_dir,
         max_steps=steps,
         per_device_train_batch_size=MBS,
         gradient_accumulation_steps=GAS,
@@ -106,13 +103,31 @@ def trainer_case(
         logging_steps=1,
         report_to="none",
         disable_tqdm=True,
-        save_strategy="steps" if save_steps else "no",
-        save_steps=save_steps or 500,
-        save_only_model=False,
-        deepspeed=ds_json(method, stage),
+        save_strategy="no",
+        deepspeed=deepspeed,
         seed=7,
         dataloader_num_workers=0,
         accelerator_config={"use_configured_state": True},
+    )
+    kwargs.update(overrides)
+    return (cls or TrainingArguments)(**kwargs)
+
+
+def trainer_case(
+    out: Path, name: str, method: str, stage: int, world: int, steps: int = STEPS, lora=False, save_steps=0, resume=None
+):
+
+    from fsam_ds.hf import FSAMTrainer
+
+    reset_accelerate()
+    model = lora_model() if lora else tiny_llama(0)
+    args = reference_args(
+        str(out / name),
+        steps,
+        ds_json(method, stage),
+        save_strategy="steps" if save_steps else "no",
+        save_steps=save_steps or 500,
+        save_only_model=False,
     )
     trainer = FSAMTrainer(model=model, args=args, train_dataset=ReferenceOrder(world, steps=STEPS))
     trainer.train(resume_from_checkpoint=resume)
@@ -142,26 +157,7 @@ def trl_case(out: Path, name: str, method: str, stage: int, world: int, loss_fun
     reset_accelerate()
     data = ReferenceOrder(world)
     rows = Dataset.from_dict({"input_ids": [data[n]["input_ids"].tolist() for n in range(len(data))]})
-    args = SFTConfig(
-        output_dir=str(out / name),
-        max_steps=STEPS,
-        per_device_train_batch_size=MBS,
-        gradient_accumulation_steps=GAS,
-        learning_rate=LR,
-        adam_beta2=0.999,
-        weight_decay=0.0,
-        max_grad_norm=1.0,
-        lr_scheduler_type="constant",
-        train_sampling_strategy="sequential",
-        logging_steps=1,
-        report_to="none",
-        disable_tqdm=True,
-        save_strategy="no",
-        deepspeed=ds_json(method, stage),
-        bf16=False,
-        dataloader_num_workers=0,
-        accelerator_config={"use_configured_state": True},
-    )
+    args = reference_args(str(out / name), STEPS, ds_json(method, stage), cls=SFTConfig, bf16=False)
     tokenizer = get_tokenizer(load_texts("default")[0][:200], vocab_size=300)  # SFTTrainer wants one; ids given
     trainer = FSAMSFTTrainer(
         model=tiny_llama(0),

@@ -190,7 +190,7 @@ def main():
         except Exception as exc:  # recorded for the test to report
             results[name] = {"error": f"{type(exc).__name__}: {exc}", "traceback": traceback.format_exc()}
 
-    # -- item 1: the step count at every optimizer layout ------------------------------------------
+    # -- the step count at every optimizer layout ------------------------------------------
     layouts = {
         "fp32": {},
         "distopt": {"distopt": True},
@@ -252,7 +252,7 @@ def main():
 
     guarded("sgd_warmup_refused", sgd_warmup_refused)
 
-    # -- item 7: one output-layer forward per micro-batch in each pass ----------------------------
+    # -- one output-layer forward per micro-batch in each pass ----------------------------
     for which in ("pass 1", "pass 2", "pass 2 short"):
 
         def stray(which=which):
@@ -293,7 +293,7 @@ def main():
 
     guarded("stray_forward/none", clean_count)
 
-    # -- item 7: the rerun state machine ----------------------------------------------------------
+    # -- the rerun state machine ----------------------------------------------------------
     from megatron.core import rerun_state_machine as rsm
 
     from megatron_patches.megatron_lm import fsam_train_step

@@ -1,4 +1,4 @@
-"""AdamW's denominators as each DeepSpeed rank view reads them (issue 14 item 1, the DeepSpeed
+"""AdamW's denominators as each DeepSpeed rank view reads them (the DeepSpeed
 half): the step count and each parameter's own group's beta2 / eps, at ZeRO 0, 1, 2 and 3, with
 DeepSpeed's FusedAdam and with torch's AdamW (``torch_adam``), and two parameter groups with
 different ``eps`` and ``betas``. One rank, in this process.

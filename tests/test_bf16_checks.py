@@ -1,4 +1,4 @@
-"""bf16 held to checks a wrong method fails (issue 14 item 2): at ZeRO 0, 1, 2 and 3 in bf16 (one
+"""bf16 held to checks a wrong method fails: at ZeRO 0, 1, 2 and 3 in bf16 (one
 rank, in this process), at every step the perturbation the engine applies against the fp32
 formula computed here from the same bf16 gradients and DeepSpeed's own ``exp_avg_sq`` and step
 count (``bf16_worker``, reading DeepSpeed's optimizer state, not ``fsam_ds.shards``), and the kept

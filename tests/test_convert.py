@@ -21,6 +21,8 @@ import pytest
 import torch
 from launch import HERE, ROOT, child_env, deepspeed, run
 
+from fsam_ds.train import train_argv  # noqa: E402
+
 WORKER = HERE / "convert_worker.py"
 TINY_PARAMS = 53_408  # the tiny preset at vocabulary 512 (README table)
 SHARD = 100_000  # bytes: the tiny model's 214 kB of fp32 weights go into three files
@@ -50,23 +52,7 @@ def zero3_run(work):
         "train",
         "--out",
         work,
-        "--deepspeed_config",
-        zero3_fp32_config(work / "z3.json"),
-        "--model",
-        "tiny",
-        "--seq-len",
-        "32",
-        "--steps",
-        "3",
-        "--save-every",
-        "2",
-        "--eval-every",
-        "0",
-        "--eval-batches",
-        "1",
-        "--save-dir",
-        work / "run",
-        "--no-progress",
+        *train_argv(zero3_fp32_config(work / "z3.json"), work / "run", 3, save_every=2),
         env=child_env(work / "cache"),
         timeout=600,
     )
@@ -190,21 +176,7 @@ def test_hf_folder_trains_one_step_and_converts_back(work, exports, monkeypatch)
             sys.executable,
             "-m",
             "fsam_ds.train",
-            "--deepspeed_config",
-            str(work / "ds0.json"),
-            "--model",
-            str(start),
-            "--seq-len",
-            "32",
-            "--steps",
-            "1",
-            "--eval-every",
-            "0",
-            "--eval-batches",
-            "1",
-            "--save-dir",
-            str(work / "run_b"),
-            "--no-progress",
+            *train_argv(work / "ds0.json", work / "run_b", 1, model=start),
         ],
         env=child_env(cache),
         cwd=work,

@@ -1,4 +1,4 @@
-"""Dropout replay and weight decay against the reference (issue 14 items 3 and 4), one rank in
+"""Dropout replay and weight decay against the reference, one rank in
 this process.
 
 Dropout: pass 2 replays pass 1's random state (``FSAMEngine._rng_state`` before each pass-1

@@ -1,4 +1,4 @@
-"""tools/gpu_check.py (the prepared GPU check of issues 13-15), on CPU and fast: the dry run prints every
+"""tools/gpu_check.py (the prepared GPU check), on CPU and fast: the dry run prints every
 step with its budget and runs nothing; the plan runner gives each command its own timeout, keeps going
 after a failure or a timeout and writes one report; the CPU smoke of the fp16 step (the same injection
 in bf16 at ZeRO 0) ends with every injected step skipped and the weights unchanged."""
@@ -161,7 +161,7 @@ def test_cpu_smoke_of_the_non_finite_step(tmp_path):
 def test_cpu_smoke_of_the_megatron_adam_step_check(tmp_path):
     """The GPU script's Megatron step (item: where Adam's step lives, what MainParams reads) runs on
     CPU with torch's AdamW and the stand-in that keeps its step in param_groups, so a change of
-    MegatronSAM's or MainParams' interface cannot leave it broken until a GPU session."""
+    MegatronSAM's or MainParams' interface cannot leave it broken until a GPU run."""
     out = tmp_path / "megatron.json"
     proc = _run("worker", "megatron", "--steps", "2", "--json", str(out), timeout=240)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]

@@ -16,10 +16,6 @@ one or more layouts (the worker's --also).
 from __future__ import annotations
 
 import functools
-import os
-import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -28,6 +24,7 @@ from optional import require_module  # noqa: E402
 
 require_module("megatron.core", "megatron-core is an optional extra: pip install -e .[megatron]")
 
+from launch import child_env, torchrun  # noqa: E402
 from reference import _ce, micro_batch, reference_train, tiny_llama, weight_distance  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
@@ -151,40 +148,15 @@ LAYOUTS = {  # name: (ranks, worker arguments); each --also is one more layout i
 }
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     out = tmp_path_factory.mktemp("megatron")
-    env = dict(os.environ, PYTHONUNBUFFERED="1", TMPDIR=str(out), OMP_NUM_THREADS="1")
+    env = child_env(tmp=out, OMP_NUM_THREADS="1")
     results = {}
     for name, (ranks, extra) in LAYOUTS.items():
         path = out / f"{name}.pt"
-        cmd = [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--nproc_per_node",
-            str(ranks),
-            "--master_port",
-            str(_free_port()),
-            str(HERE / "megatron_worker.py"),
-            "--steps",
-            str(STEPS),
-            "--rho",
-            str(RHO),
-            "--lr",
-            str(LR),
-            "--out",
-            str(path),
-            *extra,
-        ]
-        proc = subprocess.run(cmd, cwd=HERE.parent, env=env, capture_output=True, text=True, timeout=600)
-        assert proc.returncode == 0, f"{name}:\n" + proc.stdout[-3000:] + proc.stderr[-5000:]
+        args = ["--steps", STEPS, "--rho", RHO, "--lr", LR, "--out", path, *extra]
+        torchrun(ranks, HERE / "megatron_worker.py", *args, env=env, tail=5000)
         for run, got in torch.load(path, weights_only=False).items():
             key = name if run == "main" else run
             results[key] = got

@@ -1,10 +1,10 @@
 """The Megatron step's bookkeeping, in one process (world size 1, TP = PP = 1, gloo):
 
-* issue 14 item 1: Adam's step count read at every optimizer layout, including the layout of
+* Adam's step count read at every optimizer layout, including the layout of
   TransformerEngine's and apex's FusedAdam (``param_groups[i]["step"]``), which megatron-core
   picks before torch's AdamW when either is installed. Before the fix the preconditioned types
   found no step there and silently ran unpreconditioned (denominators None);
-* item 7: megatron-core's ``RerunStateMachine`` driven in mode ``disabled``, any other mode
+* megatron-core's ``RerunStateMachine`` driven in mode ``disabled``, any other mode
   refused in one line before any work; exactly ``num_microbatches`` output-layer forwards in
   each pass of the functional types.
 
@@ -14,13 +14,12 @@ patches torch for good) and these tests read its results.
 
 from __future__ import annotations
 
-import os
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+from launch import child_env, run
 from optional import require_module
 
 require_module("megatron.core", "megatron-core is an optional extra: pip install -e .[megatron]")
@@ -32,16 +31,8 @@ LAYOUTS = ["fp32", "distopt", "bf16", "bf16_distopt"]
 @pytest.fixture(scope="module")
 def results(tmp_path_factory):
     out = tmp_path_factory.mktemp("megatron_steps") / "results.pt"
-    env = dict(os.environ, PYTHONWARNINGS="ignore", OMP_NUM_THREADS="1")
-    proc = subprocess.run(
-        [sys.executable, str(HERE / "megatron_step_worker.py"), "--out", str(out)],
-        cwd=HERE.parent,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    env = child_env(PYTHONWARNINGS="ignore", OMP_NUM_THREADS="1")
+    run([sys.executable, HERE / "megatron_step_worker.py", "--out", out], env=env, tail=3000)
     return torch.load(out, weights_only=False)
 
 

@@ -600,7 +600,7 @@ def test_fsam_train_resumes_ascent_every(tmp_path, monkeypatch):
     import torch
     from common import read_metrics, write_config
 
-    from fsam_ds.train import main
+    from fsam_ds.train import main, train_argv
 
     monkeypatch.setenv("FSAM_DS_CACHE", str(tmp_path / "cache"))
     torch.set_num_threads(1)
@@ -608,30 +608,7 @@ def test_fsam_train_resumes_ascent_every(tmp_path, monkeypatch):
     config = write_config(tmp_path / "ds.json", micro=2, params=params)
 
     def run(folder, steps, *extra):
-        assert (
-            main(
-                [
-                    "--deepspeed_config",
-                    str(config),
-                    "--model",
-                    "tiny",
-                    "--seq-len",
-                    "32",
-                    "--steps",
-                    str(steps),
-                    "--eval-every",
-                    "0",
-                    "--eval-batches",
-                    "1",
-                    "--save-dir",
-                    str(tmp_path / folder),
-                    "--no-progress",
-                    "--local_rank=0",
-                    *extra,
-                ]
-            )
-            == 0
-        )
+        assert main([*train_argv(config, tmp_path / folder, steps), "--local_rank=0", *extra]) == 0
         return read_metrics(tmp_path / folder)[0]
 
     whole = run("whole", 6)

@@ -22,6 +22,8 @@ import torch
 from common import read_metrics
 from launch import HERE, ROOT, child_env, deepspeed
 
+from fsam_ds.train import train_argv  # noqa: E402
+
 WORKER = HERE / "fault_worker.py"
 
 
@@ -53,24 +55,9 @@ def run(work: Path, save: str, steps: int, fault: str = "", resume: bool = False
     env = child_env(work / "cache", FSAM_TEST_FAULT=fault, FSAM_TEST_FAULT_MARK=mark)
     proc = deepspeed(
         WORKER,
-        "--deepspeed_config",
-        work / "ds.json",
-        "--model",
-        work / "model",
-        "--seq-len",
-        "32",
-        "--steps",
-        steps,
-        "--eval-every",
-        "0",
-        "--eval-batches",
-        "2",
-        "--save-dir",
-        work / save,
-        "--save-every",
-        "2",
-        "--no-progress",
-        *(["--resume"] if resume else []),
+        *train_argv(
+            work / "ds.json", work / save, steps, model=work / "model", eval_batches=2, save_every=2, resume=resume
+        ),
         env=env,
         cwd=work,
         timeout=timeout,

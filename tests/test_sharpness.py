@@ -233,31 +233,13 @@ def test_metrics_jsonl_from_fsam_train(tmp_path):
     """fsam-train writes the diagnostics into metrics.jsonl on the configured steps."""
     from common import ds_config
 
-    from fsam_ds.train import main
+    from fsam_ds.train import main, train_argv
 
     cfg = ds_config("FunctionalSAM", gas=1)
     cfg["optimizer"]["params"]["sharpness_every"] = 2
     path = tmp_path / "c.json"
     path.write_text(json.dumps(cfg))
-    rc = main(
-        [
-            "--deepspeed_config",
-            str(path),
-            "--model",
-            "tiny",
-            "--steps",
-            "3",
-            "--seq-len",
-            "32",
-            "--eval-every",
-            "0",
-            "--eval-batches",
-            "1",
-            "--save-dir",
-            str(tmp_path / "run"),
-            "--no-progress",
-        ]
-    )
+    rc = main(train_argv(path, tmp_path / "run", 3))
     assert rc == 0
     recs = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     steps = {r["step"]: r for r in recs if "loss" in r}

@@ -12,6 +12,8 @@ import pytest
 from common import read_metrics, write_config
 from launch import ROOT, child_env, deepspeed
 
+from fsam_ds.train import train_argv  # noqa: E402
+
 TRAIN = ROOT / "fsam_ds" / "train.py"
 STEP_KEYS = {"step", "loss", "grad_norm", "eps_norm", "rho", "lr", "tokens_per_s", "method"}
 
@@ -19,23 +21,7 @@ STEP_KEYS = {"step", "loss", "grad_norm", "eps_norm", "rho", "lr", "tokens_per_s
 def launch(work: Path, steps: int, *extra: str) -> subprocess.CompletedProcess:
     return deepspeed(
         TRAIN,
-        "--deepspeed_config",
-        work / "ds.json",
-        "--model",
-        "tiny",
-        "--seq-len",
-        "32",
-        "--steps",
-        steps,
-        "--eval-every",
-        "3",
-        "--eval-batches",
-        "2",
-        "--save-dir",
-        work / "run",
-        "--save-every",
-        "3",
-        "--no-progress",
+        *train_argv(work / "ds.json", work / "run", steps, eval_every=3, eval_batches=2, save_every=3),
         *extra,
         cwd=work,
         env=child_env(work / "cache"),
@@ -112,26 +98,7 @@ def test_main_in_process_one_rank(work, tmp_path, monkeypatch, capsys, one_threa
 
     monkeypatch.setenv("FSAM_DS_CACHE", str(work / "cache"))  # reuses the 2-rank run's tokenizer
     config = write_config(tmp_path / "ds.json", micro=2)
-    rc = main(
-        [
-            "--deepspeed_config",
-            str(config),
-            "--model",
-            "tiny",
-            "--seq-len",
-            "32",
-            "--steps",
-            "3",
-            "--eval-every",
-            "0",
-            "--eval-batches",
-            "1",
-            "--save-dir",
-            str(tmp_path / "run"),
-            "--no-progress",
-            "--local_rank=0",
-        ]
-    )
+    rc = main([*train_argv(config, tmp_path / "run", 3), "--local_rank=0"])
     assert rc == 0
     steps, evals = read_metrics(tmp_path / "run")
     assert [r["step"] for r in steps] == [1, 2, 3]
@@ -210,7 +177,7 @@ def test_argument_errors_are_one_line(argv, words, capsys):
     assert all(w in err for w in words), err
 
 
-# ---- refusals checked in this process, before any rank starts (issue 14 item 10) ---------------
+# ---- refusals checked in this process, before any rank starts ---------------
 
 
 def _checkpoint(folder: Path, stage: int) -> Path:

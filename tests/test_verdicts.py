@@ -267,13 +267,11 @@ def test_retention_is_decided_only_on_a_resolved_exact_gain():
     assert r["kept_point"] == pytest.approx(2.0) and r["verdict"] == V.INCONCLUSIVE
 
 
-def test_report_renders_verdicts_from_json_alone(tmp_path):
-    from tools.reproduce import SCHEMA, render
+def report_json(runs, methods, rhos, **settings):
+    """The JSON ``tools.reproduce.render`` reads, around synthetic ``runs`` (2m, lr 0.004, BEST rho)."""
+    from tools.reproduce import SCHEMA
 
-    runs = rows_for({"AdamW": 5.19, "SAM": 5.21, "FunctionalSAM": 5.17}, lambda_h=3.5, lambda_h_res=0.01)
-    for r in runs:
-        r.update(name=f"{r['method']}-{r['seed']}", median_step_time=0.2, step_cost=0.2)
-    data = {
+    return {
         "schema": SCHEMA,
         "written": "2026-12-01",
         "command": "python -m tools.reproduce",
@@ -285,8 +283,8 @@ def test_report_renders_verdicts_from_json_alone(tmp_path):
             "micro_batch": 8,
             "seq_len": 128,
             "lrs": [0.004],
-            "rhos": [0.02],
-            "methods": ["AdamW", "SAM", "FunctionalSAM"],
+            "rhos": rhos,
+            "methods": methods,
             "select_seeds": [1234],
             "fresh_seeds": FRESH,
             "eval_batches": 20,
@@ -296,12 +294,22 @@ def test_report_renders_verdicts_from_json_alone(tmp_path):
             "grid_time_s": 0.0,
             "every": [],
             "horizon": 1,
+            **settings,
         },
         "lr": 0.004,
         "best_rho": BEST,
         "plots": {},
         "runs": runs,
     }
+
+
+def test_report_renders_verdicts_from_json_alone(tmp_path):
+    from tools.reproduce import render
+
+    runs = rows_for({"AdamW": 5.19, "SAM": 5.21, "FunctionalSAM": 5.17}, lambda_h=3.5, lambda_h_res=0.01)
+    for r in runs:
+        r.update(name=f"{r['method']}-{r['seed']}", median_step_time=0.2, step_cost=0.2)
+    data = report_json(runs, ["AdamW", "SAM", "FunctionalSAM"], rhos=[0.02])
     text = render(data, tmp_path / "results.md", tmp_path / "results" / "results.json")
     assert "| FunctionalSAM improves on SAM | FunctionalSAM vs SAM |" in text
     line = next(x for x in text.splitlines() if x.startswith("| FunctionalSAM improves on SAM"))
@@ -356,39 +364,13 @@ def sub2x_data(variant_loss, variant_noise=0.0005, cost=0.27):
         momentum = r.get("ascent_direction") == "momentum"
         t = 0.2 if r["method"] == "AdamW" else (cost if momentum else 0.4)
         r.update(name=f"{r['method']}-{r['seed']}-{i}", median_step_time=t, step_cost=t * (1 + 0.01 * (i % 3)))
-    from tools.reproduce import SCHEMA
-
-    return {
-        "schema": SCHEMA,
-        "written": "2026-12-01",
-        "command": "python -m tools.reproduce",
-        "settings": {
-            "dataset": "x",
-            "data_files": [],
-            "preset": "2m",
-            "steps": 400,
-            "micro_batch": 8,
-            "seq_len": 128,
-            "lrs": [0.004],
-            "rhos": [0.05],
-            "methods": ["AdamW", "PreconditionedFunctionalSAM"],
-            "select_seeds": [1234],
-            "fresh_seeds": FRESH,
-            "eval_batches": 20,
-            "lambda_rows": 4,
-            "lambda_iters": 12,
-            "machine": "test",
-            "grid_time_s": 0.0,
-            "every": [],
-            "every_methods": [],
-            "momentum_methods": ["PreconditionedFunctionalSAM"],
-            "horizon": 1,
-        },
-        "lr": 0.004,
-        "best_rho": BEST,
-        "plots": {},
-        "runs": runs,
-    }
+    return report_json(
+        runs,
+        ["AdamW", "PreconditionedFunctionalSAM"],
+        rhos=[0.05],
+        every_methods=[],
+        momentum_methods=["PreconditionedFunctionalSAM"],
+    )
 
 
 def test_momentum_row_of_the_sub2x_section_renders_with_its_intervals(tmp_path):

@@ -26,6 +26,7 @@ REPO = Path(__file__).resolve().parents[1]
 def launch(work: Path, i: int, steps: int, config: str, timeout: float) -> dict:
     from fsam_ds.distributed import free_port, without_process_group_env
     from fsam_ds.names import LATEST
+    from fsam_ds.train import train_argv
 
     save = work / f"run{i}"
     env = without_process_group_env()
@@ -39,21 +40,7 @@ def launch(work: Path, i: int, steps: int, config: str, timeout: float) -> dict:
         "--master_port",
         str(free_port()),
         str(REPO / "fsam_ds" / "train.py"),
-        "--deepspeed_config",
-        str(REPO / "ds_configs" / config),
-        "--model",
-        "tiny",
-        "--seq-len",
-        "32",
-        "--steps",
-        str(steps),
-        "--eval-every",
-        str(steps),
-        "--eval-batches",
-        "1",
-        "--save-dir",
-        str(save),
-        "--no-progress",
+        *train_argv(REPO / "ds_configs" / config, save, steps, eval_every=steps),
     ]
     t0 = time.perf_counter()
     try:

@@ -64,6 +64,7 @@ from typing import Any, Dict, List, Optional, Tuple
 
 from fsam_ds.distributed import free_port
 from fsam_ds.names import LATEST, METRICS_FILE, TMP_SUFFIX, deepspeed_tag
+from fsam_ds.train import train_argv
 
 ROOT = Path(__file__).resolve().parents[1]
 ROLE_ENV = "FSAM_SOAK_ROLE"  # "worker": this file runs fsam-train with the fault plan
@@ -334,23 +335,7 @@ def train_command(work: Path, save: str, steps: int, save_every: int, port: int)
         "--master_port",
         str(port),
         str(Path(__file__).resolve()),
-        "--deepspeed_config",
-        str(work / "ds.json"),
-        "--model",
-        str(work / "model"),
-        "--seq-len",
-        "32",
-        "--steps",
-        str(steps),
-        "--eval-every",
-        "0",
-        "--eval-batches",
-        "2",
-        "--save-dir",
-        str(work / save),
-        "--save-every",
-        str(save_every),
-        "--no-progress",
+        *train_argv(work / "ds.json", work / save, steps, model=work / "model", eval_batches=2, save_every=save_every),
     ]
 
 

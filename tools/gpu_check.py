@@ -1,4 +1,4 @@
-"""The prepared GPU check of issues 13, 14 and 15: one command, one report, on one GPU in under 10 minutes.
+"""The prepared GPU check (loops, GPU paths, numbers): one command, one report, on one GPU in under 10 minutes.
 
     bash tools/gpu_check.sh                 # the whole plan on a CUDA machine (see the header of gpu_check.sh)
     bash tools/gpu_check.sh --dry-run       # print the plan, each step's time budget and its commands; run nothing
@@ -8,7 +8,7 @@
 Every step runs as its own subprocess(es) with its own timeout, its output captured to a log file in
 ``--out``; a failed or timed-out step is recorded and the next one runs. The whole run has a deadline
 (``--deadline-s``, default 570 s): a step's timeout is its own cap or what is left before the deadline
-after the minimum the later steps need, whichever is less, and the last step (issue 15's paired seeds)
+after the minimum the later steps need, whichever is less, and the last step (the paired fresh seeds)
 uses whatever time is left. At the end ``report.md`` (commit hash, device, versions, each step's result
 and timings: meant to become a section of docs/gpu.md) and ``summary.json`` are written to ``--out``.
 
@@ -35,7 +35,7 @@ The steps (``--only`` takes their ids):
                that the preconditioner exists, and that PreconditionedSAM's weights are not SAM's
 ``bench_118m`` ``fsam-bench --gpu`` at 118m (bf16, every method, cache mode and ascent_every, interleaved), JSON
 ``bench_1.2b`` ``fsam-bench --gpu`` at 1.2b (bf16, sequential: one engine at a time), JSON
-``seeds_24m``  issue 15 on the GPU: AdamW, PreconditionedFunctionalSAM and its best sub-2x mode (ascent_every 4)
+``seeds_24m``  on the GPU: AdamW, PreconditionedFunctionalSAM and its best sub-2x mode (ascent_every 4)
                at the 24m preset for as many paired fresh seeds (1235, 1236, ...) as fit in the time left,
                paired verdicts by tools/verdicts.py, JSON
 """
@@ -102,7 +102,7 @@ class Cmd:
 class Step:
     id: str
     title: str
-    issue: str
+    area: str  # loops, gpu paths, numbers
     budget_s: float  # the step's cap: the sum of its commands' caps is at most this
     min_s: float  # the least time worth starting it with
     expect_s: float  # expected wall time on one H200 (planning; not measured)
@@ -118,7 +118,7 @@ def plan(out: Path, smoke: bool, dataset: Optional[str] = None) -> List[Step]:
         Step(
             "preflight",
             "Device, versions, optional parts",
-            "13, 14, 15",
+            "all",
             30,
             5,
             10,
@@ -129,7 +129,7 @@ def plan(out: Path, smoke: bool, dataset: Optional[str] = None) -> List[Step]:
         Step(
             "fusedadam",
             "DeepSpeed FusedAdam CUDA op built once",
-            "14",
+            "gpu paths",
             180,
             30,
             50,
@@ -218,7 +218,7 @@ def plan(out: Path, smoke: bool, dataset: Optional[str] = None) -> List[Step]:
             for s in (0, 3)
         ]
     steps.append(
-        Step("loop_hf", "Loop mode and the HF Trainer on CUDA, bf16, ZeRO 0 and 3, one rank", "13", 120, 40, 45, lh)
+        Step("loop_hf", "Loop mode and the HF Trainer on CUDA, bf16, ZeRO 0 and 3, one rank", "loops", 120, 40, 45, lh)
     )
     if smoke:
         fp = [
@@ -238,12 +238,12 @@ def plan(out: Path, smoke: bool, dataset: Optional[str] = None) -> List[Step]:
                 "fp16.json",
             )
         ]
-    steps.append(Step("fp16", "A non-finite step with fp16 on CUDA, ZeRO 0 and 2", "14", 75, 25, 30, fp))
+    steps.append(Step("fp16", "A non-finite step with fp16 on CUDA, ZeRO 0 and 2", "gpu paths", 75, 25, 30, fp))
     steps.append(
         Step(
             "megatron",
             "Megatron TP=1 with the FusedAdam megatron-core picks",
-            "14",
+            "gpu paths",
             90,
             25,
             35,
@@ -262,7 +262,7 @@ def plan(out: Path, smoke: bool, dataset: Optional[str] = None) -> List[Step]:
             Step(
                 "bench_118m",
                 "fsam-bench (smallest CPU form: tiny preset)",
-                "14",
+                "gpu paths",
                 120,
                 30,
                 40,
@@ -299,7 +299,7 @@ def plan(out: Path, smoke: bool, dataset: Optional[str] = None) -> List[Step]:
             Step(
                 "bench_1.2b",
                 "fsam-bench --gpu at 1.2b",
-                "14",
+                "gpu paths",
                 150,
                 60,
                 100,
@@ -312,7 +312,7 @@ def plan(out: Path, smoke: bool, dataset: Optional[str] = None) -> List[Step]:
             Step(
                 "bench_118m",
                 "fsam-bench --gpu at 118m (bf16, interleaved)",
-                "14",
+                "gpu paths",
                 150,
                 60,
                 90,
@@ -348,7 +348,7 @@ def plan(out: Path, smoke: bool, dataset: Optional[str] = None) -> List[Step]:
             Step(
                 "bench_1.2b",
                 "fsam-bench --gpu at 1.2b (bf16, sequential)",
-                "14",
+                "gpu paths",
                 180,
                 60,
                 100,
@@ -407,8 +407,8 @@ def plan(out: Path, smoke: bool, dataset: Optional[str] = None) -> List[Step]:
     steps.append(
         Step(
             "seeds_24m",
-            "Issue 15: AdamW vs PreconditionedFunctionalSAM (and ascent_every 4) at 24m, paired fresh seeds",
-            "15",
+            "AdamW vs PreconditionedFunctionalSAM (and ascent_every 4) at 24m, paired fresh seeds",
+            "numbers",
             10**6,
             60,
             0,
@@ -425,12 +425,12 @@ def plan_text(steps: List[Step], deadline: float) -> str:
         "",
     ]
     lines.append("(expect s: an estimate for one H200, not a measurement)")
-    lines.append(f"{'step':<12}{'issue':<12}{'cap s':>8}{'min s':>8}{'expect s':>10}  what")
+    lines.append(f"{'step':<12}{'area':<12}{'cap s':>8}{'min s':>8}{'expect s':>10}  what")
     for s in steps:
         cap = "rest" if s.budget_s >= 10**5 else f"{s.budget_s:.0f}"
         exp = "rest" if not s.expect_s else f"{s.expect_s:.0f}"
         lines.append(
-            f"{s.id:<12}{s.issue:<12}{cap:>8}{s.min_s:>8.0f}{exp:>10}  {s.title}"
+            f"{s.id:<12}{s.area:<12}{cap:>8}{s.min_s:>8.0f}{exp:>10}  {s.title}"
             + (f"  [SKIP: {s.skip}]" if s.skip else "")
         )
     lines.append("")
@@ -505,7 +505,7 @@ def run_plan(steps: List[Step], out: Path, deadline: float, say: Callable[[str],
         rec: Dict[str, Any] = {
             "id": step.id,
             "title": step.title,
-            "issue": step.issue,
+            "area": step.area,
             "budget_s": step.budget_s,
             "commands": [],
         }
@@ -635,12 +635,12 @@ def render_report(results: List[Dict[str, Any]], meta: Dict[str, Any]) -> str:
         f"{meta['wall_s']:.0f} s of a {meta['deadline_s']:.0f} s deadline. Every number here comes from this run "
         "(`report.md` and the JSON files in the run folder).",
         "",
-        "| step | issue | status | wall s | timeout cap s |",
+        "| step | area | status | wall s | timeout cap s |",
         "| --- | --- | --- | --- | --- |",
     ]
     for r in results:
         cap = "rest" if r["budget_s"] >= 10**5 else f"{r['budget_s']:.0f}"
-        lines.append(f"| {r['id']}: {r['title']} | {r['issue']} | {r['status']} | {r.get('wall_s', 0):.0f} | {cap} |")
+        lines.append(f"| {r['id']}: {r['title']} | {r['area']} | {r['status']} | {r.get('wall_s', 0):.0f} | {cap} |")
     for r in results:
         lines += [
             "",
@@ -837,10 +837,9 @@ def _trainer_state(method: str, stage: int, dtype: str):
     import tempfile
 
     from accelerate.state import PartialState
-    from common import GAS, LR, STEPS, full_state
-    from hf_worker import MBS, ReferenceOrder, ds_json, reset_accelerate
+    from common import STEPS, full_state
+    from hf_worker import ReferenceOrder, ds_json, reference_args, reset_accelerate
     from reference import tiny_llama
-    from transformers import TrainingArguments
 
     from fsam_ds.distributed import default_backend
     from fsam_ds.hf import FSAMTrainer
@@ -854,30 +853,7 @@ def _trainer_state(method: str, stage: int, dtype: str):
     if dtype == "bf16":
         cfg["bf16"] = {"enabled": "auto"}
     out = tempfile.mkdtemp(prefix="gpu_check_trainer_")
-    args = TrainingArguments(
-        output_dir=out,
-        max_steps=STEPS,
-        per_device_train_batch_size=MBS,
-        gradient_accumulation_steps=GAS,
-        learning_rate=LR,
-        adam_beta1=0.9,
-        adam_beta2=0.999,
-        adam_epsilon=1e-8,
-        weight_decay=0.0,
-        max_grad_norm=1.0,
-        lr_scheduler_type="constant",
-        warmup_steps=0,
-        train_sampling_strategy="sequential",
-        logging_steps=1,
-        report_to="none",
-        disable_tqdm=True,
-        save_strategy="no",
-        deepspeed=cfg,
-        seed=7,
-        dataloader_num_workers=0,
-        bf16=dtype == "bf16",
-        accelerator_config={"use_configured_state": True},
-    )
+    args = reference_args(out, STEPS, cfg, bf16=dtype == "bf16")
     trainer = FSAMTrainer(model=tiny_llama(0), args=args, train_dataset=ReferenceOrder(1, steps=STEPS))
     trainer.train()
     return full_state(trainer.model_wrapped)
@@ -1243,12 +1219,13 @@ def default_dataset() -> str:
 
 
 def w_seeds(a) -> int:
-    """Issue 15 on the GPU: AdamW, PFSAM and PFSAM with ascent_every 4, paired fresh seeds, as many as fit."""
+    """On the GPU: AdamW, PFSAM and PFSAM with ascent_every 4, paired fresh seeds, as many as fit."""
     import gc
 
     import torch
 
     from fsam_ds.train import main as train_main
+    from fsam_ds.train import train_argv
     from tools import reproduce, verdicts
 
     cuda = torch.cuda.is_available()
@@ -1278,29 +1255,17 @@ def w_seeds(a) -> int:
             (folder / "ds_config.json").write_text(json.dumps(cfg, indent=1))
             t0 = time.time()
             rc = train_main(
-                [
-                    "--deepspeed_config",
-                    str(folder / "ds_config.json"),
-                    "--model",
-                    a.preset,
-                    "--dataset",
-                    dataset,
-                    "--seq-len",
-                    str(a.seq_len),
-                    "--steps",
-                    str(a.steps),
-                    "--eval-every",
-                    "0",
-                    "--eval-batches",
-                    str(a.eval_batches),
-                    "--seed",
-                    str(seed),
-                    "--save-dir",
-                    str(folder),
-                    "--log-every",
-                    str(max(1, a.steps // 4)),
-                    "--no-progress",
-                ]
+                train_argv(
+                    folder / "ds_config.json",
+                    folder,
+                    a.steps,
+                    model=a.preset,
+                    dataset=dataset,
+                    seq_len=a.seq_len,
+                    eval_batches=a.eval_batches,
+                    seed=seed,
+                    log_every=max(1, a.steps // 4),
+                )
             )
             summary = reproduce.run_summary(folder)
             rows.append(
@@ -1448,7 +1413,8 @@ def worker_main(argv: List[str]) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog=PROG, description="The prepared GPU check of issues 13, 14 and 15 (one GPU, under 10 minutes, one report)"
+        prog=PROG,
+        description="The prepared GPU check: loops, GPU paths and numbers (one GPU, under 10 minutes, one report)",
     )
     p.add_argument("--dry-run", action="store_true", help="print the plan and the commands; run nothing")
     p.add_argument(

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The prepared GPU check of issues 13, 14 and 15: one command on a one-GPU machine, under 10 minutes,
+# The prepared GPU check (loops, GPU paths, numbers): one command on a one-GPU machine, under 10 minutes,
 # one report (runs/gpu_check/<UTC time>/report.md, meant to become a section of docs/gpu.md).
 #
 #   bash tools/gpu_check.sh                # the whole plan (needs CUDA); exit 0 only if every step passed
@@ -15,7 +15,7 @@
 #     (setup_env.sh keeps a torch that is already importable; the .[test,megatron] extras bring
 #     deepspeed, transformers, accelerate, peft, lightning, pytest and megatron-core). Optional:
 #     pytest-xdist (the pytest step then runs 4 workers, --dist loadfile), TransformerEngine or apex
-#     (the Megatron step then uses their FusedAdam: the real proof of issue 14 item 1).
+#     (the Megatron step then uses their FusedAdam: the real proof that Adam's step count is found there).
 #   * This workplace's offline H200 ('cuda' image: Python 3.12, torch 2.11.0+cu130, transformers,
 #     accelerate, peft, lightning, pytest, pytest-xdist already there; no deepspeed, no megatron-core):
 #     on the developer machine, once, `echo /.whl/ >> .git/info/exclude` and fetch the missing wheels for

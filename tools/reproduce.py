@@ -51,6 +51,7 @@ from typing import Any, Dict, List, Optional
 
 from fsam_ds import names
 from fsam_ds.runkit import fail
+from fsam_ds.train import train_argv
 from tools import verdicts
 
 PROG = "fsam-reproduce"
@@ -176,27 +177,18 @@ def train_run(
         sys.executable,
         "-m",
         "fsam_ds.train",
-        "--deepspeed_config",
-        str(folder / "ds_config.json"),
-        "--model",
-        a.preset,
-        "--dataset",
-        str(a.data),
-        "--seq-len",
-        str(a.seq_len),
-        "--steps",
-        str(steps),
-        "--eval-every",
-        str(a.eval_every),
-        "--eval-batches",
-        str(a.eval_batches),
-        "--seed",
-        str(seed),
-        "--save-dir",
-        str(folder),
-        "--log-every",
-        str(max(1, steps // 10)),
-        "--no-progress",
+        *train_argv(
+            folder / "ds_config.json",
+            folder,
+            steps,
+            model=a.preset,
+            dataset=a.data,
+            seq_len=a.seq_len,
+            eval_every=a.eval_every,
+            eval_batches=a.eval_batches,
+            seed=seed,
+            log_every=max(1, steps // 10),
+        ),
     ]
     log(f"run {name}: {' '.join(shlex.quote(c) for c in cmd)}")
     t0 = time.time()
@@ -793,7 +785,7 @@ def render(data: dict, docs: Path, json_path: Optional[Path] = None) -> str:
 
 
 def seed_plan_text() -> str:
-    """The seed-count calculation of issue 15, computed (not typed): 3 paired AdamW-vs-PFSAM
+    """The seed-count calculation, computed (not typed): 3 paired AdamW-vs-PFSAM
     differences on another corpus here (2m, 400 steps)."""
     d = [0.016, -0.014, 0.027]
     iv = verdicts.interval(d)

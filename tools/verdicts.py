@@ -31,6 +31,8 @@ import math
 import statistics
 from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence
 
+from fsam_ds.names import METHODS, SAM_METHODS
+
 LEVEL = 0.95
 REPRODUCED, CONTRADICTED, INCONCLUSIVE = "reproduced", "contradicted", "inconclusive"
 RULE = (
@@ -39,7 +41,7 @@ RULE = (
     "inconclusive otherwise or with fewer than 2 pairs"
 )
 
-SAM_TYPES = ("SAM", "PreconditionedSAM", "FunctionalSAM", "PreconditionedFunctionalSAM")
+SAM_TYPES = SAM_METHODS
 TOLERANCE_PAIRS = (("FunctionalSAM", "SAM"), ("PreconditionedFunctionalSAM", "PreconditionedSAM"))
 
 
@@ -439,7 +441,7 @@ def claims(
         for m in SAM_TYPES:
             if m in have:
                 out.append(lambda_claim(rows, m, best_rho, level))
-    fr = [m for m in ("AdamW",) + SAM_TYPES if m in have]
+    fr = [m for m in METHODS if m in have]
     parts = []
     for m in fr:
         lf = values(rows, m, best_rho.get(m), "logit_fraction")
