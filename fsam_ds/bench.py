@@ -7,8 +7,9 @@
 
 One invocation trains the same preset (same seed, same random tokens) with every variant in turn:
 AdamW, SAM, PreconditionedSAM, FunctionalSAM, PreconditionedFunctionalSAM (``logit_grad_cache``
-"device"), the functional types with "host" and "recompute", and PreconditionedFunctionalSAM and
-SAM with ``ascent_every`` k (``--every``). Timing: every variant's engine is built first, then
+"device"), the functional types with "host" and "recompute", PreconditionedFunctionalSAM and
+SAM with ``ascent_every`` k (``--every``) and PreconditionedFunctionalSAM with ``ascent_direction``
+"momentum" (``+momentum``). Timing: every variant's engine is built first, then
 each takes one optimizer step in turn, ``--warmup`` untimed rounds and ``--steps`` timed ones, so
 a drift of the machine's load hits every variant alike (``--sequential``: one variant after the
 other). The table gives the median step time, its spread (min-max), the ratio to AdamW's median,
@@ -108,6 +109,7 @@ def default_variants(everys: List[int], quick: bool) -> List[str]:
         out += [variant_name("FunctionalSAM", c) for c in caches]
     for k in everys:
         out.append(variant_name("PreconditionedFunctionalSAM", every=k))
+    out.append(variant_name("PreconditionedFunctionalSAM", momentum=True))  # the other sub-2x mode
     if not quick:
         out += [variant_name("PreconditionedFunctionalSAM", "recompute", k) for k in everys[-1:]]
         out += [variant_name("SAM", every=k) for k in everys[-1:]]

@@ -165,7 +165,8 @@ def case_config(case: Case) -> dict:
         params["ascent_direction"] = "momentum"
     if case.bf16:
         cfg["bf16"] = {"enabled": True}
-    if case.sched:  # a warm-up of both the learning rate and rho
+    # a warm-up of both the learning rate and rho (the non-finite runs: a skipped step must hold both)
+    if case.sched or case.run is not None:
         cfg["scheduler"] = {
             "type": "WarmupLR",
             "params": {
@@ -175,21 +176,12 @@ def case_config(case: Case) -> dict:
                 "warmup_type": "linear",
             },
         }
+    if case.sched:
         params["rho_warmup_steps"] = 3
-    if case.run is not None:  # a warm-up of both the learning rate and rho: a skipped step must hold both
-        cfg["scheduler"] = {
-            "type": "WarmupLR",
-            "params": {
-                "warmup_min_lr": 0.0,
-                "warmup_max_lr": params["lr"],
-                "warmup_num_steps": 4,
-                "warmup_type": "linear",
-            },
-        }
-        if case.run == "blowup":
-            params["rho"] = 1e30
-        else:
-            params["rho_warmup_steps"] = 3
+    if case.run == "blowup":
+        params["rho"] = 1e30
+    elif case.run is not None:
+        params["rho_warmup_steps"] = 3
     return cfg
 
 

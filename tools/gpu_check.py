@@ -98,6 +98,9 @@ class Cmd:
     env: Dict[str, str] = field(default_factory=dict)
 
 
+PYTEST = ("-m", "pytest", "-q", "-p", "no:cacheprovider")
+
+
 @dataclass
 class Step:
     id: str
@@ -147,21 +150,13 @@ def plan(out: Path, smoke: bool, dataset: Optional[str] = None) -> List[Step]:
     )
     if smoke:
         pytest_argv = _py(
-            "-m",
-            "pytest",
-            "-q",
-            "-p",
-            "no:cacheprovider",
+            *PYTEST,
             "tests/test_config.py::test_shipped_configs_parse",
             "tests/test_method.py::test_rho_warmup_ramp",
         )
     else:
         pytest_argv = _py(
-            "-m",
-            "pytest",
-            "-q",
-            "-p",
-            "no:cacheprovider",
+            *PYTEST,
             "-rfE",
             "--durations=15",
             *PYTEST_FILES,
