@@ -421,3 +421,31 @@ def test_momentum_variant_with_the_threshold_inside_its_interval_is_not_reproduc
     ret_cell = row.strip("|").split("|")[3]
     lo, hi = (float(x) for x in ret_cell.split("[")[1].split("]")[0].split(","))
     assert lo < 0 < hi and "**inconclusive**" in ret_cell and "reproduced" not in ret_cell
+
+
+def test_eps_share_section_reads_the_intervals():
+    """The perturbation-share section: a table per SAM type and the stated rule for "does the
+    embedding's share explain PreconditionedSAM's loss against SAM" (both paired intervals above 0)."""
+    from tools.reproduce import eps_section
+
+    def rows(psam_loss, psam_share):
+        out = rows_for({"AdamW": 5.19, "SAM": 5.20, "PreconditionedSAM": psam_loss})
+        for r in out:
+            wobble = 0.001 * (r["seed"] % 3)
+            if r["method"] == "SAM":
+                r.update(eps_share_embed_early=0.20 + wobble, eps_share_embed_mean=0.15, eps_share_output_early=0.1)
+            elif r["method"] == "PreconditionedSAM":
+                r.update(eps_share_embed_early=psam_share + wobble, eps_share_embed_mean=0.5)
+                r.update(eps_share_output_early=0.05)
+            r.update(eps_share_output_mean=0.1, ascent_direction="gradient")
+        return report_json(out, ["AdamW", "SAM", "PreconditionedSAM"], rhos=[0.02, 0.05])
+
+    text = "\n".join(eps_section(rows(5.23, 0.95)))
+    assert "| PreconditionedSAM | 0.05 | 0.951 [" in text and "| SAM | 0.02 | 0.201 [" in text
+    assert "Reading: **consistent**" in text
+    # worse loss but the same share: the interval of the share difference contains 0
+    assert "Reading: **inconclusive**" in "\n".join(eps_section(rows(5.23, 0.20)))
+    # a larger share, but PreconditionedSAM better than SAM: the loss interval lies below 0
+    assert "Reading: **not supported**" in "\n".join(eps_section(rows(5.17, 0.95)))
+    # no shares logged (AdamW only, or older runs): no section
+    assert eps_section(report_json(rows_for({"AdamW": 5.19}), ["AdamW"], rhos=[0.02])) == []

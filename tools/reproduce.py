@@ -448,6 +448,37 @@ def run_step_cost(folder: Path) -> Optional[float]:
     return sum(len(g) / n * statistics.median(g) for g in groups.values()) if n else None
 
 
+EPS_EARLY = 0.05  # the first 5% of the steps: where rows first seen late still have v ~ 0
+EPS_PARTS = ("embed", "output")
+
+
+def eps_shares(folder: Path) -> Dict[str, Optional[float]]:
+    """The share of ``||eps||^2`` on the input-embedding rows and on the output layer, from the run's
+    metrics.jsonl (every step that logged it): mean over the first :data:`EPS_EARLY` of the steps and
+    over the whole run. Empty for AdamW (no perturbation)."""
+    recs = [m for m in read_metrics(folder) if m.get("eps_share_embed") is not None and "step" in m]
+    if not recs:
+        return {}
+    last = max(r["step"] for r in recs)
+    early = [r for r in recs if r["step"] <= max(1, round(EPS_EARLY * last))]
+    out: Dict[str, Optional[float]] = {}
+    for part in EPS_PARTS:
+        key = f"eps_share_{part}"
+        out[f"{key}_early"] = statistics.fmean(float(r[key]) for r in early)
+        out[f"{key}_mean"] = statistics.fmean(float(r[key]) for r in recs)
+    return out
+
+
+def param_shares(preset: str) -> Dict[str, float]:
+    """The share of the parameters in the input embedding and in the output layer (untied): what a
+    perturbation spread evenly over the parameters would put there."""
+    from fsam_ds.models import llama_config, preset_num_parameters
+
+    c = llama_config(preset)
+    rows = c.vocab_size * c.hidden_size / preset_num_parameters(preset)
+    return {"embed": rows, "output": 0.0 if c.tie_word_embeddings else rows}
+
+
 # ---------------------------------------------------------------------------------------------
 # The JSON the report is rendered from
 # ---------------------------------------------------------------------------------------------
@@ -470,6 +501,7 @@ def _row(a, r: Dict[str, Any]) -> Dict[str, Any]:
         "step_cost": run_step_cost(a.out / "runs" / r["name"]),
         "wall_s": r.get("wall_s"),
         "sharpness_every": r.get("sharpness_every", 0),
+        **eps_shares(a.out / "runs" / r["name"]),
     }
     f = r.get("final")
     if f:
@@ -542,6 +574,7 @@ def collect(
             "level": verdicts.LEVEL,
             "machine": _machine(),
             "grid_time_s": res["grid_time_s"],
+            "param_shares": param_shares(a.preset),
         },
         "lr": res["lr"],
         "best_rho": res["best_rho"],
@@ -718,6 +751,7 @@ def render(data: dict, docs: Path, json_path: Optional[Path] = None) -> str:
         "",
     ]
     lines += claim_lines(data)
+    lines += eps_section(data)
     lines += [
         "## rho sweep (selection seeds: they choose rho, no verdict)",
         "",
@@ -911,6 +945,76 @@ def ascent_every_section(data: dict) -> List[str]:
         if m in mom:
             lines.append(row(f"{m} ascent_direction momentum", m, 1, verdicts.MOMENTUM))
     return lines + [""]
+
+
+def eps_section(data: dict) -> List[str]:
+    """Where the perturbation goes: the shares of ``||eps||^2`` of each SAM type at its selected rho on
+    the fresh seeds, and whether PreconditionedSAM's loss against SAM goes with a larger embedding share."""
+    s, best = data["settings"], data["best_rho"]
+    fresh = s["fresh_seeds"]
+    rows = [
+        r
+        for r in data["runs"]
+        if r["seed"] in fresh
+        and r["method"] != "AdamW"
+        and verdicts.is_exact(r)
+        and r["steps"] == s["steps"]
+        and abs(r["rho"] - best.get(r["method"], -1.0)) < 1e-12
+        and r.get("eps_share_embed_early") is not None
+    ]
+    if not rows:
+        return []
+    ps = s.get("param_shares") or {}
+    lines = [
+        "## Where the perturbation goes",
+        "",
+        f"The share of `||eps||^2` that falls on the input-embedding rows and on the output layer, per step "
+        f"(`eps_share_embed`, `eps_share_output` in metrics.jsonl), as the mean over the first "
+        f"{EPS_EARLY:.0%} of the steps and over the whole run; each cell the mean over the fresh seeds [95% t "
+        "interval] at the method's selected rho."
+        + (
+            f" For scale: the embedding holds {ps['embed']:.1%} of the parameters and the output layer "
+            f"{ps['output']:.1%}, the shares of a perturbation spread evenly over the parameters."
+            if ps
+            else ""
+        ),
+        "",
+        "| method | rho | embedding, first steps | embedding, whole run | output layer, first steps "
+        "| output layer, whole run |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
+    methods = [m for m in SAM_TYPES if any(r["method"] == m for r in rows)]
+
+    def per_seed(m: str, key: str) -> Dict[int, float]:
+        return {r["seed"]: r[key] for r in rows if r["method"] == m and r.get(key) is not None}
+
+    for m in methods:
+        cells = [
+            _mean_iv(per_seed(m, f"eps_share_{part}_{when}"), ".3f") for part in EPS_PARTS for when in ("early", "mean")
+        ]
+        lines.append(f"| {m} | {best[m]:g} | " + " | ".join(cells) + " |")
+    lines.append("")
+    if {"SAM", "PreconditionedSAM"} <= set(methods):
+        loss = {m: {r["seed"]: r["eval_loss"] for r in rows if r["method"] == m} for m in ("SAM", "PreconditionedSAM")}
+        worse = verdicts.compare(loss["PreconditionedSAM"], loss["SAM"], "greater")
+        key = "eps_share_embed_early"
+        more = verdicts.compare(per_seed("PreconditionedSAM", key), per_seed("SAM", key), "greater")
+        both = verdicts.all_of([worse["verdict"], more["verdict"]])
+        reading = {
+            verdicts.REPRODUCED: "**consistent** with the explanation (both intervals above 0; consistent, "
+            "not a proof: no run moved the embedding's share alone)",
+            verdicts.CONTRADICTED: "**not supported** (an interval lies wholly below 0)",
+            verdicts.INCONCLUSIVE: "**inconclusive** (an interval contains 0)",
+        }[both]
+        lines += [
+            "Does the embedding's share explain PreconditionedSAM's loss against SAM? At the start of training "
+            "AdamW's `v` is near 0 for rows not yet seen, so `M^-1` is largest there. Paired by seed: eval loss "
+            f"PreconditionedSAM - SAM {verdicts.fmt_interval(worse)}; embedding share over the first steps, "
+            f"PreconditionedSAM - SAM {verdicts.fmt_interval(more, '+.3f')}. Rule: the explanation is "
+            "consistent only if both intervals lie above 0. Reading: " + reading + ".",
+            "",
+        ]
+    return lines
 
 
 def horizon_section(data: dict) -> List[str]:
