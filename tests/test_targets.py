@@ -206,3 +206,26 @@ def test_main_writes_the_block(tmp_path):
     assert T.main(["--bench", str(tmp_path / "x.json"), "--reproduce"]) == 2
     md.write_text("no block\n")
     assert T.main(["--bench", "--reproduce", "--write", str(md)]) == 2
+
+
+def test_every_k_time_is_the_cost_of_k_rounds_in_a_row():
+    """ascent_every 4: one round of four computes the ascent (about 2x AdamW), the others reuse it;
+    the ratio is taken over every 4 rounds in a row, never over the computing round alone (whose
+    2.0x would fail any sub-2x bound) nor over the reusing rounds alone (the median's 1.05x)."""
+    t = target(variant="PreconditionedFunctionalSAM+every4", bound=1.35)
+    ad = [0.40] * 6
+
+    def doc(times):
+        d = bench([("AdamW", ad, None), ("PreconditionedFunctionalSAM+every4", times, None)])
+        d["rows"][1]["every"] = 4
+        return d
+
+    r = T.time_result(t, [doc([0.42, 0.42, 0.80, 0.42, 0.42, 0.42])])
+    assert r["result"] == T.MET and r["worst"] == pytest.approx(2.06 / 1.6)
+    # one slow reusing round: the window holding it and the computing round breaks the bound
+    r = T.time_result(t, [doc([0.42, 0.42, 0.80, 0.42, 0.60, 0.42])])
+    assert r["result"] == T.NOT_MET and r["worst"] == pytest.approx(2.24 / 1.6)
+    # fewer rounds than one cycle: round by round (the computing round decides)
+    short = bench([("AdamW", ad[:3], None), ("PreconditionedFunctionalSAM+every4", [0.42, 0.80, 0.42], None)])
+    short["rows"][1]["every"] = 4
+    assert T.time_result(t, [short])["worst"] == pytest.approx(2.0)
