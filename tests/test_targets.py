@@ -229,3 +229,14 @@ def test_every_k_time_is_the_cost_of_k_rounds_in_a_row():
     short = bench([("AdamW", ad[:3], None), ("PreconditionedFunctionalSAM+every4", [0.42, 0.80, 0.42], None)])
     short["rows"][1]["every"] = 4
     assert T.time_result(t, [short])["worst"] == pytest.approx(2.0)
+
+
+def test_committed_targets_table_is_the_rendering_of_the_committed_json(tmp_path, capsys):
+    """docs/performance.md's targets block is what the rule gives on the JSON committed beside it
+    (docs/perf/, docs/results/): a table typed by hand, or JSON changed without re-rendering, fails."""
+    from pathlib import Path
+
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "performance.md").read_text()
+    assert T.main([]) == 0
+    block = capsys.readouterr().out
+    assert T.BEGIN + "\n" + block + T.END in doc
