@@ -10,7 +10,7 @@ Usage mirrors ``deepspeed.initialize``::
 from __future__ import annotations
 
 import os
-from typing import Any, Callable, Mapping, Optional, Union
+from typing import TYPE_CHECKING, Any, Callable, Mapping, Optional, Union
 
 from .config import METHODS, SAM_METHODS, FSAMConfigError, SAMConfig, parse_config  # torch-free
 
@@ -26,12 +26,21 @@ _LAZY = {
 }
 
 
+if TYPE_CHECKING:  # the same names, typed, for mypy and editors
+    from .lm import causal_lm_loss
+    from .method import adam_denominator, ascent_direction, functional_surrogate, global_norm, rho_at
+
+
 def __getattr__(name: str) -> Any:
     if name in _LAZY:
         import importlib
 
         return getattr(importlib.import_module(f"{__name__}.{_LAZY[name]}"), name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list:
+    return sorted(set(globals()) | set(_LAZY))
 
 
 __version__ = "0.1.0"

@@ -93,6 +93,7 @@ from fsam_ds.runkit import (
 # and publish_latest through this module, where a fault-injection harness may wrap them.
 __all__ = [
     "main",
+    "train_argv",
     "build_parser",
     "validate",
     "check_checkpoint_files",

@@ -52,7 +52,8 @@ def child_env(cache: Optional[Path] = None, tmp: Optional[Path] = None, **extra:
 def _failure(cmd, proc: subprocess.CompletedProcess, tail: int) -> str:
     err = proc.stderr or ""
     first = err.find("Traceback")  # the failing rank's own traceback, before the launcher's summary
-    head = f"{' '.join(map(str, cmd[:8]))} ... exited {proc.returncode}:\n"
+    line = " ".join(map(str, cmd))
+    head = f"{line if len(line) <= 600 else line[:600] + ' ...'} exited {proc.returncode}:\n"
     return (
         head
         + (proc.stdout or "")[-tail:]

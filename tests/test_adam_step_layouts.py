@@ -103,7 +103,7 @@ def test_denominators_use_each_groups_hparams_and_the_optimizers_step(stage, tor
     for a, b in zip(got, want):
         assert torch.allclose(a, b, rtol=1e-6, atol=0), float((a - b).abs().max())
     # the two groups' settings matter: with the first group's eps and beta2 everywhere the
-    # second group's denominators are off by ~1e-3 (what the ZeRO-3 view computed before the fix)
+    # second group's denominators are off by ~1e-3 (what a ZeRO-3 view reading the first group's constants computes)
     if stage in (0, 3):
         first = GROUPS[0]
         wrong = [

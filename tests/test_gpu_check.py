@@ -159,7 +159,7 @@ def test_cpu_smoke_of_the_non_finite_step(tmp_path):
 
 
 def test_cpu_smoke_of_the_megatron_adam_step_check(tmp_path):
-    """The GPU script's Megatron step (item: where Adam's step lives, what MainParams reads) runs on
+    """The GPU script's Megatron step (where Adam's step lives, what MainParams reads) runs on
     CPU with torch's AdamW and the stand-in that keeps its step in param_groups, so a change of
     MegatronSAM's or MainParams' interface cannot leave it broken until a GPU run."""
     out = tmp_path / "megatron.json"

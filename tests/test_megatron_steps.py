@@ -46,7 +46,7 @@ def test_step_in_param_groups_keeps_the_preconditioner(results, layout):
     case = _ok(results[f"group_step/{layout}"])
     torch_run, group_run, sam_run = case["torch"], case["group"], case["sam"]
     assert torch_run["adam_updates"] == group_run["adam_updates"] == 1
-    # before the fix: None (the step was looked for in the parameters' state only)
+    # a view that looks for the step in the parameters' state only finds None here
     assert group_run["denominators"] is not None
     assert len(group_run["denominators"]) == len(torch_run["denominators"]) > 0
     for a, b in zip(torch_run["denominators"], group_run["denominators"]):
@@ -54,7 +54,7 @@ def test_step_in_param_groups_keeps_the_preconditioner(results, layout):
     # the same method bit for bit: PreconditionedSAM's weights with either layout ...
     for name, w in torch_run["weights"].items():
         assert torch.equal(w, group_run["weights"][name]), name
-    # ... and not SAM's, which is what the preconditioned type silently became before the fix
+    # ... and not SAM's, which is what the preconditioned type silently becomes when the step is not found
     gap = max(float((sam_run["weights"][n] - group_run["weights"][n]).abs().max()) for n in sam_run["weights"])
     assert gap > 1e-3
 

@@ -240,3 +240,14 @@ def test_committed_targets_table_is_the_rendering_of_the_committed_json(tmp_path
     assert T.main([]) == 0
     block = capsys.readouterr().out
     assert T.BEGIN + "\n" + block + T.END in doc
+
+
+def test_every_k_sequential_and_older_rows():
+    """Sequential runs take k rounds in a row over k AdamW medians; a row without ``every`` (older
+    JSON) reads k from the variant's name."""
+    t = target(variant="PreconditionedFunctionalSAM+every4", bound=1.35)
+    times = [0.42, 0.42, 0.80, 0.42, 0.42, 0.42]
+    doc = bench([("AdamW", [0.40] * 6, None), ("PreconditionedFunctionalSAM+every4", times, None)], sequential=True)
+    r = T.time_result(t, [doc])  # no "every" in the rows: from the name
+    assert r["worst"] == pytest.approx(2.06 / 1.6) and "4 rounds in a row" in r["data"]
+    assert "whole run" in r["data"]

@@ -205,7 +205,7 @@ def _resume_argv(tmp_path: Path, save_dir: Path):
 def _assert_refused(argv, words, capsys):
     from fsam_ds.train import UsageError, build_parser, main, validate
 
-    with pytest.raises(UsageError) as info:  # before the fix: no error here, DeepSpeed's traceback later
+    with pytest.raises(UsageError) as info:  # refused here, not by DeepSpeed's traceback later
         validate(build_parser().parse_args(argv))
     assert "\n" not in str(info.value)
     assert main(argv) == 2

@@ -57,7 +57,7 @@ def test_interval_of_known_data():
     assert one["n"] == 1 and one["lo"] is None and one["hi"] is None
 
 
-def test_seed_count_of_issue_15():
+def test_seed_count_calculation():
     # spread ~0.02 per pair, resolving 0.01 at 95%: on the order of 16 pairs
     assert V.seeds_needed(0.02, 0.01, normal=True) == 16
     assert V.seeds_needed(0.02, 0.01) == 18
@@ -449,3 +449,28 @@ def test_eps_share_section_reads_the_intervals():
     assert "Reading: **not supported**" in "\n".join(eps_section(rows(5.17, 0.95)))
     # no shares logged (AdamW only, or older runs): no section
     assert eps_section(report_json(rows_for({"AdamW": 5.19}), ["AdamW"], rhos=[0.02])) == []
+
+
+def test_eps_shares_of_a_run_folder(tmp_path):
+    """The early window counts from step 1 of the run; a log without shares in it (skipped steps, a
+    log that starts after a resume) gives None there, never an error; AdamW's log gives nothing."""
+    import json
+
+    from tools.reproduce import eps_shares
+
+    def write(rows):
+        (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        return eps_shares(tmp_path)
+
+    rows = [
+        {"step": s, "loss": 1.0, "eps_share_embed": 0.9 if s <= 2 else 0.1, "eps_share_output": 0.0}
+        for s in range(1, 41)
+    ]
+    got = write(rows)  # window: steps 1-2 (5% of 40)
+    assert got["eps_share_embed_early"] == pytest.approx(0.9)
+    assert got["eps_share_embed_mean"] == pytest.approx((2 * 0.9 + 38 * 0.1) / 40)
+    resumed = [r for r in rows if r["step"] > 10]
+    assert write(resumed)["eps_share_embed_early"] is None and write(resumed)["eps_share_embed_mean"] == pytest.approx(
+        0.1
+    )
+    assert write([{"step": s, "loss": 1.0} for s in range(1, 5)]) == {}

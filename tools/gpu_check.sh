@@ -16,19 +16,15 @@
 #     deepspeed, transformers, accelerate, peft, lightning, pytest and megatron-core). Optional:
 #     pytest-xdist (the pytest step then runs 4 workers, --dist loadfile), TransformerEngine or apex
 #     (the Megatron step then uses their FusedAdam: the real proof that Adam's step count is found there).
-#   * This workplace's offline H200 ('cuda' image: Python 3.12, torch 2.11.0+cu130, transformers,
-#     accelerate, peft, lightning, pytest, pytest-xdist already there; no deepspeed, no megatron-core):
-#     on the developer machine, once, `echo /.whl/ >> .git/info/exclude` and fetch the missing wheels for
-#     cp312 / manylinux x86_64 into .whl (device README: `pip download --no-deps --only-binary=:all:
-#     --python-version 3.12 ...`; deepspeed ships an sdist only: `pip wheel --no-deps deepspeed==0.19.8
-#     -w .whl`): deepspeed hjson pydantic pydantic-core annotated-types typing-inspection megatron-core.
-#     For WikiText-2 in the paired-seed step: `mkdir -p .gpu_data && cp -r ../shared/data/wikitext-2
-#     .gpu_data/` (add /.gpu_data/ to .git/info/exclude). Then one device command, carry [".whl",
-#     ".gpu_data"], timeout_s 600:
+#   * A machine without the package index whose Python already has a CUDA torch (and possibly
+#     transformers, accelerate, peft, lightning, pytest): download the missing wheels for its Python
+#     and platform elsewhere into .whl/ (`pip download --no-deps --only-binary=:all: --python-version
+#     3.12 ...`; deepspeed ships an sdist only: `pip wheel --no-deps deepspeed==0.19.8 -w .whl`):
+#     deepspeed hjson pydantic pydantic-core annotated-types typing-inspection megatron-core; for the
+#     paired-seed step copy WikiText-2 into .gpu_data/wikitext-2. Then, on that machine:
 #       python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl &&
-#       export PYTHONPATH=/tmp/site:$PWD && PYTHON=python3 bash tools/gpu_check.sh --out $OUT/gc;
-#       cp $OUT/gc/report.md $OUT/ 2>/dev/null
-#     (only 8 files come back from $OUT: report.md and summary.json carry every step's result.)
+#       export PYTHONPATH=/tmp/site:$PWD && PYTHON=python3 bash tools/gpu_check.sh --out runs/gpu_check/run
+#     (report.md and summary.json carry every step's result.)
 #
 # PYTHON picks the interpreter (default: .venv/bin/python when it exists, else python3).
 set -uo pipefail

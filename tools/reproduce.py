@@ -38,6 +38,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import math
 import os
 import platform
 import shlex
@@ -454,24 +455,27 @@ EPS_PARTS = ("embed", "output")
 
 def eps_shares(folder: Path) -> Dict[str, Optional[float]]:
     """The share of ``||eps||^2`` on the input-embedding rows and on the output layer, from the run's
-    metrics.jsonl (every step that logged it): mean over the first :data:`EPS_EARLY` of the steps and
+    metrics.jsonl (every step that logged it): mean over steps 1 .. ceil(:data:`EPS_EARLY` x the run's
+    last step) (None when none of them logged it: skipped steps, a log that starts after a resume) and
     over the whole run. Empty for AdamW (no perturbation)."""
-    recs = [m for m in read_metrics(folder) if m.get("eps_share_embed") is not None and "step" in m]
+    steps = [m for m in read_metrics(folder) if "step" in m and "loss" in m]
+    recs = [m for m in steps if m.get("eps_share_embed") is not None and m.get("eps_share_output") is not None]
     if not recs:
         return {}
-    last = max(r["step"] for r in recs)
-    early = [r for r in recs if r["step"] <= max(1, round(EPS_EARLY * last))]
+    window = max(1, math.ceil(EPS_EARLY * max(m["step"] for m in steps)))
+    early = [r for r in recs if r["step"] <= window]
     out: Dict[str, Optional[float]] = {}
     for part in EPS_PARTS:
         key = f"eps_share_{part}"
-        out[f"{key}_early"] = statistics.fmean(float(r[key]) for r in early)
+        out[f"{key}_early"] = statistics.fmean(float(r[key]) for r in early) if early else None
         out[f"{key}_mean"] = statistics.fmean(float(r[key]) for r in recs)
     return out
 
 
 def param_shares(preset: str) -> Dict[str, float]:
-    """The share of the parameters in the input embedding and in the output layer (untied): what a
-    perturbation spread evenly over the parameters would put there."""
+    """The share of the parameters in the input embedding and in the output layer (untied), at the
+    preset's vocabulary (the tokenizer fsam-train trains has that size): what a perturbation spread
+    evenly over the parameters would put there."""
     from fsam_ds.models import llama_config, preset_num_parameters
 
     c = llama_config(preset)
@@ -958,9 +962,9 @@ def eps_section(data: dict) -> List[str]:
         if r["seed"] in fresh
         and r["method"] != "AdamW"
         and verdicts.is_exact(r)
-        and r["steps"] == s["steps"]
+        and r["steps"] in (s["steps"], None)
         and abs(r["rho"] - best.get(r["method"], -1.0)) < 1e-12
-        and r.get("eps_share_embed_early") is not None
+        and r.get("eps_share_embed_mean") is not None
     ]
     if not rows:
         return []
@@ -1004,7 +1008,7 @@ def eps_section(data: dict) -> List[str]:
             verdicts.REPRODUCED: "**consistent** with the explanation (both intervals above 0; consistent, "
             "not a proof: no run moved the embedding's share alone)",
             verdicts.CONTRADICTED: "**not supported** (an interval lies wholly below 0)",
-            verdicts.INCONCLUSIVE: "**inconclusive** (an interval contains 0)",
+            verdicts.INCONCLUSIVE: "**inconclusive** (an interval contains 0, or fewer than 2 pairs)",
         }[both]
         lines += [
             "Does the embedding's share explain PreconditionedSAM's loss against SAM? At the start of training "
