@@ -474,3 +474,12 @@ def test_eps_shares_of_a_run_folder(tmp_path):
         0.1
     )
     assert write([{"step": s, "loss": 1.0} for s in range(1, 5)]) == {}
+
+
+def test_seed_plan_from_the_grid_uses_the_fresh_pairs():
+    from tools.reproduce import seed_plan_from_grid
+
+    runs = rows_for({"AdamW": 5.19, "PreconditionedFunctionalSAM": 5.17}, noise=0.01)
+    text = " ".join(seed_plan_from_grid(report_json(runs, ["AdamW", "PreconditionedFunctionalSAM"], rhos=[0.05])))
+    assert "On this grid's 4 fresh seeds" in text and "resolving 0.01 would take" in text
+    assert seed_plan_from_grid(report_json(runs[:1], ["AdamW"], rhos=[0.05])) == []

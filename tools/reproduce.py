@@ -809,6 +809,7 @@ def render(data: dict, docs: Path, json_path: Optional[Path] = None) -> str:
         "",
         seed_plan_text(),
         "",
+        *seed_plan_from_grid(data),
         "The paper's models are 24M to 1.2B parameters trained on C4 for far longer; here the "
         f"`{s['preset']}` preset sees {tokens:,} tokens per run.",
         "",
@@ -843,6 +844,34 @@ def seed_plan_text() -> str:
         'resolved here with 4 seeds, only with the 16-20 above, and a verdict of "inconclusive" on 4 seeds '
         "says exactly that, not that the gain is absent."
     )
+
+
+def seed_plan_from_grid(data: dict) -> List[str]:
+    """The same calculation on this grid's own fresh seeds: the spread of the paired differences
+    PreconditionedFunctionalSAM - AdamW and the pairs a 0.01 and a 0.005 resolution would need."""
+    s, best = data["settings"], data["best_rho"]
+    pf_name = "PreconditionedFunctionalSAM"
+    if pf_name not in best:
+        return []
+    rows = [
+        r
+        for r in data["runs"]
+        if r["seed"] in s["fresh_seeds"] and verdicts.is_exact(r) and r["steps"] in (s["steps"], None)
+    ]
+    ad = {r["seed"]: r["eval_loss"] for r in rows if r["method"] == "AdamW" and abs(r["lr"] - data["lr"]) < 1e-15}
+    pf = {r["seed"]: r["eval_loss"] for r in rows if r["method"] == pf_name and abs(r["rho"] - best[pf_name]) < 1e-12}
+    d = verdicts.paired(pf, ad)
+    if len(d) < 2:
+        return []
+    iv = verdicts.interval(list(d.values()))
+    n1, n2 = verdicts.seeds_needed(iv["sd"], 0.01), verdicts.seeds_needed(iv["sd"], 0.005)
+    return [
+        f"On this grid's {len(d)} fresh seeds the paired differences PreconditionedFunctionalSAM - AdamW are "
+        + ", ".join(f"{d[k]:+.4f}" for k in sorted(d))
+        + f" (sd {iv['sd']:.4f} per pair, 95% t half-width {iv['half']:.4f}): resolving 0.01 would take {n1} "
+        f"pairs and 0.005 (the paper's smallest gains) {n2} pairs at this spread.",
+        "",
+    ]
 
 
 def ascent_every_section(data: dict) -> List[str]:
