@@ -483,3 +483,14 @@ def test_seed_plan_from_the_grid_uses_the_fresh_pairs():
     text = " ".join(seed_plan_from_grid(report_json(runs, ["AdamW", "PreconditionedFunctionalSAM"], rhos=[0.05])))
     assert "On this grid's 4 fresh seeds" in text and "resolving 0.01 would take" in text
     assert seed_plan_from_grid(report_json(runs[:1], ["AdamW"], rhos=[0.05])) == []
+
+
+def test_edge_note_names_a_rho_at_the_end_of_the_sweep():
+    from tools.reproduce import edge_note
+
+    methods = ["AdamW", "SAM", "FunctionalSAM", "PreconditionedFunctionalSAM"]
+    best = {"AdamW": 0.0, "SAM": 0.02, "FunctionalSAM": 0.01, "PreconditionedFunctionalSAM": 0.5}
+    note = edge_note(best, [0.01, 0.02, 0.05, 0.5], methods)
+    assert "FunctionalSAM (lowest)" in note and "PreconditionedFunctionalSAM (highest)" in note
+    assert "SAM (" not in note.replace("FunctionalSAM (", "")
+    assert edge_note({"AdamW": 0.0, "SAM": 0.02}, [0.01, 0.02, 0.05], ["AdamW", "SAM"]) == ""

@@ -643,6 +643,24 @@ def _mean(vals: Dict[int, float]) -> Optional[float]:
     return statistics.fmean(vals.values()) if vals else None
 
 
+def edge_note(best: Dict[str, float], rhos: List[float], methods: List[str]) -> str:
+    """A selected rho at either end of the sweep is the best of the values tried, not a tuned one."""
+    if len(rhos) < 2:
+        return ""
+    lo, hi = min(rhos), max(rhos)
+    at = [
+        f"{m} ({'lowest' if abs(best[m] - lo) < 1e-12 else 'highest'})"
+        for m in methods
+        if m in best and m != "AdamW" and (abs(best[m] - lo) < 1e-12 or abs(best[m] - hi) < 1e-12)
+    ]
+    if not at:
+        return ""
+    return (
+        " At the edge of the sweep: " + ", ".join(at) + "; a rho beyond it was not tried, so that method's "
+        "selected rho is the best of the values swept, not necessarily its best."
+    )
+
+
 def claim_lines(data: dict) -> List[str]:
     s = data["settings"]
     cl = verdicts.claims(data["runs"], data["best_rho"], s["fresh_seeds"], steps=s["steps"])
@@ -707,7 +725,8 @@ def render(data: dict, docs: Path, json_path: Optional[Path] = None) -> str:
         f"- rho swept over {', '.join(f'{x:g}' for x in s['rhos'])} for each SAM type on the selection seeds (the "
         "preconditioned types use the `perturbation` normalisation, so `||eps|| = rho` for all); selected: "
         + ", ".join(f"{m} {best[m]:g}" for m in methods if m != "AdamW")
-        + ".",
+        + "."
+        + edge_note(best, s["rhos"], methods),
         f"- Eval loss: mean next-token cross-entropy on {s['eval_batches']} held-out batches at the end. "
         f"lambda_max: Lanczos on the first {s['lambda_rows']} training blocks, at most {s['lambda_iters']} "
         "products. ECE: 15 equal-width confidence bins over every held-out token of those batches.",
