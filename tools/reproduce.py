@@ -323,7 +323,7 @@ def run_grid(a) -> Dict[str, Any]:
     if a.tolerance and a.fresh_seeds:
         tol_methods = sorted({x for pair in verdicts.TOLERANCE_PAIRS if set(pair) <= set(a.methods) for x in pair})
         for m in tol_methods:
-            for rho in a.rhos:
+            for rho in a.tolerance_rhos or a.rhos:
                 if rho > best_rho[m] + 1e-12:
                     tol += [train_run(a, m, lr, rho, s) for s in a.fresh_seeds]
     report = {
@@ -1197,6 +1197,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="extend the learning-rate sweep past its edge at most this many times (default 2)",
     )
     p.add_argument("--rhos", type=_floats, default=[0.01, 0.02, 0.05, 0.1, 0.2, 0.5])
+    p.add_argument(
+        "--tolerance-rhos",
+        type=_floats,
+        default=None,
+        help="the swept rhos of the fresh-seed tolerance runs (default: every swept rho above each selected one)",
+    )
     p.add_argument("--methods", default=",".join(METHODS), help="comma-separated subset of " + ", ".join(METHODS))
     p.add_argument("--select-seeds", type=_seeds, default=None, help="seeds that choose lr and rho (default 1234)")
     p.add_argument(

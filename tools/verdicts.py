@@ -332,7 +332,13 @@ def tolerance(
         f"each one's selected rho, {bm:g} and {br:g})"
     )
     if not big:
-        return _claim(name, pairs, [], INCONCLUSIVE, "no swept rho lies above both selected rhos")
+        return _claim(
+            name,
+            pairs,
+            [],
+            INCONCLUSIVE,
+            f"no swept rho with fresh-seed runs of both lies above both selected rhos ({max(bm, br):g})",
+        )
     main = check_values(x, "less", label="mean over those rho")
     return _claim(name, pairs, [main] + per_rho, main["verdict"])
 
