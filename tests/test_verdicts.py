@@ -494,3 +494,22 @@ def test_edge_note_names_a_rho_at_the_end_of_the_sweep():
     assert "FunctionalSAM (lowest)" in note and "PreconditionedFunctionalSAM (highest)" in note
     assert "SAM (" not in note.replace("FunctionalSAM (", "")
     assert edge_note({"AdamW": 0.0, "SAM": 0.02}, [0.01, 0.02, 0.05], ["AdamW", "SAM"]) == ""
+
+
+def test_horizon_section_pairs_the_long_runs_and_the_change_of_the_gap():
+    from tools.reproduce import horizon_section
+
+    # grid horizon: PFSAM 0.005 above AdamW; 4x horizon: PFSAM 0.02 below it on every seed. The change of
+    # the gap (-0.025 per seed, spread ~0.001) is resolved; the long runs alone also are. Runs at another
+    # rho or learning rate, or of a variant, must not enter (they would flip both signs).
+    short = rows_for({"AdamW": 5.19, "PreconditionedFunctionalSAM": 5.195})
+    long = [dict(r, steps=1600) for r in rows_for({"AdamW": 5.00, "PreconditionedFunctionalSAM": 4.98})]
+    wrong = [dict(r, steps=1600, rho=0.5, eval_loss=6.0) for r in long if r["method"] != "AdamW"]
+    wrong += [dict(r, steps=1600, ascent_every=4, eval_loss=6.0) for r in long if r["method"] != "AdamW"]
+    data = report_json(short + long + wrong, ["AdamW", "PreconditionedFunctionalSAM"], rhos=[0.05], horizon=4)
+    text = " ".join(horizon_section(data))
+    assert "## Longer horizon: 1600 steps" in text
+    assert "paired difference PFSAM - AdamW -0.0" in text  # the wrong rows would give about +1.0
+    assert text.count("**reproduced**") == 3  # PFSAM lower at 1600, AdamW trains further, the gap grows
+    assert "gap at 1600 - gap at 400) -0.02" in text  # -0.025 by construction
+    assert horizon_section(report_json(short, ["AdamW"], rhos=[0.05])) == []
