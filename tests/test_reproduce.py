@@ -48,6 +48,11 @@ def test_bad_arguments_one_line(capsys, tmp_path):
     assert err.startswith("fsam-reproduce: error: --methods") and "\n" not in err
     assert main(["--data", str(tmp_path / "missing"), "--out", str(tmp_path)]) == 2
     assert "--data" in capsys.readouterr().err
+    # a horizon seed that is a selection seed would let the seed that chose rho enter a verdict
+    assert main(["--horizon", "4", "--horizon-seeds", "1234,1239", "--out", str(tmp_path), "--data", str(DATA)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("fsam-reproduce: error: --horizon 4 / --horizon-seeds [1234, 1239]") and "\n" not in err
+    assert not (tmp_path / "runs").exists()  # refused before any run
 
 
 def test_plot_runs_cli(tmp_path):

@@ -513,3 +513,19 @@ def test_horizon_section_pairs_the_long_runs_and_the_change_of_the_gap():
     assert text.count("**reproduced**") == 3  # PFSAM lower at 1600, AdamW trains further, the gap grows
     assert "gap at 1600 - gap at 400) -0.02" in text  # -0.025 by construction
     assert horizon_section(report_json(short, ["AdamW"], rhos=[0.05])) == []
+
+
+def test_horizon_section_reads_its_own_seeds():
+    from tools.reproduce import horizon_section
+
+    # seed 1239 is a horizon seed only (not fresh): its long and short runs enter the horizon section;
+    # listed in settings it makes n=5, left out n=4
+    seeds = FRESH + [1239]
+    short = rows_for({"AdamW": 5.19, "PreconditionedFunctionalSAM": 5.195}, seeds=seeds)
+    long = [dict(r, steps=1600) for r in rows_for({"AdamW": 5.0, "PreconditionedFunctionalSAM": 4.98}, seeds=seeds)]
+    methods = ["AdamW", "PreconditionedFunctionalSAM"]
+    text = " ".join(horizon_section(report_json(short + long, methods, [0.05], horizon=4, horizon_seeds=seeds)))
+    assert "seeds 1235, 1236, 1237, 1238, 1239 (none of them a selection seed)" in text and "(n=5)" in text
+    assert "(n=4)" not in text
+    text = " ".join(horizon_section(report_json(short + long, methods, [0.05], horizon=4)))
+    assert "(n=5)" not in text and "(n=4)" in text

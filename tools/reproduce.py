@@ -22,7 +22,8 @@ fp32, ZeRO stage 0:
    fixed training batch and calibration on the held-out batches (``fsam_ds.sharpness_report``).
 4. Optional: ``--extra-runs ascent_every,momentum`` (either or both: the sub-2x modes of
    ``--every-methods`` on the fresh seeds, ``ascent_every: k`` and ``ascent_direction: "momentum"``)
-   and ``--horizon K`` (AdamW and PreconditionedFunctionalSAM for K x ``--steps`` on the fresh seeds).
+   and ``--horizon K`` (AdamW and PreconditionedFunctionalSAM for K x ``--steps`` on the fresh seeds, or
+   on ``--horizon-seeds``).
 5. ``<plots dir>/<docs stem>.json`` (every run's numbers: commit it), plots (``fsam_ds.plot``)
    and ``--docs`` rendered from that JSON with the verdicts of :mod:`tools.verdicts`;
    ``--render JSON`` rewrites ``--docs`` from a committed JSON alone, without the runs.
@@ -424,13 +425,21 @@ HORIZON_METHODS = ("AdamW", "PreconditionedFunctionalSAM")
 
 def run_horizon(a, res: Dict[str, Any]) -> List[dict]:
     """AdamW and PreconditionedFunctionalSAM for ``--horizon`` x ``--steps`` steps, the grid's lr and
-    selected rho (chosen at the short horizon), on the fresh seeds."""
+    selected rho (chosen at the short horizon), on the horizon seeds (default: the fresh seeds). A
+    horizon seed that is not a fresh seed also gets both methods at the grid's steps, so that the
+    change of the gap with the horizon is paired on every horizon seed (those runs enter no other
+    verdict: every other section reads the fresh seeds only)."""
     steps = a.steps * a.horizon
-    return [
+    out = [
         train_run(a, m, res["lr"], res["best_rho"][m], s, suffix=f"-x{a.horizon}", status=False, steps=steps)
+        for s in a.horizon_seeds
         for m in HORIZON_METHODS
-        if m in a.methods
-        for s in a.fresh_seeds
+    ]
+    return out + [
+        train_run(a, m, res["lr"], res["best_rho"][m], s, status=False)
+        for s in a.horizon_seeds
+        if s not in a.fresh_seeds
+        for m in HORIZON_METHODS
     ]
 
 
@@ -575,6 +584,7 @@ def collect(
             "every_methods": a.every_methods if every_runs else [],
             "momentum_methods": a.every_methods if momentum_runs else [],
             "horizon": a.horizon if horizon_runs else 1,
+            "horizon_seeds": a.horizon_seeds if horizon_runs else [],
             "level": verdicts.LEVEL,
             "machine": _machine(),
             "grid_time_s": res["grid_time_s"],
@@ -1079,13 +1089,14 @@ def horizon_section(data: dict) -> List[str]:
         return []
     steps = s["steps"] * k
     pf_name = "PreconditionedFunctionalSAM"
+    seeds = s.get("horizon_seeds") or s["fresh_seeds"]
 
     def losses(method: str, n_steps: int) -> Dict[int, float]:
         rows = [
             r
             for r in data["runs"]
             if r["method"] == method
-            and r["seed"] in s["fresh_seeds"]
+            and r["seed"] in seeds
             and verdicts.is_exact(r)
             and (r["steps"] or s["steps"]) == n_steps
             and math.isclose(float(r["lr"]), float(data["lr"]))
@@ -1099,12 +1110,20 @@ def horizon_section(data: dict) -> List[str]:
     gap_k, gap_1 = verdicts.paired(pf, ad), verdicts.paired(pf1, ad1)
     change = verdicts.check_values(verdicts.paired(gap_k, gap_1), "less")
     trained = verdicts.compare(ad, ad1, "less")
+    plan = ""
+    if p.get("sd") and p["mean"]:
+        n_need = verdicts.seeds_needed(p["sd"], abs(p["mean"]))
+        plan = (
+            f" Were the mean and the spread (sd {p['sd']:.4f} per pair) to stay as measured, a 95% t interval "
+            f"would resolve this difference ({abs(p['mean']):.4f}) with {n_need} pairs."
+        )
     return [
         f"## Longer horizon: {steps} steps",
         "",
         f"AdamW and PreconditionedFunctionalSAM ({k} x the grid's steps, the learning rate and rho chosen at "
-        f"{s['steps']} steps), fresh seeds. AdamW {_mean_iv(ad)}; PreconditionedFunctionalSAM {_mean_iv(pf)}; "
-        f"paired difference PFSAM - AdamW {verdicts.fmt_interval(p)}: **{p['verdict']}** (claim: PFSAM lower).",
+        f"{s['steps']} steps), seeds {', '.join(map(str, seeds))} (none of them a selection seed). AdamW "
+        f"{_mean_iv(ad)}; PreconditionedFunctionalSAM {_mean_iv(pf)}; paired difference PFSAM - AdamW "
+        f"{verdicts.fmt_interval(p)}: **{p['verdict']}** (claim: PFSAM lower).{plan}",
         "",
         f"Against the grid's horizon on the same seeds: AdamW at {steps} - AdamW at {s['steps']} steps "
         f"{verdicts.fmt_interval(trained)} (the longer runs train further: **{trained['verdict']}**). "
@@ -1254,7 +1273,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--horizon",
         type=int,
         default=1,
-        help="K > 1: also AdamW and PreconditionedFunctionalSAM for K x --steps on the fresh seeds (default 1: off)",
+        help="K > 1: also AdamW and PreconditionedFunctionalSAM for K x --steps on the horizon seeds (default 1: off)",
+    )
+    p.add_argument(
+        "--horizon-seeds",
+        type=_seeds,
+        default=None,
+        help="the seeds of the --horizon runs, none of them a selection seed (default: the fresh seeds); one "
+        "that is not a fresh seed also gets both methods at --steps, for the gap's change",
     )
     p.add_argument("--eval-every", type=int, default=50)
     p.add_argument("--eval-batches", type=int, default=20)
@@ -1382,9 +1408,17 @@ def main(argv: Optional[List[str]] = None) -> int:
             + EXTRA_METHOD
             + " and --every-methods a comma-separated list of SAM types among --methods"
         )
-    if a.horizon > 1 and (not a.fresh_seeds or any(m not in a.methods for m in HORIZON_METHODS)):
+    if a.horizon_seeds is None:
+        a.horizon_seeds = list(a.fresh_seeds)
+    if a.horizon > 1 and (
+        not a.horizon_seeds
+        or set(a.horizon_seeds) & set(a.select_seeds)
+        or len(set(a.horizon_seeds)) != len(a.horizon_seeds)
+        or any(m not in a.methods for m in HORIZON_METHODS)
+    ):
         return _err(
-            f"--horizon {a.horizon}: accepted: fresh seeds and --methods including " + " and ".join(HORIZON_METHODS)
+            f"--horizon {a.horizon} / --horizon-seeds {a.horizon_seeds}: accepted: distinct horizon seeds, none of "
+            "them a selection seed, and --methods including " + " and ".join(HORIZON_METHODS)
         )
     if "ascent_every" not in extras:
         a.every = []
