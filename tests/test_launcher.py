@@ -151,3 +151,19 @@ def fourrank_run(tmp_path_factory):
 @pytest.mark.parametrize("case", CASES["fourrank"], ids=[c.name for c in CASES["fourrank"]])
 def test_four_ranks_match_reference(fourrank_run, case):
     _check_case(fourrank_run, case, world=4, smaller_world=2)
+
+
+def test_only_a_native_abort_is_started_again():
+    """The test launcher starts a run once more only when a rank died in C++ ``terminate`` (SIGABRT,
+    no Python traceback); a Python error, another signal or a plain non-zero exit fails at once."""
+    from launch import _native_abort
+
+    def proc(err: str) -> subprocess.CompletedProcess:
+        return subprocess.CompletedProcess([], 1, stdout="", stderr=err)
+
+    abort = "terminate called without an active exception\n[ERROR] [launch.py:259] ... exits with return code = -6"
+    assert _native_abort(proc(abort))
+    assert _native_abort(proc("terminate called recursively\n  exitcode  : -6 (pid: 12)"))
+    assert not _native_abort(proc(abort + "\nTraceback (most recent call last):\n  AssertionError"))
+    assert not _native_abort(proc(abort.replace("-6", "-9")))  # a killed rank (the fault tests kill on purpose)
+    assert not _native_abort(proc("exits with return code = 1"))
