@@ -127,3 +127,37 @@ def test_extra_runs_accepts_ascent_every_and_momentum_only(capsys, tmp_path):
     assert main(["--extra-runs", "ascent_every,lookahead", "--out", str(tmp_path), "--data", str(DATA)]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("fsam-reproduce: error: --extra-runs") and "momentum" in err and "\n" not in err
+
+
+def test_horizon_runs_seed_by_seed_and_pairs_an_extra_seed_at_the_grid_horizon(tmp_path):
+    import argparse
+
+    from tools import reproduce as R
+
+    a = argparse.Namespace(
+        out=tmp_path / "out",
+        steps=2,
+        horizon=2,
+        micro_batch=2,
+        seq_len=32,
+        preset="tiny",
+        data=DATA,
+        eval_every=2,
+        eval_batches=2,
+        in_process=True,
+        fresh_seeds=[1235],
+        horizon_seeds=[1235, 1239],
+    )
+    res = {"lr": 1e-3, "best_rho": {"AdamW": 0.0, "PreconditionedFunctionalSAM": 0.05}}
+    recs = R.run_horizon(a, res)
+    # the fresh seed gets only the long runs (its grid runs exist already); the extra seed both
+    assert [r["name"] for r in recs] == [
+        "adamw-lr0.001-x2-s1235",
+        "pfsam-lr0.001-rho0.05-x2-s1235",
+        "adamw-lr0.001-x2-s1239",
+        "pfsam-lr0.001-rho0.05-x2-s1239",
+        "adamw-lr0.001-s1239",
+        "pfsam-lr0.001-rho0.05-s1239",
+    ]
+    steps = {r["name"]: R._row(a, r)["steps"] for r in recs}
+    assert steps["pfsam-lr0.001-rho0.05-x2-s1239"] == 4 and steps["pfsam-lr0.001-rho0.05-s1239"] == 2

@@ -430,17 +430,15 @@ def run_horizon(a, res: Dict[str, Any]) -> List[dict]:
     change of the gap with the horizon is paired on every horizon seed (those runs enter no other
     verdict: every other section reads the fresh seeds only)."""
     steps = a.steps * a.horizon
-    out = [
-        train_run(a, m, res["lr"], res["best_rho"][m], s, suffix=f"-x{a.horizon}", status=False, steps=steps)
-        for s in a.horizon_seeds
-        for m in HORIZON_METHODS
-    ]
-    return out + [
-        train_run(a, m, res["lr"], res["best_rho"][m], s, status=False)
-        for s in a.horizon_seeds
-        if s not in a.fresh_seeds
-        for m in HORIZON_METHODS
-    ]
+    out = []
+    for s in a.horizon_seeds:  # seed by seed: a stopped runner leaves whole seeds behind
+        for m in HORIZON_METHODS:
+            out.append(
+                train_run(a, m, res["lr"], res["best_rho"][m], s, suffix=f"-x{a.horizon}", status=False, steps=steps)
+            )
+        if s not in a.fresh_seeds:
+            out += [train_run(a, m, res["lr"], res["best_rho"][m], s, status=False) for m in HORIZON_METHODS]
+    return out
 
 
 def run_step_cost(folder: Path) -> Optional[float]:
