@@ -10,6 +10,14 @@ from pathlib import Path
 DATA = Path(__file__).resolve().parent / "data" / "wikitext-2" / "valid-excerpt.txt"
 
 
+def tiny_args(tmp_path, **kw):
+    """The runner's arguments for tiny in-process runs (the smoke mode's sizes) under ``tmp_path``."""
+    import argparse
+
+    base = dict(out=tmp_path / "out", micro_batch=2, seq_len=32, preset="tiny", data=DATA, eval_every=2)
+    return argparse.Namespace(**base, eval_batches=2, in_process=True, **kw)
+
+
 def test_smoke_writes_table_and_plots(tmp_path):
     from tools.reproduce import main
 
@@ -82,23 +90,10 @@ def test_momentum_run_is_named_marked_and_resumed(tmp_path):
     """``--extra-runs momentum``: one tiny in-process run of PreconditionedFunctionalSAM with
     ascent_direction "momentum": its name, its JSON row's variant fields, its step cost from the
     momentum steps, and a second call that trains nothing."""
-    import argparse
-
     from tools import reproduce as R
     from tools import verdicts as V
 
-    a = argparse.Namespace(
-        out=tmp_path / "out",
-        steps=4,
-        micro_batch=2,
-        seq_len=32,
-        preset="tiny",
-        data=DATA,
-        eval_every=2,
-        eval_batches=2,
-        in_process=True,
-        every_methods=["PreconditionedFunctionalSAM"],
-    )
+    a = tiny_args(tmp_path, steps=4, every_methods=["PreconditionedFunctionalSAM"])
     res = {"lr": 1e-3, "best_rho": {"PreconditionedFunctionalSAM": 0.05}, "report_seeds": [1235]}
     (rec,) = R.run_momentum(a, res)
     # existing kinds of run keep their names; the momentum runs get their own suffix
@@ -130,24 +125,9 @@ def test_extra_runs_accepts_ascent_every_and_momentum_only(capsys, tmp_path):
 
 
 def test_horizon_runs_seed_by_seed_and_pairs_an_extra_seed_at_the_grid_horizon(tmp_path):
-    import argparse
-
     from tools import reproduce as R
 
-    a = argparse.Namespace(
-        out=tmp_path / "out",
-        steps=2,
-        horizon=2,
-        micro_batch=2,
-        seq_len=32,
-        preset="tiny",
-        data=DATA,
-        eval_every=2,
-        eval_batches=2,
-        in_process=True,
-        fresh_seeds=[1235],
-        horizon_seeds=[1235, 1239],
-    )
+    a = tiny_args(tmp_path, steps=2, horizon=2, fresh_seeds=[1235], horizon_seeds=[1235, 1239])
     res = {"lr": 1e-3, "best_rho": {"AdamW": 0.0, "PreconditionedFunctionalSAM": 0.05}}
     recs = R.run_horizon(a, res)
     # the fresh seed gets only the long runs (its grid runs exist already); the extra seed both
