@@ -1078,7 +1078,8 @@ def eps_section(data: dict) -> List[str]:
 
 
 def horizon_section(data: dict) -> List[str]:
-    """AdamW vs PreconditionedFunctionalSAM at ``horizon`` x the grid's steps on the fresh seeds, and
+    """AdamW vs PreconditionedFunctionalSAM at ``horizon`` x the grid's steps on the horizon seeds (the
+    fresh seeds when the JSON names none), and
     whether the gap changes with the horizon: per seed, (PFSAM - AdamW at K x steps) - (PFSAM - AdamW
     at the grid's steps), the claim "the gap grows in PFSAM's favour" being that this is < 0."""
     s = data["settings"]
